@@ -1,0 +1,172 @@
+"""One ``Settings`` object, read from ``COMMPIPE_*`` environment variables in one place.
+
+Only entry points (the CLI, the emitter's defaults, test fixtures) call
+:meth:`Settings.from_env`; everything else receives a ``Settings`` (or plain
+arguments) from its caller. Secrets are held as :class:`Secret`, whose ``repr``
+and ``str`` never show the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args, get_type_hints
+
+from pipeline.errors import ConfigError
+
+__all__ = ["Secret", "Settings", "redact_dsn"]
+
+PREFIX = "COMMPIPE_"
+
+
+class Secret:
+    """A string that does not print itself (passwords, DSNs with credentials)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def redact_dsn(dsn: str) -> str:
+    """``postgresql://user:pw@host/db`` -> ``postgresql://user:***@host/db``; key=value DSNs too."""
+    import re
+
+    dsn = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", dsn)
+    return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", dsn, flags=re.IGNORECASE)
+
+
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Every knob of commpipe. Environment variable = ``COMMPIPE_`` + upper-case field name."""
+
+    # Kafka
+    kafka_bootstrap: str = "localhost:9092"
+    """Comma-separated bootstrap servers."""
+    topic: str = "comm.events"
+    """Input topic the shim writes to and the worker reads."""
+    dlq_topic: str = "comm.events.dlq"
+    """Dead letters: invalid records with their reason and original bytes."""
+    partitions: int = 4
+    """Partition count topics are created with (tables' changelogs must match it)."""
+    kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
+    kafka_sasl_mechanism: str | None = None
+    """PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 when the protocol is SASL_*."""
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: Secret = field(default_factory=lambda: Secret(""))
+    kafka_ssl_cafile: str | None = None
+
+    # The shim
+    shim_buffer_size: int = 100_000
+    """Events held while the broker is slow or away; beyond it emits are dropped and counted."""
+    shim_linger_ms: float = 50.0
+    """How long the sender lets events gather before it sends a batch."""
+    shim_batch_events: int = 500
+    """Most events in one Kafka record (one edge's batch)."""
+    shim_batch_bytes: int = 512 * 1024
+    """Most bytes in one Kafka record; keep below the broker's message.max.bytes."""
+    shim_request_timeout_ms: int = 10_000
+    """Producer request timeout; a send that fails this way is retried, not lost."""
+    shim_close_timeout_s: float = 5.0
+    """How long ``close()`` (and interpreter exit) waits for buffered events to be sent."""
+
+    # PostgreSQL / DuckDB
+    postgres_dsn: Secret = field(default_factory=lambda: Secret(""))
+    """PostgreSQL connection string; empty = embedded PostgreSQL in dev commands."""
+    postgres_sslmode: str | None = None
+    duckdb_path: str = "commpipe.duckdb"
+
+    def kafka_client_options(self) -> dict[str, Any]:
+        """Keyword arguments for aiokafka clients: bootstrap servers plus any security settings."""
+        opts: dict[str, Any] = {
+            "bootstrap_servers": self.kafka_bootstrap,
+            "security_protocol": self.kafka_security_protocol,
+        }
+        if self.kafka_sasl_mechanism:
+            opts["sasl_mechanism"] = self.kafka_sasl_mechanism
+            opts["sasl_plain_username"] = self.kafka_sasl_username
+            opts["sasl_plain_password"] = self.kafka_sasl_password.get()
+        if self.kafka_security_protocol in ("SSL", "SASL_SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            opts["ssl_context"] = create_ssl_context(cafile=self.kafka_ssl_cafile)
+        return opts
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``COMMPIPE_*`` variables; keyword overrides win over the environment."""
+        env = os.environ if environ is None else environ
+        hints = get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            name = PREFIX + f.name.upper()
+            if name in env:
+                values[f.name] = _parse(name, env[name], hints[f.name])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first setting whose value cannot work."""
+        positive = ("partitions", "shim_buffer_size", "shim_batch_events", "shim_batch_bytes",
+                    "shim_request_timeout_ms")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{PREFIX}{name.upper()} must be > 0, got {getattr(self, name)}")
+        for name in ("shim_linger_ms", "shim_close_timeout_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{PREFIX}{name.upper()} must be >= 0, got {getattr(self, name)}")
+        if not self.kafka_bootstrap.strip():
+            raise ConfigError(f"{PREFIX}KAFKA_BOOTSTRAP is empty; set it to host:port[,host:port]")
+
+
+def _parse(name: str, raw: str, hint: Any) -> Any:
+    """Turn one environment string into the field's type, or say clearly why not."""
+    if hint is Secret:
+        return Secret(raw)
+    args = [a for a in get_args(hint) if a is not type(None)]
+    if getattr(hint, "__origin__", None) is Literal:
+        if raw not in get_args(hint):
+            raise ConfigError(f"{name} must be one of {', '.join(get_args(hint))}; got {raw!r}")
+        return raw
+    base = args[0] if args else hint
+    if raw == "" and type(None) in get_args(hint):
+        return None
+    try:
+        if base is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if base in (int, float):
+            return base(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a {base.__name__}; got {raw!r}") from None
+    return raw
