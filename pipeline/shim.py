@@ -1,0 +1,408 @@
+"""The producer shim services import: ``Emitter`` (sync, thread-safe) and ``AsyncEmitter``.
+
+``emit()`` and the per-kind helpers only append to a bounded buffer: they never
+wait on the network and never raise into the caller. A background sender
+(:class:`pipeline.outbox.Outbox`) validates, batches by edge and sends; what it
+cannot deliver is counted in :meth:`stats`. Defaults come from ``COMMPIPE_*``
+through :class:`pipeline.settings.Settings`.
+
+::
+
+    from pipeline import Emitter
+
+    emitter = Emitter(bootstrap_servers="localhost:9092")
+    with emitter.call("orders", "payments", protocol="http", method="POST /pay") as call:
+        call.status_code = charge(card)          # response, or error/timeout if it raises
+    emitter.retry(source_service="orders", target_service="payments", protocol="http",
+                  attempt=2, backoff_ms=200, error_type="connection")
+    emitter.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import re
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+from pipeline.events import SCHEMA_VERSION, CircuitState, Event, HealthStatus
+from pipeline.outbox import EmitterStats, Outbox
+from pipeline.settings import Settings
+
+__all__ = ["AsyncEmitter", "Call", "Emitter", "EmitterStats", "error_type_of"]
+
+log = logging.getLogger("commpipe.shim")
+
+_NOT_NAME = re.compile(r"[^A-Za-z0-9._:-]")
+
+
+def error_type_of(exc: BaseException) -> str:
+    """The ``error_type`` reported for an exception: ``timeout``, ``connection``,
+    ``cancelled``, or the exception's class name (made label-safe)."""
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, ConnectionError):
+        return "connection"
+    if not isinstance(exc, Exception):  # CancelledError, KeyboardInterrupt, SystemExit
+        return "cancelled"
+    return _NOT_NAME.sub("_", type(exc).__name__)[:100] or "error"
+
+
+class _Kinds:
+    """One method per event kind, building wire dicts; subclasses provide ``emit``."""
+
+    def emit(self, event: Mapping[str, Any] | Event) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _event(self, kind: str, source_service: str, target_service: str, protocol: str,
+               fields: dict[str, Any]) -> bool:
+        event = {k: v for k, v in fields.items() if v is not None}
+        event["v"] = SCHEMA_VERSION
+        event["kind"] = kind
+        event["source_service"] = source_service
+        event["target_service"] = target_service
+        event["protocol"] = protocol
+        if "ts" not in event:
+            event["ts"] = time.time()
+        return self._put(event)
+
+    def _put(self, event: dict[str, Any]) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def request(self, *, source_service: str, target_service: str, protocol: str = "http",
+                method: str | None = None, correlation_id: str | None = None,
+                payload_size: int | None = None, trace_id: str | None = None,
+                span_id: str | None = None, ts: float | None = None) -> bool:
+        """A call was sent from ``source_service`` to ``target_service``."""
+        return self._event("request", source_service, target_service, protocol, dict(
+            method=method, correlation_id=correlation_id, payload_size=payload_size,
+            trace_id=trace_id, span_id=span_id, ts=ts))
+
+    def response(self, *, source_service: str, target_service: str, latency_ms: float,
+                 protocol: str = "http", status_code: int | None = None,
+                 method: str | None = None, correlation_id: str | None = None,
+                 payload_size: int | None = None, trace_id: str | None = None,
+                 span_id: str | None = None, ts: float | None = None) -> bool:
+        """A call succeeded after ``latency_ms``."""
+        return self._event("response", source_service, target_service, protocol, dict(
+            latency_ms=latency_ms, status_code=status_code, method=method,
+            correlation_id=correlation_id, payload_size=payload_size, trace_id=trace_id,
+            span_id=span_id, ts=ts))
+
+    def error(self, *, source_service: str, target_service: str, error_type: str,
+              protocol: str = "http", latency_ms: float | None = None,
+              status_code: int | None = None, method: str | None = None,
+              correlation_id: str | None = None, trace_id: str | None = None,
+              span_id: str | None = None, ts: float | None = None) -> bool:
+        """A call failed with ``error_type`` (e.g. ``connection``, ``http_5xx``, ``rejected``)."""
+        return self._event("error", source_service, target_service, protocol, dict(
+            error_type=error_type, latency_ms=latency_ms, status_code=status_code,
+            method=method, correlation_id=correlation_id, trace_id=trace_id, span_id=span_id,
+            ts=ts))
+
+    def timeout(self, *, source_service: str, target_service: str, latency_ms: float,
+                protocol: str = "http", method: str | None = None,
+                correlation_id: str | None = None, trace_id: str | None = None,
+                span_id: str | None = None, ts: float | None = None) -> bool:
+        """A call gave up after ``latency_ms`` without an answer."""
+        return self._event("timeout", source_service, target_service, protocol, dict(
+            latency_ms=latency_ms, error_type="timeout", method=method,
+            correlation_id=correlation_id, trace_id=trace_id, span_id=span_id, ts=ts))
+
+    def retry(self, *, source_service: str, target_service: str, attempt: int,
+              protocol: str = "http", backoff_ms: float | None = None,
+              error_type: str | None = None, method: str | None = None,
+              correlation_id: str | None = None, trace_id: str | None = None,
+              span_id: str | None = None, ts: float | None = None) -> bool:
+        """Attempt ``attempt`` (1-based) failed; the caller waits ``backoff_ms`` and tries again."""
+        return self._event("retry", source_service, target_service, protocol, dict(
+            attempt=attempt, backoff_ms=backoff_ms, error_type=error_type, method=method,
+            correlation_id=correlation_id, trace_id=trace_id, span_id=span_id, ts=ts))
+
+    def circuit(self, *, source_service: str, target_service: str,
+                circuit_state: CircuitState, protocol: str = "http",
+                correlation_id: str | None = None, ts: float | None = None) -> bool:
+        """The caller's circuit breaker for this edge entered ``circuit_state``."""
+        return self._event("circuit", source_service, target_service, protocol, dict(
+            circuit_state=circuit_state, correlation_id=correlation_id, ts=ts))
+
+    def health(self, *, source_service: str, target_service: str,
+               health_status: HealthStatus, protocol: str = "http",
+               check_type: str | None = None, latency_ms: float | None = None,
+               correlation_id: str | None = None, ts: float | None = None) -> bool:
+        """A health check from ``source_service`` found ``target_service`` ``health_status``."""
+        return self._event("health", source_service, target_service, protocol, dict(
+            health_status=health_status, check_type=check_type, latency_ms=latency_ms,
+            correlation_id=correlation_id, ts=ts))
+
+    def call(self, source_service: str, target_service: str, *, protocol: str = "http",
+             method: str | None = None, correlation_id: str | None = None,
+             trace_id: str | None = None, span_id: str | None = None) -> Call:
+        """Time one call: ``with emitter.call("orders", "payments") as call: ...``.
+
+        Emits ``request`` on entry; on exit ``response`` with the measured latency,
+        ``timeout`` if a ``TimeoutError`` escaped, or ``error`` with the exception's
+        :func:`error_type_of` otherwise (or what :meth:`Call.fail` set). All share one
+        correlation id. The exception itself is never swallowed.
+        """
+        return Call(self, source_service, target_service, protocol=protocol, method=method,
+                    correlation_id=correlation_id or uuid.uuid4().hex, trace_id=trace_id,
+                    span_id=span_id)
+
+
+class Call:
+    """The context manager returned by ``emitter.call(...)``; usable with ``with`` and
+    ``async with``. Set ``status_code``/``payload_size`` on it, or call :meth:`fail`."""
+
+    __slots__ = ("_emitter", "_started", "correlation_id", "error_type", "method",
+                 "payload_size", "protocol", "source_service", "span_id", "status_code",
+                 "target_service", "trace_id")
+
+    def __init__(self, emitter: _Kinds, source_service: str, target_service: str, *,
+                 protocol: str, method: str | None, correlation_id: str,
+                 trace_id: str | None, span_id: str | None) -> None:
+        self._emitter = emitter
+        self.source_service = source_service
+        self.target_service = target_service
+        self.protocol = protocol
+        self.method = method
+        self.correlation_id = correlation_id
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.status_code: int | None = None
+        self.payload_size: int | None = None
+        self.error_type: str | None = None
+        self._started = 0.0
+
+    def fail(self, error_type: str, *, status_code: int | None = None) -> None:
+        """Report this call as failed without raising (e.g. an HTTP 503 answer)."""
+        self.error_type = error_type
+        if status_code is not None:
+            self.status_code = status_code
+
+    def __enter__(self) -> Call:
+        self._emitter.request(
+            source_service=self.source_service, target_service=self.target_service,
+            protocol=self.protocol, method=self.method, correlation_id=self.correlation_id,
+            trace_id=self.trace_id, span_id=self.span_id)
+        self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:
+        latency_ms = (time.perf_counter() - self._started) * 1000.0
+        common = dict(source_service=self.source_service, target_service=self.target_service,
+                      protocol=self.protocol, method=self.method,
+                      correlation_id=self.correlation_id, trace_id=self.trace_id,
+                      span_id=self.span_id, latency_ms=latency_ms)
+        if exc is None and self.error_type is None:
+            self._emitter.response(status_code=self.status_code,
+                                   payload_size=self.payload_size, **common)
+        elif isinstance(exc, TimeoutError):
+            self._emitter.timeout(**common)
+        else:
+            error_type = self.error_type or error_type_of(exc)  # type: ignore[arg-type]
+            self._emitter.error(error_type=error_type, status_code=self.status_code, **common)
+
+    async def __aenter__(self) -> Call:
+        return self.__enter__()
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: object) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+
+def _outbox(settings: Settings, bootstrap_servers: str | None, topic: str | None,
+            buffer_size: int | None) -> Outbox:
+    options = settings.kafka_client_options()
+    if bootstrap_servers is not None:
+        options["bootstrap_servers"] = bootstrap_servers
+    options.update(acks="all", request_timeout_ms=settings.shim_request_timeout_ms,
+                   max_batch_size=256 * 1024, max_request_size=2 * settings.shim_batch_bytes,
+                   client_id="commpipe-shim")
+    return Outbox(topic=topic or settings.topic,
+                  capacity=buffer_size or settings.shim_buffer_size,
+                  batch_events=settings.shim_batch_events,
+                  batch_bytes=settings.shim_batch_bytes,
+                  linger_s=settings.shim_linger_ms / 1000.0,
+                  producer_options=options)
+
+
+def _wire(event: Mapping[str, Any] | Event) -> dict[str, Any]:
+    return event.to_wire() if isinstance(event, Event) else dict(event)
+
+
+class Emitter(_Kinds):
+    """Thread-safe, synchronous emitter; sends from its own background thread.
+
+    ``bootstrap_servers``, ``topic`` and ``buffer_size`` default to the ``COMMPIPE_*``
+    settings (``COMMPIPE_KAFKA_BOOTSTRAP``, ``COMMPIPE_TOPIC``,
+    ``COMMPIPE_SHIM_BUFFER_SIZE``); pass ``settings=`` to use another Settings object.
+    The broker may start after the emitter: events wait in the buffer meanwhile.
+    At interpreter exit an open emitter is closed, waiting up to
+    ``COMMPIPE_SHIM_CLOSE_TIMEOUT_S`` for delivery.
+    """
+
+    def __init__(self, bootstrap_servers: str | None = None, topic: str | None = None, *,
+                 buffer_size: int | None = None, settings: Settings | None = None) -> None:
+        self._settings = settings or Settings.from_env()
+        self._outbox = _outbox(self._settings, bootstrap_servers, topic, buffer_size)
+        self._put = self._outbox.put
+        self._loop = asyncio.new_event_loop()
+        self._stop = asyncio.Event()
+        self._thread = threading.Thread(target=self._serve, name="commpipe-shim", daemon=True)
+        self._closed = False
+        self._thread.start()
+        ref = weakref.ref(self)
+        self._atexit = lambda: (e := ref()) is not None and e.close()
+        atexit.register(self._atexit)
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._outbox.run(self._stop))
+        except Exception:  # the sender must never die silently
+            log.exception("commpipe shim: sender stopped unexpectedly")
+        finally:
+            self._loop.close()
+
+    def emit(self, event: Mapping[str, Any] | Event) -> bool:
+        """Queue one event (a wire dict or an :class:`Event`); False if it was dropped."""
+        return self._put(_wire(event))
+
+    def stats(self) -> EmitterStats:
+        """Counts so far: sent, dropped, failed, invalid, and how many are buffered now."""
+        return self._outbox.stats()
+
+    def _wake(self) -> None:
+        wake = self._outbox.wake
+        if wake is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(wake.set)
+            except RuntimeError:  # loop closed in between
+                pass
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Send everything buffered now; True when all of it left, False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._wake()
+        while self._outbox.pending():
+            if not self._thread.is_alive():
+                return False
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Deliver what is buffered (waiting up to ``timeout`` seconds, default
+        ``COMMPIPE_SHIM_CLOSE_TIMEOUT_S``), then stop; later emits are dropped.
+        Returns True when nothing was left undelivered. Safe to call twice."""
+        if self._closed:
+            return self._outbox.undelivered == 0 and self._outbox.pending() == 0
+        self._closed = True
+        atexit.unregister(self._atexit)
+        timeout = self._settings.shim_close_timeout_s if timeout is None else timeout
+        self._outbox.close()
+        self._outbox.deadline = time.monotonic() + timeout
+        try:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        except RuntimeError:
+            pass
+        self._wake()
+        self._thread.join(timeout + 5.0)
+        return self._outbox.undelivered == 0 and self._outbox.pending() == 0
+
+    def __enter__(self) -> Emitter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncEmitter(_Kinds):
+    """The asyncio twin of :class:`Emitter`: the sender is a task in the running loop.
+
+    The emit methods are plain (non-async) calls, safe inside coroutines; use
+    ``async with AsyncEmitter(...) as emitter:`` or ``await emitter.start()`` /
+    ``await emitter.close()``. Emitting before ``start()`` buffers; the first emit
+    inside a running loop starts the sender.
+    """
+
+    def __init__(self, bootstrap_servers: str | None = None, topic: str | None = None, *,
+                 buffer_size: int | None = None, settings: Settings | None = None) -> None:
+        self._settings = settings or Settings.from_env()
+        self._outbox = _outbox(self._settings, bootstrap_servers, topic, buffer_size)
+        self._task: asyncio.Task[None] | None = None
+        self._stop: asyncio.Event | None = None
+
+    async def start(self) -> AsyncEmitter:
+        """Start the sender task in the running loop (idempotent)."""
+        self._ensure_task()
+        return self
+
+    def _ensure_task(self) -> None:
+        if self._task is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop yet: events wait in the buffer until start()
+        self._stop = asyncio.Event()
+        self._task = loop.create_task(self._outbox.run(self._stop), name="commpipe-shim")
+
+    def _put(self, event: dict[str, Any]) -> bool:
+        if self._task is None:
+            self._ensure_task()
+        return self._outbox.put(event)
+
+    def emit(self, event: Mapping[str, Any] | Event) -> bool:
+        """Queue one event (a wire dict or an :class:`Event`); False if it was dropped."""
+        return self._put(_wire(event))
+
+    def stats(self) -> EmitterStats:
+        """Counts so far: sent, dropped, failed, invalid, and how many are buffered now."""
+        return self._outbox.stats()
+
+    async def flush(self, timeout: float | None = None) -> bool:
+        """Send everything buffered now; True when all of it left, False on timeout."""
+        self._ensure_task()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._outbox.pending():
+            if self._task is None or self._task.done():
+                return False
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            if self._outbox.wake is not None:
+                self._outbox.wake.set()
+            await asyncio.sleep(0.005)
+        return True
+
+    async def close(self, timeout: float | None = None) -> bool:
+        """Deliver what is buffered (up to ``timeout`` s), then stop the sender task."""
+        self._ensure_task()
+        timeout = self._settings.shim_close_timeout_s if timeout is None else timeout
+        self._outbox.close()
+        self._outbox.deadline = time.monotonic() + timeout
+        if self._task is None or self._stop is None:
+            return self._outbox.pending() == 0
+        self._stop.set()
+        if self._outbox.wake is not None:
+            self._outbox.wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout + 5.0)
+        except asyncio.TimeoutError:
+            self._task.cancel()
+        return self._outbox.undelivered == 0 and self._outbox.pending() == 0
+
+    async def __aenter__(self) -> AsyncEmitter:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
