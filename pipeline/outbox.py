@@ -252,7 +252,7 @@ class Outbox:
                 if not stop.is_set():
                     try:
                         await asyncio.wait_for(self.wake.wait(), self._linger_s)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         pass
                     self.wake.clear()
                 if stop.is_set() and (self.pending() == 0 or self._past_deadline()):
@@ -285,7 +285,7 @@ class Outbox:
             return
         try:
             await asyncio.wait_for(stop.wait(), seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     def _drop_all(self) -> None:

@@ -116,7 +116,7 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Build settings from ``COMMPIPE_*`` variables; keyword overrides win over the environment."""
+        """Build settings from ``COMMPIPE_*`` variables; keyword overrides win over them."""
         env = os.environ if environ is None else environ
         hints = get_type_hints(cls)
         values: dict[str, Any] = {}
@@ -168,5 +168,6 @@ def _parse(name: str, raw: str, hint: Any) -> Any:
         if base in (int, float):
             return base(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be a {base.__name__}; got {raw!r}") from None
+        wanted = {int: "an integer", float: "a number", bool: "true or false"}[base]
+        raise ConfigError(f"{name} must be {wanted}; got {raw!r}") from None
     return raw

@@ -397,7 +397,7 @@ class AsyncEmitter(_Kinds):
             self._outbox.wake.set()
         try:
             await asyncio.wait_for(asyncio.shield(self._task), timeout + 5.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._task.cancel()
         return self._outbox.undelivered == 0 and self._outbox.pending() == 0
 

@@ -108,7 +108,7 @@ def test_call_success_emits_request_then_response_with_latency() -> None:
     [(ConnectionRefusedError("no"), "error", "connection"),
      (KeyError("k"), "error", "KeyError"),
      (TimeoutError(), "timeout", "timeout"),
-     (asyncio.TimeoutError(), "timeout", "timeout")],
+     (OSError("disk"), "error", "OSError")],
 )
 def test_call_failure_reraises_and_reports(exc: Exception, kind: str, error_type: str) -> None:
     rec = Recorder()

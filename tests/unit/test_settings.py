@@ -1,0 +1,82 @@
+"""Settings from COMMPIPE_* variables: parsing, validation and secrets that never print."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.errors import ConfigError
+from pipeline.settings import Secret, Settings, redact_dsn
+
+
+def test_defaults_without_environment() -> None:
+    s = Settings.from_env({})
+    assert (s.kafka_bootstrap, s.topic, s.dlq_topic, s.partitions) == (
+        "localhost:9092", "comm.events", "comm.events.dlq", 4)
+    assert s.shim_buffer_size == 100_000 and s.shim_linger_ms == 50.0
+
+
+def test_environment_values_are_typed() -> None:
+    s = Settings.from_env({"COMMPIPE_KAFKA_BOOTSTRAP": "k1:9092,k2:9092",
+                           "COMMPIPE_PARTITIONS": "8", "COMMPIPE_SHIM_LINGER_MS": "2.5",
+                           "COMMPIPE_KAFKA_SASL_MECHANISM": "", "OTHER": "x"})
+    assert (s.kafka_bootstrap, s.partitions, s.shim_linger_ms) == ("k1:9092,k2:9092", 8, 2.5)
+    assert s.kafka_sasl_mechanism is None
+
+
+def test_overrides_win_over_environment() -> None:
+    s = Settings.from_env({"COMMPIPE_TOPIC": "from-env"}, topic="from-code", partitions=None)
+    assert s.topic == "from-code" and s.partitions == 4
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [({"COMMPIPE_PARTITIONS": "four"}, "COMMPIPE_PARTITIONS must be an integer; got 'four'"),
+     ({"COMMPIPE_PARTITIONS": "0"}, "COMMPIPE_PARTITIONS must be > 0, got 0"),
+     ({"COMMPIPE_SHIM_LINGER_MS": "-1"}, "COMMPIPE_SHIM_LINGER_MS must be >= 0, got -1.0"),
+     ({"COMMPIPE_KAFKA_SECURITY_PROTOCOL": "TLS"},
+      "COMMPIPE_KAFKA_SECURITY_PROTOCOL must be one of PLAINTEXT, SSL, SASL_PLAINTEXT, "
+      "SASL_SSL; got 'TLS'"),
+     ({"COMMPIPE_KAFKA_BOOTSTRAP": " "}, "COMMPIPE_KAFKA_BOOTSTRAP is empty")],
+)
+def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env)
+    assert message in str(info.value)
+
+
+def test_unknown_override_is_refused() -> None:
+    with pytest.raises(ConfigError, match="unknown setting\\(s\\): bogus"):
+        Settings.from_env({}, bogus=1)
+
+
+def test_secrets_never_print() -> None:
+    s = Settings.from_env({"COMMPIPE_POSTGRES_DSN": "postgresql://u:hunter2@db/x",
+                           "COMMPIPE_KAFKA_SASL_PASSWORD": "hunter3"})
+    assert s.postgres_dsn.get() == "postgresql://u:hunter2@db/x"
+    shown = repr(s) + str(s) + f"{s.kafka_sasl_password}"
+    assert "hunter2" not in shown and "hunter3" not in shown
+    assert repr(Secret("")) == "Secret('')" and not Secret("")
+
+
+def test_kafka_client_options_pass_security_through() -> None:
+    s = Settings.from_env({"COMMPIPE_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+                           "COMMPIPE_KAFKA_SASL_MECHANISM": "SCRAM-SHA-256",
+                           "COMMPIPE_KAFKA_SASL_USERNAME": "svc",
+                           "COMMPIPE_KAFKA_SASL_PASSWORD": "pw"})
+    assert s.kafka_client_options() == {
+        "bootstrap_servers": "localhost:9092", "security_protocol": "SASL_PLAINTEXT",
+        "sasl_mechanism": "SCRAM-SHA-256", "sasl_plain_username": "svc",
+        "sasl_plain_password": "pw"}
+    assert Settings.from_env({}).kafka_client_options() == {
+        "bootstrap_servers": "localhost:9092", "security_protocol": "PLAINTEXT"}
+
+
+@pytest.mark.parametrize(
+    ("dsn", "shown"),
+    [("postgresql://u:pw@h:5432/db", "postgresql://u:***@h:5432/db"),
+     ("postgresql://u@h/db", "postgresql://u@h/db"),
+     ("host=h password=secret user=u", "host=h password=*** user=u"),
+     ("host=h password='a b' user=u", "host=h password=*** user=u")],
+)
+def test_redact_dsn(dsn: str, shown: str) -> None:
+    assert redact_dsn(dsn) == shown
