@@ -1,0 +1,159 @@
+"""``commpipe``: the command line. It only wires library pieces together; nothing imports it.
+
+Commands:
+
+* ``commpipe broker``: the embedded Kafka-protocol broker (Tansu) in the
+  foreground, with the commpipe topics created; stops on Ctrl-C or SIGTERM.
+* ``commpipe postgres``: the embedded PostgreSQL in the foreground, with its
+  data kept in a directory across restarts; stops on Ctrl-C or SIGTERM.
+
+The command line needs the ``server`` extra (typer, rich); without it
+:func:`main` says so and exits with code 1.
+"""
+
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+__all__ = ["main"]
+
+MISSING_EXTRA = "commpipe's command line needs the server extra: pip install 'commpipe[server]'"
+
+
+class _Service(Protocol):
+    @property
+    def is_running(self) -> bool: ...
+
+    @property
+    def log_path(self) -> Path: ...
+
+    def start(self) -> object: ...
+
+    def close(self) -> None: ...
+
+
+def main() -> None:
+    """Console-script entry point ``commpipe``."""
+    try:
+        import rich  # noqa: F401
+        import typer  # noqa: F401
+    except ImportError:
+        print(MISSING_EXTRA, file=sys.stderr)
+        sys.exit(1)
+    _build_app()()
+
+
+def _build_app() -> Any:
+    # No ``from __future__ import annotations`` in this module: typer reads these
+    # annotations at run time, and they name objects imported only here.
+    from typing import Annotated
+
+    import typer
+    from rich.console import Console
+
+    app = typer.Typer(help="commpipe: inter-service communication telemetry.",
+                      no_args_is_help=True, add_completion=False,
+                      pretty_exceptions_show_locals=False)  # locals may hold secrets
+    console = Console(stderr=True)
+    out = Console()
+
+    @app.command()
+    def broker(
+        port: Annotated[int, typer.Option(help="TCP port; 0 picks a free one.")] = 9092,
+        host: Annotated[str, typer.Option(help="Listen and advertised address.")] = "127.0.0.1",
+        partitions: Annotated[int | None, typer.Option(
+            help="Partitions of the commpipe topics (default: COMMPIPE_PARTITIONS, else 4)."),
+        ] = None,
+        create_topics: Annotated[bool, typer.Option(
+            help="Create COMMPIPE_TOPIC and COMMPIPE_DLQ_TOPIC.")] = True,
+    ) -> None:
+        """Run the embedded Kafka-protocol broker (Tansu, memory storage) in the foreground."""
+        from pipeline.embedded import run_sync
+        from pipeline.embedded_broker import EmbeddedBroker
+        from pipeline.settings import Settings
+        from pipeline.topics import ensure_commpipe_topics
+
+        svc = EmbeddedBroker(port or None, host=host)
+
+        def ready() -> None:
+            settings = Settings.from_env(kafka_bootstrap=svc.bootstrap, partitions=partitions)
+            if create_topics:
+                run_sync(lambda: ensure_commpipe_topics(settings))
+                console.print(f"topics [bold]{settings.topic}[/] and [bold]"
+                              f"{settings.dlq_topic}[/]: {settings.partitions} partitions")
+            out.print(svc.bootstrap, highlight=False, soft_wrap=True)
+            console.print(f"[green]Kafka broker ready[/] on [bold]{svc.bootstrap}[/]"
+                          f" (export COMMPIPE_KAFKA_BOOTSTRAP={svc.bootstrap}); memory storage:"
+                          " topics are lost when it stops. Ctrl-C stops it.", highlight=False,
+                          soft_wrap=True)
+
+        raise typer.Exit(_run_service(svc, console, "starting the embedded Kafka broker...", ready))
+
+    @app.command()
+    def postgres(
+        port: Annotated[int, typer.Option(help="TCP port; 0 picks a free one.")] = 5432,
+        data_dir: Annotated[Path, typer.Option(
+            help="Cluster directory; created on first run, kept afterwards.")] = Path(
+            ".commpipe/pgdata"),
+    ) -> None:
+        """Run the embedded PostgreSQL in the foreground and print its DSN."""
+        from pipeline.embedded_postgres import EmbeddedPostgres
+
+        svc = EmbeddedPostgres(data_dir, port=port or None)
+
+        def ready() -> None:
+            out.print(svc.dsn, highlight=False, soft_wrap=True)
+            console.print(f"[green]PostgreSQL ready[/]: export COMMPIPE_POSTGRES_DSN={svc.dsn}"
+                          f" (data in {svc.data_dir}). Ctrl-C stops it.", highlight=False,
+                          soft_wrap=True)
+
+        raise typer.Exit(_run_service(svc, console, "starting the embedded PostgreSQL...", ready))
+
+    return app
+
+
+def _run_service(svc: _Service, console: Any, starting: str, ready: Callable[[], None]) -> int:
+    """Start ``svc``, call ``ready()``, serve until SIGINT/SIGTERM; always close it.
+
+    The signal handlers are in place before the start, so a signal during the
+    start stops the service right after it. Returns the exit code: 0 after a
+    signal, 1 when a commpipe error occurred or the service died on its own.
+    """
+    from rich.markup import escape
+
+    from pipeline.embedded import log_tail
+    from pipeline.errors import CommpipeError
+
+    stop = threading.Event()
+    received: list[str] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with console.status(starting):
+            svc.start()
+        ready()
+        while not stop.wait(0.2):
+            if not svc.is_running:
+                console.print("[red]the service exited unexpectedly[/]; last lines of its log:")
+                console.print(log_tail(svc.log_path), markup=False, highlight=False)
+                return 1
+        console.print(f"{received[0]} received; stopping.")
+        return 0
+    except CommpipeError as e:
+        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+        return 1
+    finally:
+        svc.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+if __name__ == "__main__":
+    main()

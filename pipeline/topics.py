@@ -1,0 +1,123 @@
+"""Create Kafka topics explicitly, with a fixed partition count.
+
+Relying on auto-creation gives whatever the broker's default is (4 on Tansu,
+1 on a stock Kafka), and Faust tables need their changelogs to match the
+source topic's partition count. :func:`ensure_topics` is idempotent: a topic
+that already exists with the wanted count is left alone; one with another
+count raises :class:`~pipeline.errors.ConfigError` naming both counts.
+
+Partition counts of existing topics are read only after ``CreateTopics``
+answered "already exists": a metadata request for an unknown topic makes some
+brokers (Tansu among them) auto-create it with their default count.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from pipeline.errors import ConfigError, ServiceError
+from pipeline.settings import Settings
+
+__all__ = ["ensure_commpipe_topics", "ensure_topics"]
+
+log = logging.getLogger(__name__)
+
+_TOPIC_ALREADY_EXISTS = 36  # Kafka protocol error code
+
+
+async def ensure_topics(
+    topics: Mapping[str, int],
+    *,
+    client_options: Mapping[str, Any],
+    replication_factor: int = 1,
+    timeout_ms: int = 10_000,
+) -> dict[str, bool]:
+    """Make sure each ``name -> partitions`` topic exists with exactly that many partitions.
+
+    ``client_options`` are aiokafka client keyword arguments, at least
+    ``bootstrap_servers`` (see :meth:`Settings.kafka_client_options`).
+    ``replication_factor`` applies to topics created here (default 1, fine for
+    one dev broker). Returns ``{name: True if created now, False if it existed}``.
+
+    Raises :class:`ConfigError` for a partition count below 1 or an existing
+    topic with a different count, and :class:`ServiceError` when the broker
+    cannot be reached or refuses to create a topic.
+    """
+    for name, wanted in topics.items():
+        if wanted < 1:
+            raise ConfigError(f"topic {name!r}: partition count must be >= 1, got {wanted}")
+    if not topics:
+        return {}
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import KafkaError
+
+    bootstrap = client_options.get("bootstrap_servers", "?")
+    admin = AIOKafkaAdminClient(request_timeout_ms=timeout_ms, **client_options)
+    try:
+        await admin.start()
+        response = await admin.create_topics(
+            [NewTopic(n, p, replication_factor) for n, p in topics.items()], timeout_ms=timeout_ms
+        )
+        created: dict[str, bool] = {}
+        existing: list[str] = []
+        for name, code, message in _topic_errors(response):
+            if code == 0:
+                created[name] = True
+            elif code == _TOPIC_ALREADY_EXISTS:
+                existing.append(name)
+            else:
+                raise ServiceError(
+                    f"Kafka at {bootstrap} refused to create topic {name!r} "
+                    f"(error {code}: {message or 'no message'})"
+                )
+        if existing:
+            for name, found in (await _partition_counts(admin, existing)).items():
+                if found != topics[name]:
+                    raise ConfigError(
+                        f"topic {name!r} exists with {found} partitions but {topics[name]} "
+                        f"are wanted; delete the topic or use {found} partitions"
+                    )
+                created[name] = False
+    except KafkaError as e:
+        raise ServiceError(f"could not create topics on Kafka at {bootstrap}: {e!r}") from e
+    finally:
+        await admin.close()
+    for name, new in created.items():
+        log.info("topic %s %s with %s partitions",
+                 name, "created" if new else "exists", topics[name])
+    return created
+
+
+async def ensure_commpipe_topics(
+    settings: Settings, *, replication_factor: int = 1
+) -> dict[str, bool]:
+    """Create ``settings.topic`` and ``settings.dlq_topic`` with ``settings.partitions`` each."""
+    return await ensure_topics(
+        {settings.topic: settings.partitions, settings.dlq_topic: settings.partitions},
+        client_options=settings.kafka_client_options(),
+        replication_factor=replication_factor,
+    )
+
+
+def _topic_errors(response: Any) -> list[tuple[str, int, str | None]]:
+    """``(topic, error_code, error_message)`` per topic of any CreateTopics response version."""
+    rows = []
+    for entry in response.topic_errors:
+        name, code = entry[0], entry[1]
+        message = entry[2] if len(entry) > 2 else None
+        rows.append((name, code, message))
+    return rows
+
+
+async def _partition_counts(admin: Any, names: list[str]) -> dict[str, int]:
+    """Partition count of each existing topic in ``names`` (one metadata request)."""
+    counts: dict[str, int] = {}
+    for topic in await admin.describe_topics(names):
+        if topic["error_code"]:
+            raise ServiceError(
+                f"could not read topic {topic['topic']!r} (error {topic['error_code']})"
+            )
+        counts[topic["topic"]] = len(topic["partitions"])
+    return counts
