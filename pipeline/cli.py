@@ -112,6 +112,31 @@ def _build_app() -> Any:
 
         raise typer.Exit(_run_service(svc, console, "starting the embedded PostgreSQL...", ready))
 
+    @app.command()
+    def worker(
+        loglevel: Annotated[str | None, typer.Option(
+            "--loglevel", "-l",
+            help="crit, error, warn, info or debug (default: COMMPIPE_WORKER_LOGLEVEL)")] = None,
+    ) -> None:
+        """Run the stream job: create the topics if needed, then a Faust worker."""
+        from pipeline.embedded import run_sync
+        from pipeline.errors import CommpipeError
+        from pipeline.settings import Settings
+        from pipeline.topics import ensure_commpipe_topics
+
+        try:
+            settings = Settings.from_env(worker_loglevel=loglevel)
+            run_sync(lambda: ensure_commpipe_topics(settings))
+        except CommpipeError as e:
+            console.print(f"[red]error:[/] {e}", highlight=False, markup=False)
+            raise typer.Exit(1) from None
+        from faust import Worker
+
+        from agents.app import create_app
+
+        pipeline = create_app(settings)
+        Worker(pipeline.app, loglevel=settings.worker_loglevel).execute_from_commandline()
+
     return app
 
 

@@ -92,6 +92,30 @@ class Settings:
     shim_close_timeout_s: float = 5.0
     """How long ``close()`` (and interpreter exit) waits for buffered events to be sent."""
 
+    # The stream job
+    app_id: str = "commpipe"
+    """Faust app id: the consumer group and the prefix of the changelog topic."""
+    window_s: float = 10.0
+    """Tumbling event-time window length."""
+    grace_s: float = 10.0
+    """How long after its end a window still accepts events; later ones count as late."""
+    max_future_s: float = 300.0
+    """Events stamped further ahead of the worker's clock are dead-lettered."""
+    idle_close_s: float = 30.0
+    """A partition silent this long (worker clock) closes its open windows."""
+    breaker_failure_threshold: int = 3
+    breaker_recovery_timeout_s: float = 1.0
+    breaker_half_open_probes: int = 1
+    worker_batch_records: int = 500
+    """Most records the worker takes per batch (each record carries many events)."""
+    worker_batch_within_s: float = 0.1
+    """Longest a batch waits to fill up."""
+    worker_datadir: str = ".commpipe/worker"
+    broker_session_timeout_s: float = 60.0
+    """Kafka consumer session timeout; 6 s makes dev and tests join in seconds."""
+    broker_heartbeat_interval_s: float = 3.0
+    worker_loglevel: str = "info"
+
     # PostgreSQL / DuckDB
     postgres_dsn: Secret = field(default_factory=lambda: Secret(""))
     """PostgreSQL connection string; empty = embedded PostgreSQL in dev commands."""
@@ -135,11 +159,14 @@ class Settings:
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first setting whose value cannot work."""
         positive = ("partitions", "shim_buffer_size", "shim_batch_events", "shim_batch_bytes",
-                    "shim_request_timeout_ms")
+                    "shim_request_timeout_ms", "window_s", "worker_batch_records",
+                    "broker_session_timeout_s", "broker_heartbeat_interval_s",
+                    "breaker_failure_threshold", "breaker_half_open_probes")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be > 0, got {getattr(self, name)}")
-        for name in ("shim_linger_ms", "shim_close_timeout_s"):
+        for name in ("shim_linger_ms", "shim_close_timeout_s", "grace_s", "max_future_s",
+                     "idle_close_s", "breaker_recovery_timeout_s", "worker_batch_within_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be >= 0, got {getattr(self, name)}")
         if not self.kafka_bootstrap.strip():

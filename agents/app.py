@@ -1,0 +1,160 @@
+"""The Faust app: wires :mod:`pipeline.aggregate` into a stream job with a changelogged table.
+
+Run with ``commpipe worker`` (creates the topics first) or
+``faust -A agents.app worker -l info`` (topics must exist). Settings come from
+``COMMPIPE_*`` (see :class:`pipeline.settings.Settings`).
+
+One agent reads ``comm.events`` in batches (``take_events``): each record is
+decoded (one event or a batch of one edge's events), bad records and bad events
+go to ``comm.events.dlq`` with their reason, and the good events are applied
+per source partition by :class:`pipeline.aggregate.PartitionBatch`. Each
+changed key is written once per batch. Faust picks a table write's changelog
+partition from the stream's current event, which ``take_events`` leaves
+pointing at whichever event came last; we point it at an event of the partition
+being written, so state always lives in the changelog partition of the
+partition its records came from, whatever partitioner their producer used.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from pathlib import Path
+from collections import defaultdict
+from typing import Any
+
+import faust
+from faust.serializers import codecs
+from faust.streams import _current_event
+
+from agents.dead_letters import DeadLetters
+from pipeline.aggregate import PartitionBatch, WindowConfig, decode_state, encode_state
+from pipeline.decode import decode_record
+from pipeline.errors import EventValidationError
+from pipeline.rollups import Rollups
+from pipeline.settings import Settings
+
+__all__ = ["Pipeline", "create_app"]
+
+log = logging.getLogger("commpipe.worker")
+
+
+class _StateCodec(codecs.Codec):
+    def _dumps(self, obj: Any) -> bytes:
+        return encode_state(obj)
+
+    def _loads(self, s: bytes) -> Any:
+        return decode_state(s)
+
+
+class _KeyCodec(codecs.Codec):
+    def _dumps(self, obj: Any) -> bytes:
+        return obj.encode() if isinstance(obj, str) else bytes(obj)
+
+    def _loads(self, s: bytes) -> Any:
+        return s.decode()
+
+
+codecs.register("commpipe_state", _StateCodec())
+codecs.register("commpipe_key", _KeyCodec())
+
+
+class Pipeline:
+    """The app and the objects around it that the sink and the exporter read."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.config = WindowConfig.from_settings(settings)
+        Path(settings.worker_datadir).mkdir(parents=True, exist_ok=True)
+        self.app = faust.App(
+            settings.app_id,
+            broker=[f"kafka://{h.strip()}" for h in settings.kafka_bootstrap.split(",")],
+            broker_credentials=_credentials(settings),
+            store="memory://",
+            topic_partitions=settings.partitions,
+            datadir=settings.worker_datadir,
+            web_enabled=False,
+            broker_session_timeout=settings.broker_session_timeout_s,
+            broker_heartbeat_interval=settings.broker_heartbeat_interval_s,
+            consumer_auto_offset_reset="earliest",
+            topic_allow_declare=True,
+            table_cleanup_interval=3600.0,
+        )
+        self.events = self.app.topic(settings.topic, key_type=bytes, value_type=bytes,
+                                     key_serializer="raw", value_serializer="raw",
+                                     partitions=settings.partitions)
+        self.dlq = self.app.topic(settings.dlq_topic, key_serializer="raw",
+                                  value_serializer="raw", partitions=settings.partitions)
+        self.state = self.app.Table("state", default=None, partitions=settings.partitions)
+        # Faust takes a table's serializers from a Record type's options, else JSON; our
+        # values are plain classes with their own codec, so set the codecs directly (the
+        # changelog topic is made lazily, after this).
+        self.state.key_serializer = "commpipe_key"
+        self.state.value_serializer = "commpipe_state"
+        self.rollups = Rollups(self.state, self.config, idle_close_s=settings.idle_close_s)
+        self.dead_letters = DeadLetters(self.dlq)
+        self.events_in = 0
+        self.app.agent(self.events, name="aggregate")(self._aggregate)
+
+    async def _aggregate(self, stream: Any) -> None:
+        settings = self.settings
+        async for batch in stream.take_events(settings.worker_batch_records,
+                                              within=settings.worker_batch_within_s):
+            by_partition: dict[int, list[Any]] = defaultdict(list)
+            for event in batch:
+                by_partition[event.message.partition].append(event)
+            for partition, records in by_partition.items():
+                await self._apply(partition, records)
+
+    async def _apply(self, partition: int, records: list[Any]) -> None:
+        work = PartitionBatch(partition, self.config, self.state)
+        now = time.time()
+        for record in records:
+            message = record.message
+            try:
+                decoded = decode_record(message.value)
+            except EventValidationError as e:
+                await self.dead_letters.send(message, message.value, e.reason, field=e.field)
+                continue
+            for error in decoded.errors:
+                await self.dead_letters.send_event(message, error)
+            refused = work.apply(message.offset, decoded.events, now=now)
+            for event, reason in refused:
+                await self.dead_letters.send_refused(message, event, reason)
+            self.events_in += len(decoded.events)
+        token = _current_event.set(weakref.ref(records[-1]))
+        try:
+            for key, value in work.changes():
+                self.state[key] = value
+        finally:
+            _current_event.reset(token)
+
+
+def _credentials(settings: Settings) -> Any:
+    if settings.kafka_sasl_mechanism:
+        return faust.SASLCredentials(username=settings.kafka_sasl_username,
+                                     password=settings.kafka_sasl_password.get(),
+                                     mechanism=settings.kafka_sasl_mechanism)
+    if settings.kafka_security_protocol == "SSL":
+        return faust.SSLCredentials(cafile=settings.kafka_ssl_cafile)
+    return None
+
+
+def create_app(settings: Settings) -> Pipeline:
+    """Build the app for ``settings`` (no connection is made until the worker starts)."""
+    return Pipeline(settings)
+
+
+_default: Pipeline | None = None
+
+
+def __getattr__(name: str) -> Any:
+    """``agents.app.app`` / ``.pipeline``: built from the environment on first use, so that
+    ``faust -A agents.app`` works and importing :func:`create_app` builds nothing."""
+    global _default
+    if name in ("app", "pipeline"):
+        if _default is None:
+            _default = create_app(Settings.from_env())
+        return _default.app if name == "app" else _default
+    raise AttributeError(name)

@@ -1,0 +1,61 @@
+"""Dead letters: what the worker refuses goes to ``comm.events.dlq`` with its reason.
+
+The DLQ record's value is the original bytes (the whole record when the record
+itself is unusable; the offending event's JSON when one event of a batch is
+bad), its key the original key, and its headers say why and where from:
+``commpipe-reason``, ``commpipe-field``, ``commpipe-index`` and
+``commpipe-source`` (``topic/partition/offset``). Counts per reason category
+are kept for the exporter.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import orjson
+
+from pipeline.errors import EventValidationError
+from pipeline.events import Event
+
+__all__ = ["DeadLetters"]
+
+log = logging.getLogger("commpipe.worker")
+
+
+class DeadLetters:
+    """Sends refused records and events to the dead-letter topic, and counts them."""
+
+    def __init__(self, topic: Any) -> None:
+        self._topic = topic
+        self.counts: Counter[str] = Counter()
+        """Dead letters per category: ``record`` (whole record) or the field at fault."""
+
+    async def send(self, message: Any, original: bytes | None, reason: str, *,
+                   field: str | None = None, index: int | None = None) -> None:
+        category = field or "record"
+        self.counts[category] += 1
+        headers = [("commpipe-reason", reason.encode()),
+                   ("commpipe-source",
+                    f"{message.topic}/{message.partition}/{message.offset}".encode())]
+        if field is not None:
+            headers.append(("commpipe-field", field.encode()))
+        if index is not None:
+            headers.append(("commpipe-index", str(index).encode()))
+        await self._topic.send(key=message.key, value=original or b"", headers=headers)
+        if sum(self.counts.values()) % 1000 == 1:
+            log.warning("dead letter (%s): %s", category, reason)
+
+    async def send_event(self, message: Any, error: EventValidationError) -> None:
+        """One bad event of a batch: re-encode it from the record."""
+        try:
+            element = orjson.loads(message.value)[error.index]
+            original = orjson.dumps(element)
+        except (orjson.JSONDecodeError, IndexError, TypeError):
+            original = message.value
+        await self.send(message, original, error.reason, field=error.field, index=error.index)
+
+    async def send_refused(self, message: Any, event: Event, reason: str) -> None:
+        """A valid event the worker refuses (e.g. stamped far in the future)."""
+        await self.send(message, orjson.dumps(event.to_wire()), reason, field="ts")
