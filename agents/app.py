@@ -20,8 +20,8 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from pathlib import Path
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import faust
