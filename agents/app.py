@@ -80,16 +80,24 @@ class Pipeline:
             consumer_auto_offset_reset="earliest",
             topic_allow_declare=True,
             table_cleanup_interval=3600.0,
+            producer_max_batch_size=settings.worker_producer_batch_bytes,
         )
         self.events = self.app.topic(settings.topic, key_type=bytes, value_type=bytes,
                                      key_serializer="raw", value_serializer="raw",
                                      partitions=settings.partitions)
         self.dlq = self.app.topic(settings.dlq_topic, key_serializer="raw",
                                   value_serializer="raw", partitions=settings.partitions)
-        self.state = self.app.Table("state", default=None, partitions=settings.partitions)
+        # Our own changelog topic: Faust's default sends changelog records with acks=0
+        # (fire and forget), which our exactness cannot rest on (and which Tansu answers,
+        # against the protocol, breaking aiokafka's connection).
+        changelog = self.app.topic(
+            f"{settings.app_id}-state-changelog", partitions=settings.partitions,
+            key_serializer="commpipe_key", value_serializer="commpipe_state",
+            compacting=True, deleting=False, acks=True, internal=True)
+        self.state = self.app.Table("state", default=None, partitions=settings.partitions,
+                                    changelog_topic=changelog)
         # Faust takes a table's serializers from a Record type's options, else JSON; our
-        # values are plain classes with their own codec, so set the codecs directly (the
-        # changelog topic is made lazily, after this).
+        # values are plain classes with their own codec.
         self.state.key_serializer = "commpipe_key"
         self.state.value_serializer = "commpipe_state"
         self.rollups = Rollups(self.state, self.config, idle_close_s=settings.idle_close_s)

@@ -49,7 +49,7 @@ SEP: Final = "\x1e"  # record separator: cannot occur in an edge key or a number
 
 
 def window_id(partition: int, edge: str, window_start: float) -> str:
-    return f"w{SEP}{partition}{SEP}{edge}{SEP}{window_start!r}"
+    return f"w{SEP}{partition}{SEP}{edge}{SEP}{float(window_start)!r}"
 
 
 def edge_id(partition: int, edge: str) -> str:
@@ -209,14 +209,16 @@ class PartitionBatch:
     """Applies the records of one source partition to its state; collects what changed.
 
     ``store`` (a Faust table or a dict, keyed as described above) is only read
-    here; the caller writes :meth:`changes` once per batch, in the order given.
+    here, and what is read is copied first: a batch that fails halfway leaves the
+    store exactly as its changelog has it. The caller writes :meth:`changes` once
+    per batch, in the order given.
     """
 
     def __init__(self, partition: int, config: WindowConfig, store: Mapping[str, Any]) -> None:
         self.partition = partition
         self.config = config
         self._store = store
-        self.meta: PartitionMeta = store.get(partition_id(partition)) or PartitionMeta()
+        self.meta: PartitionMeta = _copy(store.get(partition_id(partition))) or PartitionMeta()
         self._windows: dict[str, WindowStats] = {}
         self._edges: dict[str, EdgeMeta] = {}
         self._fresh: set[int] = set()  # id() of values that have not seen the current record
@@ -233,7 +235,7 @@ class PartitionBatch:
         key = window_id(self.partition, edge, window_start)
         stats = self._windows.get(key)
         if stats is None:
-            stats = self._store.get(key)
+            stats = _copy(self._store.get(key))
             if stats is None:
                 stats = WindowStats(window_start, window_start + self.config.size_s)
             self._windows[key] = stats
@@ -243,7 +245,7 @@ class PartitionBatch:
         key = edge_id(self.partition, edge)
         meta = self._edges.get(key)
         if meta is None:
-            meta = self._store.get(key) or EdgeMeta()
+            meta = _copy(self._store.get(key)) or EdgeMeta()
             self._edges[key] = meta
         return meta
 
@@ -333,6 +335,11 @@ class PartitionBatch:
                 stats.reported_state = edge_meta.reported.state
         if edge_meta.last_ts is None or ts > edge_meta.last_ts:
             edge_meta.last_ts = ts
+
+
+def _copy(value: Any) -> Any:
+    """A private copy of a stored value (None stays None)."""
+    return None if value is None else decode_state(encode_state(value))
 
 
 def _bump(counts: dict[str, int], key: str, n: int = 1) -> None:

@@ -115,6 +115,11 @@ class Settings:
     """Kafka consumer session timeout; 6 s makes dev and tests join in seconds."""
     broker_heartbeat_interval_s: float = 3.0
     worker_loglevel: str = "info"
+    worker_producer_batch_bytes: int = 16_384
+    """The worker producer's batch size (changelog, dead letters). On the embedded Tansu
+    broker set 1: Tansu reports a partition's end offset as the last batch's *first*
+    offset + 1, so Faust's changelog recovery stops early unless every batch holds one
+    record (the embedded-broker commands and the tests do this)."""
 
     # PostgreSQL / DuckDB
     postgres_dsn: Secret = field(default_factory=lambda: Secret(""))

@@ -1,0 +1,125 @@
+"""Real ``commpipe worker`` processes for tests, and readers of what they wrote to Kafka."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from pipeline.aggregate import State, decode_state
+
+# Dev settings that make a worker join within seconds on the embedded broker.
+FAST_JOIN = {"COMMPIPE_BROKER_SESSION_TIMEOUT_S": "6", "COMMPIPE_BROKER_HEARTBEAT_INTERVAL_S": "1",
+             # one record per producer batch: Tansu's end offsets are right only then
+             "COMMPIPE_WORKER_PRODUCER_BATCH_BYTES": "1"}
+
+
+class WorkerProcess:
+    """One ``commpipe worker`` subprocess; always killed at the end of the test."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "worker"], env={**os.environ, **self.env},
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: the crash case."""
+        if self.alive:
+            assert self.proc is not None
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout`` (a worker in wait_empty may ignore TERM)."""
+        if not self.alive:
+            return self.proc.returncode if self.proc else None
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def run(coro_factory: Callable[[], Any]) -> Any:
+    return asyncio.run(coro_factory())
+
+
+async def _read_all(bootstrap: str, topic: str) -> list[Any]:
+    """Every record of ``topic`` from the beginning to its current end."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic)
+        if partitions is None:
+            await consumer._client.force_metadata_update()  # noqa: SLF001
+            partitions = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        if not tps:
+            return []
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        out: list[Any] = []
+        deadline = time.monotonic() + 30
+        while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"could not read {topic} to its end")
+            for messages in (await consumer.getmany(timeout_ms=300)).values():
+                out.extend(messages)
+        return out
+    finally:
+        await consumer.stop()
+
+
+def read_state(bootstrap: str, app_id: str) -> dict[str, State]:
+    """The table as its changelog holds it (latest value per key), checking that every key
+    sits in the changelog partition of its source partition."""
+    store: dict[str, State] = {}
+    for message in run(lambda: _read_all(bootstrap, f"{app_id}-state-changelog")):
+        key = message.key.decode()
+        assert int(key.split("\x1e")[1]) == message.partition, (key, message.partition)
+        if message.value is None:
+            store.pop(key, None)
+        else:
+            store[key] = decode_state(message.value)
+    return store
+
+
+def read_topic(bootstrap: str, topic: str) -> list[Any]:
+    return run(lambda: _read_all(bootstrap, topic))
+
+
+def wait_until(check: Callable[[], bool], *, timeout: float, what: str,
+               logs: Callable[[], str] = lambda: "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{logs()[-3000:]}")
