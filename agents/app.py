@@ -100,10 +100,17 @@ class Pipeline:
         # values are plain classes with their own codec.
         self.state.key_serializer = "commpipe_key"
         self.state.value_serializer = "commpipe_state"
-        self.rollups = Rollups(self.state, self.config, idle_close_s=settings.idle_close_s)
+        self.rollups = Rollups(self.state, self.config, idle_close_s=settings.idle_close_s,
+                               owned=self.owns)
         self.dead_letters = DeadLetters(self.dlq)
         self.events_in = 0
         self.app.agent(self.events, name="aggregate")(self._aggregate)
+
+    def owns(self, partition: int) -> bool:
+        """True while this worker actively owns ``partition`` of the input topic."""
+        actives = self.app.assignor.assigned_actives()
+        return any(tp.topic == self.settings.topic and tp.partition == partition
+                   for tp in actives)
 
     async def _aggregate(self, stream: Any) -> None:
         settings = self.settings

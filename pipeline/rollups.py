@@ -70,14 +70,23 @@ class Rollups:
     """Read-only views over the aggregate store (see the module docstring)."""
 
     def __init__(self, store: Mapping[str, Any], config: WindowConfig, *,
-                 idle_close_s: float = 30.0, clock: Callable[[], float] = time.time) -> None:
+                 idle_close_s: float = 30.0, clock: Callable[[], float] = time.time,
+                 owned: Callable[[int], bool] | None = None) -> None:
+        """``owned(partition)`` tells whether this process owns a source partition now; a
+        worker's table also holds standby copies of other workers' partitions, which
+        must not be reported twice (default: every partition in the store is owned)."""
         self._store = store
         self.config = config
         self.idle_close_s = idle_close_s
         self._clock = clock
+        self._owned = owned
 
     def _items(self) -> Iterable[tuple[str, Any]]:
-        return list(self._store.items())  # a snapshot: the worker keeps writing
+        items = list(self._store.items())  # a snapshot: the worker keeps writing
+        if self._owned is None:
+            return items
+        owned = self._owned
+        return [(k, v) for k, v in items if owned(int(k.split("\x1e", 2)[1]))]
 
     def partition_meta(self, partition: int) -> PartitionMeta | None:
         return self._store.get(partition_id(partition))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import re
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
@@ -369,6 +370,7 @@ def test_two_workers_split_partitions_and_agree_with_one(
     phases, _ = traffic(rng)
     expected = Expected()
     app_id = worker_env["COMMPIPE_APP_ID"]
+    worker_env["COMMPIPE_WORKER_LOGLEVEL"] = "info"  # to read each worker's assignment
     pair = [workers(), workers()]
     settings = Settings.from_env({}, shim_linger_ms=5)
     emitter = Emitter(kafka_bootstrap, worker_env["COMMPIPE_TOPIC"], settings=settings)
@@ -387,3 +389,20 @@ def test_two_workers_split_partitions_and_agree_with_one(
     assert applied_events(state) == total
     check_against(expected, state)
     assert all(w.alive for w in pair)
+    topic = re.escape(worker_env["COMMPIPE_TOPIC"])
+    owned = []
+    for worker in pair:  # the last assignment each worker logged for the input topic
+        found = re.findall(rf"\|\s*{topic}\s*\|\s*\{{([0-9, -]+)\}}", worker.log())
+        assert found, worker.log()[-2000:]
+        owned.append(set(_partitions(found[-1])))
+    assert owned[0] and owned[1] and owned[0].isdisjoint(owned[1])
+    assert owned[0] | owned[1] == {0, 1, 2, 3}
+
+
+def _partitions(text: str) -> list[int]:
+    """``"0, 2"`` or ``"0-3"`` (Faust's compact sets) -> partition numbers."""
+    out: list[int] = []
+    for part in text.split(","):
+        low, _, high = part.strip().partition("-")
+        out.extend(range(int(low), int(high or low) + 1))
+    return out

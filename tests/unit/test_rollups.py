@@ -295,3 +295,12 @@ def test_partition_meta_lookup() -> None:
     assert meta is not None and (meta.watermark, meta.last_seen) == METAS[0]
     assert rollups.partition_meta(2) is None
     assert rollups.is_closed(2, T0, now=1e12) is False
+
+
+def test_only_owned_partitions_are_reported() -> None:
+    """A worker's table also holds standby copies of other workers' partitions."""
+    rollups = Rollups(build_store(), CFG, idle_close_s=IDLE, clock=lambda: 0.0,
+                      owned=lambda partition: partition == 1)
+    assert rows_key(rollups.windows()) == sorted(
+        (T0 + off, e, p) for (p, e, off) in WINDOWS if p == 1)
+    assert {r.partition for r in rollups.closed_windows(now=10_000.0)} == {1}
