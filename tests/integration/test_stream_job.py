@@ -141,11 +141,25 @@ def make_window_events(rng: random.Random, window: int) -> list[dict[str, Any]]:
     return events
 
 
-def emit_all(emitter: Emitter, events: list[dict[str, Any]]) -> None:
+def emit_all(emitter: Emitter, events: list[dict[str, Any]],
+             expected: Expected | None = None) -> None:
+    """Emit through the shim's kind helpers, wait for delivery, record the expectation."""
     for event in events:
         fields = {k: v for k, v in event.items() if k != "kind"}
         getattr(emitter, event["kind"])(**fields)
+        if expected is not None:
+            expected.add(event)
     assert emitter.flush(timeout=30) is True
+
+
+def settle(bootstrap: str, app_id: str, total: int, *, timeout: float, what: str,
+           logs: Callable[[], str]) -> dict[str, Any]:
+    """Wait until the table holds ``total`` events; it must then hold exactly that many."""
+    wait_until(lambda: applied_events(read_state(bootstrap, app_id)) >= total,
+               timeout=timeout, what=f"{total} events {what}", logs=logs)
+    state = read_state(bootstrap, app_id)
+    assert applied_events(state) == total
+    return state
 
 
 async def produce_legacy(bootstrap: str, topic: str, events: list[dict[str, Any]]) -> None:
@@ -268,9 +282,7 @@ def test_aggregates_dead_letters_late_events_and_breaker(
     emitter = Emitter(kafka_bootstrap, worker_env["COMMPIPE_TOPIC"], settings=settings)
     try:
         for window, events in enumerate(phases):
-            emit_all(emitter, events)
-            for event in events:
-                expected.add(event)
+            emit_all(emitter, events, expected)
             if window == 1:
                 asyncio.run(produce_legacy(kafka_bootstrap, worker_env["COMMPIPE_TOPIC"], legacy))
                 for event in legacy:
@@ -298,11 +310,8 @@ def test_aggregates_dead_letters_late_events_and_breaker(
                   "protocol": "grpc", "ts": T_END})
     total = sum(sum(c.values()) for c in expected.counts.values()) + sum(expected.late.values())
 
-    wait_until(lambda: applied_events(read_state(kafka_bootstrap,
-                                                 worker_env["COMMPIPE_APP_ID"])) >= total,
-               timeout=90, what=f"{total} events in the table", logs=worker.log)
-    state = read_state(kafka_bootstrap, worker_env["COMMPIPE_APP_ID"])
-    assert applied_events(state) == total
+    state = settle(kafka_bootstrap, worker_env["COMMPIPE_APP_ID"], total, timeout=90,
+                   what="in the table", logs=worker.log)
     check_against(expected, state)
     # the legacy edge arrived on all four partitions: four owners, merged into one row
     owners = {key.split("\x1e")[1] for key in state if "legacy\x1fdb" in key}
@@ -330,25 +339,19 @@ def test_restart_resumes_from_changelog_without_reset_or_double_count(
     try:
         first = workers()
         for events in phases[:2]:
-            emit_all(emitter, events)
-            for event in events:
-                expected.add(event)
+            emit_all(emitter, events, expected)
         half = sum(sum(c.values()) for c in expected.counts.values())
         wait_until(lambda: applied_events(read_state(kafka_bootstrap, app_id)) >= half,
                    timeout=90, what="the first half", logs=first.log)
         first.kill()  # SIGKILL: no clean shutdown, offsets possibly uncommitted
         for events in phases[2:]:
-            emit_all(emitter, events)
-            for event in events:
-                expected.add(event)
+            emit_all(emitter, events, expected)
     finally:
         emitter.close()
     total = sum(sum(c.values()) for c in expected.counts.values())
     second = workers()
-    wait_until(lambda: applied_events(read_state(kafka_bootstrap, app_id)) >= total,
-               timeout=120, what=f"{total} events after the restart", logs=second.log)
-    state = read_state(kafka_bootstrap, app_id)
-    assert applied_events(state) == total
+    state = settle(kafka_bootstrap, app_id, total, timeout=120, what="after the restart",
+                   logs=second.log)
     check_against(expected, state)
     # a clean stop and start resumes from the changelog: one more event makes total + 1
     assert second.stop(timeout=30) is not None
@@ -358,9 +361,8 @@ def test_restart_resumes_from_changelog_without_reset_or_double_count(
                     ts=T_END)
     assert emitter.flush(timeout=30) is True
     emitter.close()
-    wait_until(lambda: applied_events(read_state(kafka_bootstrap, app_id)) >= total + 1,
-               timeout=90, what="the event after the clean restart", logs=third.log)
-    assert applied_events(read_state(kafka_bootstrap, app_id)) == total + 1
+    settle(kafka_bootstrap, app_id, total + 1, timeout=90, what="after the clean restart",
+           logs=third.log)
 
 
 def test_two_workers_split_partitions_and_agree_with_one(
@@ -376,17 +378,12 @@ def test_two_workers_split_partitions_and_agree_with_one(
     emitter = Emitter(kafka_bootstrap, worker_env["COMMPIPE_TOPIC"], settings=settings)
     try:
         for events in phases:
-            emit_all(emitter, events)
-            for event in events:
-                expected.add(event)
+            emit_all(emitter, events, expected)
     finally:
         emitter.close()
     total = sum(sum(c.values()) for c in expected.counts.values())
-    wait_until(lambda: applied_events(read_state(kafka_bootstrap, app_id)) >= total,
-               timeout=120, what=f"{total} events with two workers",
-               logs=lambda: pair[0].log() + pair[1].log())
-    state = read_state(kafka_bootstrap, app_id)
-    assert applied_events(state) == total
+    state = settle(kafka_bootstrap, app_id, total, timeout=120, what="with two workers",
+                   logs=lambda: pair[0].log() + pair[1].log())
     check_against(expected, state)
     assert all(w.alive for w in pair)
     topic = re.escape(worker_env["COMMPIPE_TOPIC"])
