@@ -86,8 +86,7 @@ class Outbox:
         self._inflight = 0  # events taken from the buffer and not yet sent, failed or dropped
         self._retry: list[_Record] = []
         self._closed = False
-        self._dropping = False
-        self._burst = 0
+        self._burst = 0  # drops since the sender last made room; > 0 means "dropping now"
         self._sent = self._dropped = self._failed = self._invalid = 0
         self._last_log: dict[str, float] = {}
         self.wake: asyncio.Event | None = None  # created inside the sender's loop
@@ -104,8 +103,7 @@ class Outbox:
                 return True
             self._dropped += 1
             self._burst += 1
-            first = not self._dropping
-            self._dropping = True
+            first = self._burst == 1
         if first:
             log.warning("commpipe shim: %s; dropping events until there is room (counted in "
                         "stats().dropped)",
@@ -137,18 +135,14 @@ class Outbox:
             self._inflight += len(taken)
         return list(taken)
 
-    def _settle(self, *, sent: int = 0, failed: int = 0, invalid: int = 0, dropped: int = 0
-                ) -> None:
+    def _settle(self, *, sent: int = 0, failed: int = 0, invalid: int = 0) -> None:
         with self._lock:
             self._sent += sent
             self._failed += failed
             self._invalid += invalid
-            self._dropped += dropped
-            self._inflight -= sent + failed + invalid + dropped
+            self._inflight -= sent + failed + invalid
             burst, self._burst = self._burst, 0
-            was_dropping = self._dropping
-            self._dropping = False
-        if was_dropping and burst:
+        if burst:
             log.warning("commpipe shim: dropped %d events in the last burst", burst)
 
     def _log_limited(self, what: str, msg: str, *args: Any) -> None:
