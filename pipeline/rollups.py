@@ -32,7 +32,7 @@ from pipeline.aggregate import (
     parse_id,
     partition_id,
 )
-from pipeline.events import split_edge_key
+from pipeline.events import edge_key, split_edge_key
 
 __all__ = ["CircuitView", "Rollups", "WindowRow"]
 
@@ -86,7 +86,7 @@ class Rollups:
         if self._owned is None:
             return items
         owned = self._owned
-        return [(k, v) for k, v in items if owned(int(k.split("\x1e", 2)[1]))]
+        return [(k, v) for k, v in items if owned(parse_id(k)[1])]
 
     def partition_meta(self, partition: int) -> PartitionMeta | None:
         return self._store.get(partition_id(partition))
@@ -144,9 +144,9 @@ class Rollups:
     def circuit(self, source_service: str, target_service: str, protocol: str
                 ) -> CircuitView | None:
         """Circuit state of an edge (from the partition that saw it last)."""
-        suffix = f"\x1e{source_service}\x1f{target_service}\x1f{protocol}"
+        edge = edge_key(source_service, target_service, protocol)
         metas = [v for k, v in self._items()
-                 if isinstance(v, EdgeMeta) and k.startswith("e") and k.endswith(suffix)]
+                 if isinstance(v, EdgeMeta) and parse_id(k)[2] == edge]
         if not metas:
             return None
         meta = max(metas, key=lambda m: m.last_ts or -math.inf)

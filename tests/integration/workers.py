@@ -14,7 +14,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from pipeline.aggregate import State, decode_state
+from pipeline.aggregate import State, decode_state, parse_id
 
 # Dev settings that make a worker join within seconds on the embedded broker.
 FAST_JOIN = {"COMMPIPE_BROKER_SESSION_TIMEOUT_S": "6", "COMMPIPE_BROKER_HEARTBEAT_INTERVAL_S": "1",
@@ -103,7 +103,7 @@ def read_state(bootstrap: str, app_id: str) -> dict[str, State]:
     store: dict[str, State] = {}
     for message in run(lambda: _read_all(bootstrap, f"{app_id}-state-changelog")):
         key = message.key.decode()
-        assert int(key.split("\x1e")[1]) == message.partition, (key, message.partition)
+        assert parse_id(key)[1] == message.partition, (key, message.partition)
         if message.value is None:
             store.pop(key, None)
         else:
