@@ -25,7 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal, Self, TypeVar
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, ServiceError
 
 __all__ = [
     "TEST_SERVICES_ENV",
@@ -214,6 +214,8 @@ class LocalService:
 
     ATEXIT_STOP_TIMEOUT: float = 3.0
     """Upper bound on ``stop_timeout`` when the interpreter exits."""
+    SERVICE: str = "embedded service"
+    """How messages name the service."""
 
     def __init__(
         self, *, host: str, port: int | None, start_timeout: float, stop_timeout: float
@@ -225,6 +227,23 @@ class LocalService:
         self._proc: subprocess.Popen[bytes] | None = None
         self._owner_pid = os.getpid()
         self._atexit_registered = False
+
+    @property
+    def port(self) -> int:
+        """The TCP port; chosen at the first start when none was given."""
+        if self._port is None:
+            raise ServiceError(f"the {self.SERVICE} has no port yet; call start() first")
+        return self._port
+
+    def _claim_port(self) -> None:
+        """Pick a free port at the first start; refuse a port something else listens on."""
+        if self._port is None:
+            self._port = free_port(self.host)
+        if port_open(self.host, self._port):
+            raise ServiceError(
+                f"cannot start the {self.SERVICE}: {self.host}:{self._port} is already in use; "
+                "choose another port or stop what listens there"
+            )
 
     @property
     def pid(self) -> int | None:

@@ -25,7 +25,6 @@ from pathlib import Path
 
 from pipeline.embedded import (
     LocalService,
-    free_port,
     log_tail,
     port_open,
     run_sync,
@@ -65,6 +64,7 @@ class EmbeddedBroker(LocalService):
     directory removed by :meth:`close`).
     """
 
+    SERVICE = "embedded Kafka broker"
     ATEXIT_STOP_TIMEOUT = 2.0
 
     def __init__(
@@ -86,13 +86,6 @@ class EmbeddedBroker(LocalService):
         self._paused = False
 
     # -- state ---------------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        """The TCP port; chosen at the first start when none was given."""
-        if self._port is None:
-            raise ServiceError("the embedded broker has no port yet; call start() first")
-        return self._port
 
     @property
     def bootstrap(self) -> str:
@@ -122,13 +115,7 @@ class EmbeddedBroker(LocalService):
         """
         if self.is_running:
             return self
-        if self._port is None:
-            self._port = free_port(self.host)
-        if port_open(self.host, self._port):
-            raise ServiceError(
-                f"cannot start the embedded Kafka broker: {self.bootstrap} is already in use; "
-                "choose another port or stop what listens there"
-            )
+        self._claim_port()
         url = f"tcp://{self.host}:{self._port}"
         cmd = [str(self._binary or broker_binary()), "broker", "--listener-url", url,
                "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"]

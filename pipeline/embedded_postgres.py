@@ -26,7 +26,7 @@ import time
 import warnings
 from pathlib import Path
 
-from pipeline.embedded import LocalService, free_port, log_tail, port_open, terminate_process
+from pipeline.embedded import LocalService, log_tail, terminate_process
 from pipeline.errors import ServiceError
 
 __all__ = ["EmbeddedPostgres"]
@@ -61,6 +61,7 @@ class EmbeddedPostgres(LocalService):
     ``stop_timeout``: seconds between the fast-shutdown signal and SIGKILL (default 10).
     """
 
+    SERVICE = "embedded PostgreSQL"
     ATEXIT_STOP_TIMEOUT = 3.0
 
     def __init__(
@@ -79,13 +80,6 @@ class EmbeddedPostgres(LocalService):
         self.data_dir = Path(data_dir).resolve() if data_dir else self._tmpdir / "data"
         self._user = SYSTEM_USER if os.geteuid() == 0 else None
         self._register_atexit()  # the temporary directory exists from here on
-
-    @property
-    def port(self) -> int:
-        """The TCP port; chosen at the first start when none was given."""
-        if self._port is None:
-            raise ServiceError("the embedded PostgreSQL has no port yet; call start() first")
-        return self._port
 
     @property
     def dsn(self) -> str:
@@ -108,13 +102,7 @@ class EmbeddedPostgres(LocalService):
             return self
         if not self._tmpdir.exists():
             raise ServiceError("this EmbeddedPostgres was closed; create a new one to start again")
-        if self._port is None:
-            self._port = free_port(self.host)
-        if port_open(self.host, self._port):
-            raise ServiceError(
-                f"cannot start the embedded PostgreSQL: {self.host}:{self._port} is already "
-                "in use; choose another port or stop what listens there"
-            )
+        self._claim_port()
         began = time.monotonic()
         self._prepare_dirs()
         if not (self.data_dir / "PG_VERSION").exists():
