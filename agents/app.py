@@ -132,8 +132,8 @@ class Pipeline:
             except EventValidationError as e:
                 await self.dead_letters.send(message, message.value, e.reason, field=e.field)
                 continue
-            for error in decoded.errors:
-                await self.dead_letters.send_event(message, error)
+            if decoded.errors:
+                await self.dead_letters.send_events(message, decoded.errors)
             refused = work.apply(message.offset, decoded.events, now=now)
             for event, reason in refused:
                 await self.dead_letters.send_refused(message, event, reason)

@@ -47,14 +47,19 @@ class DeadLetters:
         if sum(self.counts.values()) % 1000 == 1:
             log.warning("dead letter (%s): %s", category, reason)
 
-    async def send_event(self, message: Any, error: EventValidationError) -> None:
-        """One bad event of a batch: re-encode it from the record."""
+    async def send_events(self, message: Any, errors: list[EventValidationError]) -> None:
+        """The bad events of one batch record, each re-encoded from the record (parsed once)."""
         try:
-            element = orjson.loads(message.value)[error.index]
-            original = orjson.dumps(element)
-        except (orjson.JSONDecodeError, IndexError, TypeError):
-            original = message.value
-        await self.send(message, original, error.reason, field=error.field, index=error.index)
+            elements = orjson.loads(message.value)
+        except orjson.JSONDecodeError:  # cannot happen after decode_record; keep the bytes
+            elements = None
+        for error in errors:
+            if isinstance(elements, list) and error.index is not None:
+                original = orjson.dumps(elements[error.index])
+            else:
+                original = message.value
+            await self.send(message, original, error.reason, field=error.field,
+                            index=error.index)
 
     async def send_refused(self, message: Any, event: Event, reason: str) -> None:
         """A valid event the worker refuses (e.g. stamped far in the future)."""
