@@ -7,6 +7,8 @@ on several partitions — a producer with another partitioner — never mixes):
 - :func:`window_id` ``w|partition|edge|window_start`` -> :class:`WindowStats`
 - :func:`edge_id` ``e|partition|edge`` -> :class:`EdgeMeta` (circuit state, late events)
 - :func:`partition_id` ``p|partition`` -> :class:`PartitionMeta` (event-time watermark)
+- :func:`detail_id` ``d|partition|first_offset`` -> :class:`DetailBatch`: the error,
+  timeout and health events of one batch, kept until the sink has stored them
 
 Exactness under at-least-once delivery: every value records ``offset``, the
 highest source offset applied to it, and a replayed record is skipped by each
@@ -42,8 +44,9 @@ from pipeline.sketch import LatencySketch
 if TYPE_CHECKING:
     from pipeline.settings import Settings
 
-__all__ = ["EdgeMeta", "PartitionBatch", "PartitionMeta", "State", "WindowConfig", "WindowStats",
-           "decode_state", "edge_id", "encode_state", "parse_id", "partition_id", "window_id"]
+__all__ = ["DETAIL_KINDS", "DetailBatch", "EdgeMeta", "PartitionBatch", "PartitionMeta", "State",
+           "WindowConfig", "WindowStats", "decode_state", "detail_id", "edge_id", "encode_state",
+           "parse_id", "partition_id", "window_id"]
 
 SEP: Final = "\x1e"  # record separator: cannot occur in an edge key or a number
 
@@ -58,6 +61,10 @@ def edge_id(partition: int, edge: str) -> str:
 
 def partition_id(partition: int) -> str:
     return f"p{SEP}{partition}"
+
+
+def detail_id(partition: int, first_offset: int) -> str:
+    return f"d{SEP}{partition}{SEP}{first_offset}"
 
 
 def parse_id(key: str) -> tuple[str, int, str | None, float | None]:
@@ -201,7 +208,26 @@ class PartitionMeta:
         return cls(-math.inf if wm is None else wm, data["last_seen"], data["offset"])
 
 
-State = WindowStats | EdgeMeta | PartitionMeta
+@dataclass(slots=True)
+class DetailBatch:
+    """Events kept one by one for the sink (``communication_events`` and
+    ``communication_health_checks``), as wire-format objects. Keyed by the batch's first
+    new offset: a replay after a crash writes the same key again or a new one, and the
+    databases drop the repeats by ``event_id``."""
+
+    events: list[dict[str, Any]] = field(default_factory=list)
+    offset: int = -1
+
+    def to_json(self) -> dict[str, Any]:
+        return {"events": self.events, "offset": self.offset}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DetailBatch:
+        return cls(data["events"], data["offset"])
+
+
+DETAIL_KINDS: Final = frozenset({"error", "timeout", "health"})
+State = WindowStats | EdgeMeta | PartitionMeta | DetailBatch
 _OUTCOME = {"response": True, "error": False, "timeout": False}
 
 
@@ -221,14 +247,18 @@ class PartitionBatch:
         self.meta: PartitionMeta = _copy(store.get(partition_id(partition))) or PartitionMeta()
         self._windows: dict[str, WindowStats] = {}
         self._edges: dict[str, EdgeMeta] = {}
+        self.details = DetailBatch()
         self._fresh: set[int] = set()  # id() of values that have not seen the current record
         self.applied = 0
         self.late = 0
         self.skipped = 0
 
     def changes(self) -> list[tuple[str, State]]:
-        """Changed values in write order: windows, then edges, then the partition meta."""
-        return [*self._windows.items(), *self._edges.items(),
+        """Changed values in write order: windows, edges, details, the partition meta."""
+        details = self.details
+        kept: list[tuple[str, State]] = (
+            [(detail_id(self.partition, details.offset), details)] if details.events else [])
+        return [*self._windows.items(), *self._edges.items(), *kept,
                 (partition_id(self.partition), self.meta)]
 
     def _window(self, edge: str, window_start: float) -> WindowStats:
@@ -278,6 +308,10 @@ class PartitionBatch:
                 refused.append((event, f"ts: {ts - now:.0f} s ahead of the worker's clock "
                                        f"(at most {config.max_future_s:g} s accepted)"))
                 continue
+            if event.kind in DETAIL_KINDS:
+                if not self.details.events:
+                    self.details.offset = offset
+                self.details.events.append(event.to_wire())
             edge = event.edge
             edge_meta = self._edge(edge)
             start = math.floor(ts / size) * size
@@ -372,7 +406,8 @@ def _count(stats: WindowStats, event: Event) -> None:
         stats.last_ts = ts
 
 
-_TAGS: Final[dict[type, str]] = {WindowStats: "w", EdgeMeta: "e", PartitionMeta: "p"}
+_TAGS: Final[dict[type, str]] = {WindowStats: "w", EdgeMeta: "e", PartitionMeta: "p",
+                                 DetailBatch: "d"}
 _TYPES: Final[dict[str, Any]] = {tag: cls for cls, tag in _TAGS.items()}
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.aggregate import (
+    DetailBatch,
     EdgeMeta,
     PartitionMeta,
     WindowConfig,
@@ -95,10 +96,21 @@ class Rollups:
         meta = self.partition_meta(partition)
         if meta is None:
             return False
-        if window_end + self.config.grace_s <= meta.watermark:
+        if self.is_final(partition, window_end):
             return True
         now = self._clock() if now is None else now
         return meta.last_seen is not None and now - meta.last_seen >= self.idle_close_s
+
+    def is_final(self, partition: int, window_end: float) -> bool:
+        """Closed by the watermark: no event can change this window any more (late events
+        go to the window holding the watermark), so once stored it may leave the table."""
+        meta = self.partition_meta(partition)
+        return meta is not None and window_end + self.config.grace_s <= meta.watermark
+
+    def details(self) -> list[tuple[str, DetailBatch]]:
+        """Kept error/timeout/health events of owned partitions, as ``(key, batch)``."""
+        return sorted(((k, v) for k, v in self._items() if isinstance(v, DetailBatch)),
+                      key=lambda kv: (parse_id(kv[0])[1], kv[1].offset))
 
     def windows(self) -> list[WindowRow]:
         """Every window held now, closed or not, sorted by (start, edge, partition)."""

@@ -8,9 +8,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import pytest
 
 from pipeline.aggregate import (
+    DetailBatch,
     EdgeMeta,
     PartitionBatch,
     PartitionMeta,
@@ -69,7 +71,13 @@ def run(records: Sequence[Record], store: dict[str, Any], *,
 
 
 def dump(store: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.to_json() for k, v in store.items()}
+    """The aggregates, and the set of kept detail events: which batch key holds a detail
+    event depends on batch boundaries and replays, and need not be the same."""
+    out: dict[str, Any] = {k: v.to_json() for k, v in store.items() if parse_id(k)[0] != "d"}
+    out["details"] = sorted({orjson.dumps(e, option=orjson.OPT_SORT_KEYS).decode()
+                             for k, v in store.items() if parse_id(k)[0] == "d"
+                             for e in v.events})
+    return out
 
 
 # --- an independent model of the documented rules ------------------------------------------
@@ -270,8 +278,16 @@ def check_against_model(store: dict[str, Any], records: Sequence[Record], partit
     wins, edges, wm, _ = model(records)
     want_keys = ({window_id(partition, e, s) for e, s in wins}
                  | {edge_id(partition, e) for e in edges} | {partition_id(partition)})
-    got_keys = {k for k in store if parse_id(k)[1] == partition}
+    got_keys = {k for k in store if parse_id(k)[1] == partition and parse_id(k)[0] != "d"}
     assert got_keys == want_keys
+    # every error, timeout and health event that was not refused is kept for the sink, once
+    # per distinct event (a replay may write it again under another key; the sink dedups)
+    refused = {id(e) for e in model(records)[3]}
+    want_details = sorted(e.to_wire()["event_id"] for _, events, _ in records for e in events
+                          if e.kind in ("error", "timeout", "health") and id(e) not in refused)
+    kept = [v for k, v in store.items() if parse_id(k)[:2] == ("d", partition)]
+    assert all(isinstance(v, DetailBatch) for v in kept)
+    assert sorted({e["event_id"] for v in kept for e in v.events}) == sorted(set(want_details))
     for (edge, start), w in wins.items():
         s = store[window_id(partition, edge, start)]
         assert isinstance(s, WindowStats)
@@ -556,7 +572,8 @@ def test_crash_after_any_prefix_of_changes_replays_exactly(seed: int) -> None:
             batch.apply(off, events, now=now)
         changes = batch.changes()
         kinds = [parse_id(k)[0] for k, _ in changes]
-        assert kinds == sorted(kinds, key="wep".index)  # windows, edges, partition meta last
+        # windows, edges, details, partition meta last
+        assert kinds == sorted(kinds, key="wedp".index)
         persisted = [(k, _copy(v)) for k, v in changes]  # what each write would have been
         for cut in range(len(persisted) + 1):
             store = {k: _copy(v) for k, v in base.items()}
