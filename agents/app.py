@@ -29,11 +29,12 @@ from faust.serializers import codecs
 from faust.streams import _current_event
 
 from agents.dead_letters import DeadLetters
-from pipeline.aggregate import PartitionBatch, WindowConfig, decode_state, encode_state
+from pipeline.aggregate import PartitionBatch, WindowConfig, decode_state, encode_state, parse_id
 from pipeline.decode import decode_record
 from pipeline.errors import EventValidationError
 from pipeline.rollups import Rollups
 from pipeline.settings import Settings
+from pipeline.sink import Sink, build_sink
 
 __all__ = ["Pipeline", "create_app"]
 
@@ -105,12 +106,44 @@ class Pipeline:
         self.dead_letters = DeadLetters(self.dlq)
         self.events_in = 0
         self.app.agent(self.events, name="aggregate")(self._aggregate)
+        self.sink: Sink | None = build_sink(settings, self.rollups)
+        if self.sink is not None:
+            self.app.timer(settings.sink_interval_s, name="sink")(self._flush)
+            self.app.on_before_shutdown.connect(self._close_sink)
 
     def owns(self, partition: int) -> bool:
         """True while this worker actively owns ``partition`` of the input topic."""
         actives = self.app.assignor.assigned_actives()
         return any(tp.topic == self.settings.topic and tp.partition == partition
                    for tp in actives)
+
+    async def _flush(self) -> None:
+        """One sink round, then delete what every database has stored for good."""
+        assert self.sink is not None
+        if self.app.in_recovery or self.app.rebalancing:
+            return  # the table may be partly restored: wait for the whole of it
+        self.delete(await self.sink.flush())
+
+    async def _close_sink(self, sender: Any, **_: Any) -> None:
+        if self.sink is not None:
+            self.sink.close()
+
+    def delete(self, keys: list[str]) -> None:
+        """Delete table keys (tombstones in their partition's changelog)."""
+        by_partition: dict[int, list[str]] = defaultdict(list)
+        for key in keys:
+            by_partition[parse_id(key)[1]].append(key)
+        for partition, group in by_partition.items():
+            event = _PartitionEvent(self.settings.topic, partition)
+            token = _current_event.set(weakref.ref(event))
+            try:
+                for key in group:
+                    if key in self.state:
+                        del self.state[key]
+            finally:
+                _current_event.reset(token)
+        if self.sink is not None:
+            self.sink.forget(keys)
 
     async def _aggregate(self, stream: Any) -> None:
         settings = self.settings
@@ -144,6 +177,23 @@ class Pipeline:
                 self.state[key] = value
         finally:
             _current_event.reset(token)
+
+
+class _Message:
+    __slots__ = ("partition", "topic")
+
+    def __init__(self, topic: str, partition: int) -> None:
+        self.topic = topic
+        self.partition = partition
+
+
+class _PartitionEvent:
+    """Stands in for a stream event where Faust needs one to pick a changelog partition."""
+
+    __slots__ = ("__weakref__", "message")
+
+    def __init__(self, topic: str, partition: int) -> None:
+        self.message = _Message(topic, partition)
 
 
 def _credentials(settings: Settings) -> Any:

@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args, get_type_hints
 
 from pipeline.errors import ConfigError
 
-__all__ = ["Secret", "Settings", "redact_dsn"]
+__all__ = ["Secret", "Settings", "redact_dsn", "scrub_dsn"]
 
 PREFIX = "COMMPIPE_"
 
@@ -53,6 +53,17 @@ def redact_dsn(dsn: str) -> str:
 
     dsn = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", dsn)
     return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", dsn, flags=re.IGNORECASE)
+
+
+def scrub_dsn(text: str, dsn: str) -> str:
+    """``text`` (an error message) with ``dsn`` and its password, however spelled, masked."""
+    import re
+
+    text = text.replace(dsn, redact_dsn(dsn))
+    found = re.search(r"://[^:/@\s]*:([^@\s]+)@", dsn) or re.search(
+        r"password\s*=\s*(?:'([^']*)'|(\S+))", dsn, flags=re.IGNORECASE)
+    password = next((g for g in found.groups() if g), None) if found else None
+    return text.replace(password, "***") if password else text
 
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
@@ -126,6 +137,20 @@ class Settings:
     """PostgreSQL connection string; empty = embedded PostgreSQL in dev commands."""
     postgres_sslmode: str | None = None
     duckdb_path: str = "commpipe.duckdb"
+    """The DuckDB file the sink writes (empty: no DuckDB sink). Readers use ``commpipe
+    query``, which waits out the sink's short writes instead of failing on the lock."""
+
+    # The sink (runs inside each worker, for the partitions it owns)
+    sink_interval_s: float = 1.0
+    """How often the sink looks for closed windows and kept events to store."""
+    sink_batch_rows: int = 5_000
+    """Most windows (or events) per database transaction."""
+    sink_backoff_max_s: float = 30.0
+    """Longest wait between retries while a database is away (exponential from 0.5 s)."""
+    sink_auto_migrate: bool = True
+    """Apply pending migrations when the sink first connects (off: fail until migrated)."""
+    patterns_lookback_s: float = 300.0
+    """``communication_patterns`` describes each edge over this much recent history."""
 
     def kafka_client_options(self) -> dict[str, Any]:
         """Keyword arguments for aiokafka clients: bootstrap servers plus any security settings."""
@@ -166,7 +191,8 @@ class Settings:
         positive = ("partitions", "shim_buffer_size", "shim_batch_events", "shim_batch_bytes",
                     "shim_request_timeout_ms", "window_s", "worker_batch_records",
                     "broker_session_timeout_s", "broker_heartbeat_interval_s",
-                    "breaker_failure_threshold", "breaker_half_open_probes")
+                    "breaker_failure_threshold", "breaker_half_open_probes", "sink_interval_s",
+                    "sink_batch_rows", "sink_backoff_max_s", "patterns_lookback_s")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be > 0, got {getattr(self, name)}")

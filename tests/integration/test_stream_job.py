@@ -11,10 +11,8 @@ import asyncio
 import math
 import random
 import re
-import uuid
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,131 +24,27 @@ from pipeline import Emitter, Settings
 from pipeline.aggregate import WindowConfig
 from pipeline.rollups import Rollups
 from pipeline.sketch import ALPHA
+from tests.integration.traffic import (
+    EDGES,
+    GRACE,
+    T0,
+    T_END,
+    WINDOW,
+    Expected,
+    breaker_entries,
+    emit_all,
+    traffic,
+)
 from tests.integration.workers import (
-    FAST_JOIN,
     WorkerProcess,
     read_state,
     read_topic,
     wait_until,
+    worker_environment,
+    worker_starter,
 )
 
 pytestmark = pytest.mark.integration
-
-WINDOW, GRACE = 10.0, 5.0
-T0 = 1_763_900_000.0  # a window boundary (divisible by 10)
-N_WINDOWS = 4
-T_END = T0 + (N_WINDOWS - 1) * WINDOW + 9.0  # every edge's last event: the watermark
-EDGES = [("gateway", "orders", "http"), ("orders", "payments", "grpc"),
-         ("orders", "inventory", "http"), ("payments", "bank", "amqp")]
-LEGACY = ("legacy", "db", "kafka")  # written by a non-shim producer: unkeyed single events
-OUTCOME = {"response": True, "error": False, "timeout": False}
-
-
-@dataclass
-class Expected:
-    """Independently computed expectations per (window_start, edge)."""
-
-    counts: dict[tuple[float, tuple[str, str, str]], Counter[str]] = field(
-        default_factory=lambda: defaultdict(Counter))
-    errors: dict[tuple[float, tuple[str, str, str]], Counter[str]] = field(
-        default_factory=lambda: defaultdict(Counter))
-    latencies: dict[tuple[float, tuple[str, str, str]], list[float]] = field(
-        default_factory=lambda: defaultdict(list))
-    backoff: dict[tuple[float, tuple[str, str, str]], float] = field(
-        default_factory=lambda: defaultdict(float))
-    payload: dict[tuple[float, tuple[str, str, str]], int] = field(
-        default_factory=lambda: defaultdict(int))
-    late: dict[tuple[float, tuple[str, str, str]], int] = field(
-        default_factory=lambda: defaultdict(int))
-    outcomes: dict[tuple[str, str, str], list[tuple[float, bool | None]]] = field(
-        default_factory=lambda: defaultdict(list))
-
-    def add(self, event: dict[str, Any]) -> None:
-        edge = (event["source_service"], event["target_service"], event["protocol"])
-        key = (math.floor(event["ts"] / WINDOW) * WINDOW, edge)
-        kind = event["kind"]
-        self.counts[key][kind] += 1
-        if kind == "error":
-            self.errors[key][event["error_type"]] += 1
-        if kind in OUTCOME and "latency_ms" in event:
-            self.latencies[key].append(event["latency_ms"])
-        if kind == "retry":
-            self.backoff[key] += event["backoff_ms"]
-        self.payload[key] += event.get("payload_size", 0)
-        self.outcomes[edge].append((event["ts"], OUTCOME.get(kind)))
-
-
-def breaker_entries(outcomes: list[tuple[float, bool | None]]) -> tuple[str, Counter[str]]:
-    """The derived breaker (threshold 3, recovery 1 s, 1 probe), written out plainly."""
-    state, since, failures, entered = "closed", None, 0, Counter()
-    for ts, ok in outcomes:
-        since = ts if since is None else since
-        if state == "open" and ts >= since + 1.0:
-            state, since = "half_open", since + 1.0
-            entered["half_open"] += 1
-        if ok is None or state == "open":
-            continue
-        if state == "closed":
-            failures = 0 if ok else failures + 1
-            if failures == 3:
-                state, since, failures = "open", ts, 0
-                entered["open"] += 1
-        else:
-            state, since = ("closed", ts) if ok else ("open", ts)
-            entered[state] += 1
-    return state, entered
-
-
-def make_window_events(rng: random.Random, window: int) -> list[dict[str, Any]]:
-    """Seeded traffic for one window over EDGES, in time order per edge."""
-    events: list[dict[str, Any]] = []
-    start = T0 + window * WINDOW
-    for edge in EDGES:
-        source, target, protocol = edge
-        base = {"source_service": source, "target_service": target, "protocol": protocol}
-        # (start + 0.6: the previous window's breaker probe at start + 0.5 stays in time order)
-        times = sorted(rng.uniform(start + 0.6, start + 8.9)
-                       for _ in range(rng.randint(40, 90)))
-        for ts in times:
-            kind = rng.choices(["request", "response", "error", "timeout", "retry", "health"],
-                               weights=[30, 45, 8, 3, 10, 4])[0]
-            event = {**base, "kind": kind, "ts": ts}
-            if kind == "response":
-                event |= {"latency_ms": rng.lognormvariate(3, 0.8), "status_code": 200,
-                          "payload_size": rng.randint(100, 5000)}
-            elif kind == "error":
-                event |= {"error_type": rng.choice(["connection", "http_5xx", "rejected"]),
-                          "latency_ms": rng.uniform(1, 50)}
-            elif kind == "timeout":
-                event |= {"latency_ms": 1000.0}
-            elif kind == "retry":
-                attempt = rng.randint(1, 3)
-                event |= {"attempt": attempt, "backoff_ms": 100.0 * 2 ** (attempt - 1)}
-            elif kind == "health":
-                event |= {"health_status": rng.choice(["healthy", "degraded"])}
-            events.append(event)
-        if window == 2 and edge == ("orders", "payments", "grpc"):
-            # a clean trip: three failures in a row, then a probe after the recovery time
-            for i, t in enumerate((start + 9.0, start + 9.1, start + 9.2)):
-                events.append({**base, "kind": "error", "error_type": "connection",
-                               "latency_ms": 5.0 + i, "ts": t})
-            events.append({**base, "kind": "response", "latency_ms": 7.0, "ts": start + 10.5})
-        if edge == ("payments", "bank", "amqp") and window in (1, 2):
-            state = "open" if window == 1 else "closed"
-            events.append({**base, "kind": "circuit", "circuit_state": state, "ts": start + 9.5})
-    return events
-
-
-def emit_all(emitter: Emitter, events: list[dict[str, Any]],
-             expected: Expected | None = None) -> None:
-    """Emit through the shim's kind helpers, wait for delivery, record the expectation."""
-    for event in events:
-        fields = {k: v for k, v in event.items() if k != "kind"}
-        getattr(emitter, event["kind"])(**fields)
-        if expected is not None:
-            expected.add(event)
-    assert emitter.flush(timeout=30) is True
-
 
 def settle(bootstrap: str, app_id: str, total: int, *, timeout: float, what: str,
            logs: Callable[[], str]) -> dict[str, Any]:
@@ -187,28 +81,14 @@ async def produce_raw(bootstrap: str, topic: str, values: list[bytes]) -> None:
 @pytest.fixture
 def worker_env(kafka_bootstrap: str, topic_factory: Callable[..., str], tmp_path: Path
                ) -> dict[str, str]:
-    topic = topic_factory(4)
-    dlq = topic_factory(4)
-    return {**FAST_JOIN, "COMMPIPE_KAFKA_BOOTSTRAP": kafka_bootstrap, "COMMPIPE_TOPIC": topic,
-            "COMMPIPE_DLQ_TOPIC": dlq, "COMMPIPE_PARTITIONS": "4",
-            "COMMPIPE_APP_ID": f"t{uuid.uuid4().hex[:10]}",
-            "COMMPIPE_WINDOW_S": str(WINDOW), "COMMPIPE_GRACE_S": str(GRACE),
-            "COMMPIPE_IDLE_CLOSE_S": "3600", "COMMPIPE_WORKER_DATADIR": str(tmp_path / "w"),
-            "COMMPIPE_WORKER_LOGLEVEL": "warn"}
+    return worker_environment(kafka_bootstrap, topic_factory, tmp_path, window_s=WINDOW,
+                              grace_s=GRACE)
 
 
 @pytest.fixture
 def workers(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[[], WorkerProcess]]:
-    started: list[WorkerProcess] = []
-
-    def start() -> WorkerProcess:
-        worker = WorkerProcess(worker_env, tmp_path / f"worker{len(started)}.log").start()
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in started:
-        worker.stop(timeout=15)
+    with worker_starter(worker_env, tmp_path) as start:
+        yield start
 
 
 def applied_events(state: dict[str, Any]) -> int:
@@ -258,17 +138,6 @@ def check_against(expected: Expected, state: dict[str, Any]) -> None:
     reported = rollups.circuit("payments", "bank", "amqp")
     assert reported is not None
     assert (reported.reported, reported.reported_entered) == ("closed", {"open": 1, "closed": 1})
-
-
-def traffic(rng: random.Random) -> tuple[list[list[dict[str, Any]]], list[dict[str, Any]]]:
-    """Per-window shim events (plus every edge's final event at T_END), and legacy events."""
-    phases = [make_window_events(rng, w) for w in range(N_WINDOWS)]
-    phases[-1].extend({"kind": "request", "source_service": s, "target_service": t,
-                       "protocol": p, "ts": T_END} for s, t, p in EDGES)
-    legacy = [{"kind": "response", "source_service": LEGACY[0], "target_service": LEGACY[1],
-               "protocol": LEGACY[2], "latency_ms": float(i + 1), "ts": T0 + 10 + i * 0.1}
-              for i in range(40)]
-    return phases, legacy
 
 
 def test_aggregates_dead_letters_late_events_and_breaker(

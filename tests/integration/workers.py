@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,38 @@ from pipeline.aggregate import State, decode_state, parse_id
 FAST_JOIN = {"COMMPIPE_BROKER_SESSION_TIMEOUT_S": "6", "COMMPIPE_BROKER_HEARTBEAT_INTERVAL_S": "1",
              # one record per producer batch: Tansu's end offsets are right only then
              "COMMPIPE_WORKER_PRODUCER_BATCH_BYTES": "1"}
+
+
+def worker_environment(kafka_bootstrap: str, topic_factory: Callable[..., str], tmp_path: Path,
+                       *, window_s: float, grace_s: float, idle_close_s: float = 3600.0,
+                       **extra: str) -> dict[str, str]:
+    """Environment of a test worker: fresh topics and app id, fast joins, no database
+    unless ``extra`` configures one (``COMMPIPE_DUCKDB_PATH`` is empty by default)."""
+    return {**FAST_JOIN, "COMMPIPE_KAFKA_BOOTSTRAP": kafka_bootstrap,
+            "COMMPIPE_TOPIC": topic_factory(4), "COMMPIPE_DLQ_TOPIC": topic_factory(4),
+            "COMMPIPE_PARTITIONS": "4", "COMMPIPE_APP_ID": f"t{uuid.uuid4().hex[:10]}",
+            "COMMPIPE_WINDOW_S": str(window_s), "COMMPIPE_GRACE_S": str(grace_s),
+            "COMMPIPE_IDLE_CLOSE_S": str(idle_close_s),
+            "COMMPIPE_WORKER_DATADIR": str(tmp_path / "w"), "COMMPIPE_WORKER_LOGLEVEL": "warn",
+            "COMMPIPE_DUCKDB_PATH": "", "COMMPIPE_POSTGRES_DSN": "", **extra}
+
+
+@contextlib.contextmanager
+def worker_starter(env: dict[str, str], tmp_path: Path
+                   ) -> Iterator[Callable[[], WorkerProcess]]:
+    """``start()`` runs one more worker with ``env``; every one is stopped at the end."""
+    started: list[WorkerProcess] = []
+
+    def start() -> WorkerProcess:
+        worker = WorkerProcess(env, tmp_path / f"worker{len(started)}.log").start()
+        started.append(worker)
+        return worker
+
+    try:
+        yield start
+    finally:
+        for worker in started:
+            worker.stop(timeout=15)
 
 
 class WorkerProcess:
