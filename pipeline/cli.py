@@ -6,6 +6,11 @@ Commands:
   foreground, with the commpipe topics created; stops on Ctrl-C or SIGTERM.
 * ``commpipe postgres``: the embedded PostgreSQL in the foreground, with its
   data kept in a directory across restarts; stops on Ctrl-C or SIGTERM.
+* ``commpipe worker``: the stream job, with the sink when a database is configured.
+* ``commpipe migrate``: apply (or roll back, ``--to N``) the schema migrations of
+  PostgreSQL (``COMMPIPE_POSTGRES_DSN``) and the DuckDB file (``COMMPIPE_DUCKDB_PATH``).
+* ``commpipe query "SQL"``: run SQL on the DuckDB file (``--postgres``: on
+  PostgreSQL) and print the result; ``commpipe health``: the health analysis of both.
 
 The command line needs the ``server`` extra (typer, rich); without it
 :func:`main` says so and exits with code 1.
@@ -137,7 +142,124 @@ def _build_app() -> Any:
         pipeline = create_app(settings)
         Worker(pipeline.app, loglevel=settings.worker_loglevel).execute_from_commandline()
 
+    @app.command()
+    def migrate(
+        to: Annotated[int | None, typer.Option(
+            help="Target version (default: the latest); lower than the current one rolls "
+                 "back; 0 removes everything.")] = None,
+        postgres: Annotated[bool, typer.Option(help="Migrate PostgreSQL (if a DSN is set).")
+                            ] = True,
+        duckdb: Annotated[bool, typer.Option(help="Migrate the DuckDB file (if a path is set).")
+                          ] = True,
+    ) -> None:
+        """Apply or roll back the schema migrations (tracked; re-running does nothing)."""
+        from pipeline import migrations
+        from pipeline.settings import Settings
+
+        def run() -> None:
+            settings = Settings.from_env()
+            done = False
+            if postgres and settings.postgres_dsn.get():
+                _steps(out, "PostgreSQL", migrations.migrate_postgres(
+                    settings.postgres_dsn.get(), to=to))
+                done = True
+            if duckdb and settings.duckdb_path:
+                _steps(out, f"DuckDB {settings.duckdb_path}",
+                       migrations.migrate_duckdb(settings.duckdb_path, to=to))
+                done = True
+            if not done:
+                console.print("nothing to migrate: set COMMPIPE_POSTGRES_DSN and/or "
+                              "COMMPIPE_DUCKDB_PATH")
+
+        _guarded(console, run)
+
+    @app.command()
+    def query(
+        sql: Annotated[str, typer.Argument(help="The SQL to run (read-only).")],
+        postgres: Annotated[bool, typer.Option(
+            "--postgres", help="Query PostgreSQL instead of the DuckDB file.")] = False,
+        fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
+    ) -> None:
+        """Run SQL on the DuckDB file (default) or PostgreSQL and print the result."""
+        from pipeline import query as q
+        from pipeline.settings import Settings
+
+        if fmt not in ("table", "csv", "json"):
+            console.print(f"[red]error:[/] --format must be table, csv or json, not {fmt!r}")
+            raise typer.Exit(2)
+
+        def run() -> None:
+            settings = Settings.from_env()
+            result = (q.query_postgres(settings, sql) if postgres
+                      else q.query_duckdb(settings.duckdb_path, sql))
+            _print_result(out, result, fmt, "PostgreSQL" if postgres else "DuckDB")
+
+        _guarded(console, run)
+
+    @app.command()
+    def health() -> None:
+        """Print analyze_communication_health() from each configured database."""
+        from pipeline import query as q
+        from pipeline.settings import Settings
+
+        def run() -> None:
+            settings = Settings.from_env()
+            if settings.postgres_dsn.get():
+                _print_result(out, q.query_postgres(settings, q.HEALTH_SQL), "table",
+                              "PostgreSQL: analyze_communication_health()")
+            if settings.duckdb_path:
+                _print_result(out, q.query_duckdb(settings.duckdb_path, q.HEALTH_SQL), "table",
+                              "DuckDB: analyze_communication_health()")
+
+        _guarded(console, run)
+
     return app
+
+
+def _guarded(console: Any, run: Callable[[], None]) -> None:
+    """Run a command body; a commpipe error is printed (no traceback) and exits 1."""
+    import typer
+    from rich.markup import escape
+
+    from pipeline.errors import CommpipeError
+
+    try:
+        run()
+    except CommpipeError as e:
+        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+def _steps(out: Any, where: str, steps: list[Any]) -> None:
+    if not steps:
+        out.print(f"{where}: up to date")
+    for step in steps:
+        out.print(f"{where}: {step.direction} {step.version:04d} {step.name}", highlight=False)
+
+
+def _print_result(out: Any, result: Any, fmt: str, title: str) -> None:
+    import csv
+    import json
+
+    from rich.table import Table
+
+    if fmt == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(result.columns)
+        writer.writerows(result.rows)
+        return
+    if fmt == "json":
+        rows = [dict(zip(result.columns, row, strict=True)) for row in result.rows]
+        print(json.dumps(rows, default=str, indent=1))
+        return
+    out.print(title, style="bold", highlight=False)
+    table = Table()
+    for column in result.columns:
+        table.add_column(column, overflow="fold")
+    for row in result.rows:
+        table.add_row(*("" if v is None else str(v) for v in row))
+    out.print(table)
+    out.print(f"{len(result.rows)} row{'s' if len(result.rows) != 1 else ''}", style="dim")
 
 
 def _run_service(svc: _Service, console: Any, starting: str, ready: Callable[[], None]) -> int:
