@@ -9,6 +9,7 @@ PostgreSQL stopped mid-run; nothing may be lost or counted twice.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 import threading
@@ -29,10 +30,12 @@ from pipeline.query import query_duckdb
 from pipeline.sketch import ALPHA
 from tests.integration.traffic import (
     GRACE,
+    LEGACY,
     WINDOW,
     Expected,
     breaker_entries,
     emit_all,
+    produce_legacy,
     traffic,
 )
 from tests.integration.workers import WorkerProcess, wait_until, worker_environment, worker_starter
@@ -113,11 +116,11 @@ def _round2(x: Decimal | float) -> Decimal:
                                                                      rounding=ROUND_HALF_UP)
 
 
-def make_traffic(seed: int) -> tuple[float, list[list[dict[str, Any]]]]:
+def make_traffic(seed: int) -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]]]:
     """Recent traffic (health checks must fall in the analysis' last hour) plus an edge
-    whose breaker ends open."""
+    whose breaker ends open; and unkeyed single-event records of a non-shim producer."""
     t0 = math.floor(time.time() / WINDOW) * WINDOW - 600
-    phases, _ = traffic(random.Random(seed), t0)
+    phases, legacy = traffic(random.Random(seed), t0)
     s, t, p = TRIPPED
     last = t0 + (len(phases) - 1) * WINDOW
     phases[-1].extend([{"kind": "request", "source_service": s, "target_service": t,
@@ -125,7 +128,7 @@ def make_traffic(seed: int) -> tuple[float, list[list[dict[str, Any]]]]:
                       + [{"kind": "error", "source_service": s, "target_service": t,
                           "protocol": p, "error_type": "http_5xx", "latency_ms": 20.0 + i,
                           "ts": last + 2.0 + i * 0.1} for i in range(3)])
-    return t0, phases
+    return legacy, phases
 
 
 def check_rollups(expected: Expected, db: Databases) -> None:
@@ -145,7 +148,9 @@ def check_rollups(expected: Expected, db: Databases) -> None:
         assert row[13] == len(values), key
         assert row[21] == failed / max(c["response"] + failed, 1), key
         assert row[23] == dict(expected.errors[key]), key
-        assert row[25] == 1  # the shim keys by edge: one partition owns each edge
+        # the shim keys by edge: one partition owns each edge; the legacy producer's
+        # unkeyed records spread its edge over all four, merged into one row
+        assert row[25] == (4 if edge == LEGACY else 1), key
         if not values:
             assert row[14:21] == (0.0, None, None, None, None, None, None), key
             continue
@@ -180,7 +185,7 @@ def expected_patterns(expected: Expected) -> list[tuple[Any, ...]]:
                                                    e["protocol"]) == edge]
         state = reported[-1] if reported else breaker_entries(expected.outcomes[edge])[0]
         last_check = max(checks[edge[:2]], default=None)
-        out.append((*edge, "asynchronous" if edge[2] == "amqp" else "synchronous",
+        out.append((*edge, "asynchronous" if edge[2] in ("amqp", "kafka") else "synchronous",
                     _round2(sum(latencies) / len(latencies)) if latencies else Decimal("0.00"),
                     Decimal("100.00") - error_rate, _round2(n["request"] / span), error_rate,
                     n["retry"], state, last_check))
@@ -311,14 +316,19 @@ class Readers:
 
 def test_every_row_in_both_databases_while_users_query(
         sink_env: dict[str, str], workers: Callable[[], WorkerProcess], db: Databases) -> None:
-    _, phases = make_traffic(21)
+    legacy, phases = make_traffic(21)
     expected = Expected()
     worker = workers()
     emitter = _emitter(sink_env)
     with Readers(db.duckdb_path) as readers:
         try:
-            for events in phases:
+            for i, events in enumerate(phases):
                 emit_all(emitter, events, expected)
+                if i == 1:
+                    asyncio.run(produce_legacy(sink_env["COMMPIPE_KAFKA_BOOTSTRAP"],
+                                               sink_env["COMMPIPE_TOPIC"], legacy))
+                    for event in legacy:
+                        expected.add(event)
         finally:
             emitter.close()
         wait_for_rows(db, "pg", expected, worker.log)

@@ -33,6 +33,7 @@ from tests.integration.traffic import (
     Expected,
     breaker_entries,
     emit_all,
+    produce_legacy,
     traffic,
 )
 from tests.integration.workers import (
@@ -54,18 +55,6 @@ def settle(bootstrap: str, app_id: str, total: int, *, timeout: float, what: str
     state = read_state(bootstrap, app_id)
     assert applied_events(state) == total
     return state
-
-
-async def produce_legacy(bootstrap: str, topic: str, events: list[dict[str, Any]]) -> None:
-    """Single-event records without a key, as a non-shim producer might send them."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
-    await producer.start()
-    try:
-        for i, event in enumerate(events):
-            wire = {"v": 1, "event_id": f"legacy{i}", "correlation_id": f"l{i}", **event}
-            await producer.send_and_wait(topic, orjson.dumps(wire), partition=i % 4)
-    finally:
-        await producer.stop()
 
 
 async def produce_raw(bootstrap: str, topic: str, values: list[bytes]) -> None:

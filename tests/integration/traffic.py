@@ -10,6 +10,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+from aiokafka import AIOKafkaProducer
+
 from pipeline import Emitter
 
 WINDOW, GRACE = 10.0, 5.0
@@ -142,3 +145,15 @@ def traffic(rng: random.Random, t0: float = T0
                "protocol": LEGACY[2], "latency_ms": float(i + 1), "ts": t0 + 10 + i * 0.1}
               for i in range(40)]
     return phases, legacy
+
+
+async def produce_legacy(bootstrap: str, topic: str, events: list[dict[str, Any]]) -> None:
+    """Single-event records without a key, as a non-shim producer might send them."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        for i, event in enumerate(events):
+            wire = {"v": 1, "event_id": f"legacy{i}", "correlation_id": f"l{i}", **event}
+            await producer.send_and_wait(topic, orjson.dumps(wire), partition=i % 4)
+    finally:
+        await producer.stop()

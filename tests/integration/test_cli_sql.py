@@ -1,0 +1,83 @@
+"""``commpipe migrate``, ``query`` and ``health`` as a user runs them, on real databases."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import psycopg
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def commpipe(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "COLUMNS": "200", **env})
+
+
+@pytest.fixture
+def env(pg_database: str, duckdb_path: str) -> dict[str, str]:
+    return {"COMMPIPE_POSTGRES_DSN": pg_database, "COMMPIPE_DUCKDB_PATH": duckdb_path}
+
+
+def test_migrate_up_again_and_down(env: dict[str, str]) -> None:
+    first = commpipe(env, "migrate")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.splitlines() == [
+        f"{where}: up {v}" for where in ("PostgreSQL", f"DuckDB {env['COMMPIPE_DUCKDB_PATH']}")
+        for v in ("0001 communication_monitoring", "0002 rollups")]
+    again = commpipe(env, "migrate")
+    assert again.stdout.splitlines() == [
+        "PostgreSQL: up to date", f"DuckDB {env['COMMPIPE_DUCKDB_PATH']}: up to date"]
+    down = commpipe(env, "migrate", "--to", "1", "--no-duckdb")
+    assert down.stdout.splitlines() == ["PostgreSQL: down 0002 rollups"]
+    with psycopg.connect(env["COMMPIPE_POSTGRES_DSN"]) as conn:
+        assert conn.execute("SELECT to_regclass('communication_rollups')").fetchone() == (None,)
+
+
+def test_query_and_health_print_both_databases(env: dict[str, str]) -> None:
+    assert commpipe(env, "migrate").returncode == 0
+    insert = ("INSERT INTO communication_patterns (source_service, target_service, "
+              "communication_type, protocol, message_format, avg_latency_ms, error_rate, "
+              "circuit_breaker_state) VALUES ('orders', 'payments', 'synchronous', 'http', "
+              "'json', 120.5, 0.25, 'open')")
+    with psycopg.connect(env["COMMPIPE_POSTGRES_DSN"]) as conn:
+        conn.execute(insert)  # type: ignore[arg-type]
+    import duckdb
+
+    con = duckdb.connect(env["COMMPIPE_DUCKDB_PATH"])
+    con.execute(insert)
+    con.close()
+    sql = "SELECT source_service, avg_latency_ms FROM communication_patterns"
+    for flag in ([], ["--postgres"]):
+        got = commpipe(env, "query", *flag, "--format", "json", sql)
+        assert got.returncode == 0, got.stderr
+        assert json.loads(got.stdout) == [{"source_service": "orders", "avg_latency_ms": "120.50"}]
+    health = commpipe(env, "health")
+    assert health.returncode == 0, health.stderr
+    lines = health.stdout.splitlines()
+    assert lines[0] == "PostgreSQL: analyze_communication_health()"
+    assert "DuckDB: analyze_communication_health()" in lines
+    # 120.5 ms, 0.25 %: the 65 band; an open circuit; latency above 100 ms
+    rows = [line for line in lines if "orders" in line]
+    assert len(rows) == 2
+    for row in rows:
+        assert ["orders", "65.00", "120.50", "0.25"] == row.replace("│", " ").split()[:4]
+        assert "CIRCUIT_BREAKER_OPEN" in row and "OPTIMIZE_LATENCY" in row
+
+
+def test_errors_are_clear_and_keep_the_password_out(env: dict[str, str]) -> None:
+    bad = commpipe({**env, "COMMPIPE_POSTGRES_DSN": "postgresql://app:s3cret@127.0.0.1:1/x"},
+                   "query", "--postgres", "SELECT 1")
+    assert bad.returncode == 1
+    assert "s3cret" not in bad.stderr + bad.stdout
+    assert "error: PostgreSQL (postgresql://app:***@127.0.0.1:1/x)" in bad.stderr
+    missing = commpipe(env, "query", "SELECT 1")  # not migrated yet: no file
+    assert missing.returncode == 1
+    assert "no DuckDB file at" in missing.stderr
+    assert commpipe(env, "migrate", "--no-postgres").returncode == 0
+    wrong = commpipe(env, "query", "SELECT * FROM nope")
+    assert wrong.returncode == 1 and "nope" in wrong.stderr and "Traceback" not in wrong.stderr
