@@ -40,6 +40,7 @@ import orjson
 from pipeline.circuit import Breaker, BreakerConfig, StateTrack
 from pipeline.events import Event
 from pipeline.sketch import LatencySketch
+from pipeline.totals import EdgeTotals
 
 if TYPE_CHECKING:
     from pipeline.settings import Settings
@@ -169,24 +170,29 @@ class WindowStats:
 
 @dataclass(slots=True)
 class EdgeMeta:
-    """Per (partition, edge): circuit state over time and late events, across windows."""
+    """Per (partition, edge): circuit state over time, late events and cumulative totals."""
 
     reported: StateTrack | None = None
     derived: Breaker = field(default_factory=Breaker)
     late_events: int = 0
     last_ts: float | None = None
     offset: int = -1
+    totals: EdgeTotals = field(default_factory=EdgeTotals)
+    last_seen: float | None = None
+    """Worker clock when an event of this edge last arrived (for staleness)."""
 
     def to_json(self) -> dict[str, Any]:
         return {"reported": self.reported.to_json() if self.reported else None,
                 "derived": self.derived.to_json(), "late_events": self.late_events,
-                "last_ts": self.last_ts, "offset": self.offset}
+                "last_ts": self.last_ts, "offset": self.offset,
+                "totals": self.totals.to_json(), "last_seen": self.last_seen}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> EdgeMeta:
         reported = StateTrack.from_json(data["reported"]) if data["reported"] else None
         return cls(reported, Breaker.from_json(data["derived"]), data["late_events"],
-                   data["last_ts"], data["offset"])
+                   data["last_ts"], data["offset"], EdgeTotals.from_json(data.get("totals")),
+                   data.get("last_seen"))
 
 
 @dataclass(slots=True)
@@ -314,6 +320,7 @@ class PartitionBatch:
                 self.details.events.append(event.to_wire())
             edge = event.edge
             edge_meta = self._edge(edge)
+            edge_meta.last_seen = now
             start = math.floor(ts / size) * size
             if ts > meta.watermark:
                 meta.watermark = ts
@@ -324,6 +331,7 @@ class PartitionBatch:
                     touched.append(stats)
                 if not self._holds(edge_meta, offset):
                     edge_meta.late_events += 1
+                    edge_meta.totals.add(event)
                     touched.append(edge_meta)
                 self.late += 1
                 continue
@@ -352,6 +360,7 @@ class PartitionBatch:
             _count(stats, event)
         if edge_meta is None:
             return
+        edge_meta.totals.add(event)
         if kind == "circuit" and event.circuit_state is not None:
             if edge_meta.reported is None:
                 edge_meta.reported = StateTrack(since=ts)

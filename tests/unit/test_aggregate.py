@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Sequence
@@ -316,10 +317,29 @@ def check_against_model(store: dict[str, Any], records: Sequence[Record], partit
         failed = sum(w.errors.values()) + w.timeouts
         assert s.error_count == sum(w.errors.values())
         assert s.error_rate == failed / max(w.responses + failed, 1)
+    accepted = [e for _, events, _ in records for e in events if id(e) not in refused]
+    bounds = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
     for edge, m in edges.items():
         em = store[edge_id(partition, edge)]
         assert isinstance(em, EdgeMeta)
         assert em.late_events == m.late
+        mine = [e for e in accepted if e.edge == edge]  # late events too: totals take all
+        kinds = [e.kind for e in mine]
+        t = em.totals
+        assert (t.events, t.requests, t.responses, t.timeouts, t.retries) == (
+            len(mine), kinds.count("request"), kinds.count("response"), kinds.count("timeout"),
+            kinds.count("retry"))
+        errors: dict[str, int] = {}
+        for e in mine:
+            if e.kind == "error":
+                errors[e.error_type] = errors.get(e.error_type, 0) + 1  # type: ignore[index]
+        assert t.errors == errors
+        lat = [e.latency_ms for e in mine
+               if e.kind in ("response", "error", "timeout") and e.latency_ms is not None]
+        cumulative = [sum(1 for v in lat if v / 1000.0 <= b) for b in bounds]
+        assert list(itertools.accumulate(t.buckets))[:-1] == cumulative
+        assert t.latency_count == len(lat)
+        assert t.latency_sum_ms == pytest.approx(sum(lat))
         assert em.last_ts == m.last_ts
         if m.derived is None:
             assert em.derived.track.since is None
