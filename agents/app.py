@@ -75,7 +75,10 @@ class Pipeline:
             store="memory://",
             topic_partitions=settings.partitions,
             datadir=settings.worker_datadir,
-            web_enabled=False,
+            web_enabled=settings.metrics_port > 0,
+            web_port=settings.metrics_port or None,
+            web_bind=settings.metrics_host,
+            web_host=settings.metrics_host,
             broker_session_timeout=settings.broker_session_timeout_s,
             broker_heartbeat_interval=settings.broker_heartbeat_interval_s,
             consumer_auto_offset_reset="earliest",
@@ -105,11 +108,54 @@ class Pipeline:
                                owned=self.owns)
         self.dead_letters = DeadLetters(self.dlq)
         self.events_in = 0
+        self.batches = 0
+        self.batch_records = 0
         self.app.agent(self.events, name="aggregate")(self._aggregate)
         self.sink: Sink | None = build_sink(settings, self.rollups)
         if self.sink is not None:
             self.app.timer(settings.sink_interval_s, name="sink")(self._flush)
             self.app.on_before_shutdown.connect(self._close_sink)
+        self.registry = self._registry()
+        if settings.metrics_port > 0:
+            registry = self.registry
+
+            async def metrics(view: Any, request: Any) -> Any:
+                """``GET /metrics``, read in the event loop: never in the middle of a write."""
+                from prometheus_client import generate_latest
+
+                return view.bytes(generate_latest(registry),
+                                  content_type="text/plain; version=0.0.4")
+
+            self.app.page("/metrics")(metrics)
+
+    def _registry(self) -> Any:
+        from prometheus_client import CollectorRegistry
+
+        from pipeline.exporter import EdgeCollector, WorkerCollector
+
+        s = self.settings
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(EdgeCollector(self.rollups, namespace=s.metrics_namespace,
+                                        stale_s=s.metrics_stale_s,
+                                        max_edges=s.metrics_max_edges))
+        registry.register(WorkerCollector(self, namespace=s.metrics_namespace, sink=self.sink))
+        return registry
+
+    def lag(self) -> dict[int, int]:
+        """Records between each owned input partition's read position and its end."""
+        out: dict[int, int] = {}
+        consumer = self.app.consumer
+        for tp in self.app.assignor.assigned_actives():
+            if tp.topic != self.settings.topic:
+                continue
+            try:
+                high = consumer.highwater(tp)
+            except Exception:  # noqa: BLE001 - not known yet (before the first fetch)
+                continue
+            read = consumer._read_offset.get(tp)  # noqa: SLF001 - Faust keeps no public one
+            if high is not None:
+                out[tp.partition] = max(high - (read + 1 if read is not None else 0), 0)
+        return out
 
     def owns(self, partition: int) -> bool:
         """True while this worker actively owns ``partition`` of the input topic."""
@@ -149,6 +195,8 @@ class Pipeline:
         settings = self.settings
         async for batch in stream.take_events(settings.worker_batch_records,
                                               within=settings.worker_batch_within_s):
+            self.batches += 1
+            self.batch_records += len(batch)
             by_partition: dict[int, list[Any]] = defaultdict(list)
             for event in batch:
                 by_partition[event.message.partition].append(event)

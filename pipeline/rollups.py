@@ -107,6 +107,15 @@ class Rollups:
         meta = self.partition_meta(partition)
         return meta is not None and window_end + self.config.grace_s <= meta.watermark
 
+    def edges(self) -> list[tuple[int, tuple[str, str, str], EdgeMeta]]:
+        """``(partition, edge, meta)`` of every owned edge state."""
+        out = []
+        for key, value in self._items():
+            if isinstance(value, EdgeMeta):
+                _, partition, edge, _ = parse_id(key)
+                out.append((partition, split_edge_key(edge), value))  # type: ignore[arg-type]
+        return out
+
     def details(self) -> list[tuple[str, DetailBatch]]:
         """Kept error/timeout/health events of owned partitions, as ``(key, batch)``."""
         return sorted(((k, v) for k, v in self._items() if isinstance(v, DetailBatch)),

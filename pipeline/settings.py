@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_type_hints
@@ -152,6 +153,17 @@ class Settings:
     patterns_lookback_s: float = 300.0
     """``communication_patterns`` describes each edge over this much recent history."""
 
+    # Prometheus
+    metrics_port: int = 9464
+    """Port of each worker's ``/metrics`` (0: no HTTP server)."""
+    metrics_host: str = "0.0.0.0"
+    metrics_namespace: str = "commpipe"
+    """Metric name prefix; ``domainflow`` gives the specification's names."""
+    metrics_stale_s: float = 300.0
+    """An edge without events for this long (worker clock) leaves ``/metrics``."""
+    metrics_max_edges: int = 10_000
+    """Most edges one worker reports; the rest are counted as refused."""
+
     def kafka_client_options(self) -> dict[str, Any]:
         """Keyword arguments for aiokafka clients: bootstrap servers plus any security settings."""
         opts: dict[str, Any] = {
@@ -192,7 +204,8 @@ class Settings:
                     "shim_request_timeout_ms", "window_s", "worker_batch_records",
                     "broker_session_timeout_s", "broker_heartbeat_interval_s",
                     "breaker_failure_threshold", "breaker_half_open_probes", "sink_interval_s",
-                    "sink_batch_rows", "sink_backoff_max_s", "patterns_lookback_s")
+                    "sink_batch_rows", "sink_backoff_max_s", "patterns_lookback_s",
+                    "metrics_stale_s", "metrics_max_edges")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be > 0, got {getattr(self, name)}")
@@ -200,6 +213,11 @@ class Settings:
                      "idle_close_s", "breaker_recovery_timeout_s", "worker_batch_within_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"{PREFIX}METRICS_PORT must be 0-65535, got {self.metrics_port}")
+        if not re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", self.metrics_namespace):
+            raise ConfigError(f"{PREFIX}METRICS_NAMESPACE must be a Prometheus name prefix "
+                              f"([a-zA-Z_:][a-zA-Z0-9_:]*), got {self.metrics_namespace!r}")
         if not self.kafka_bootstrap.strip():
             raise ConfigError(f"{PREFIX}KAFKA_BOOTSTRAP is empty; set it to host:port[,host:port]")
 

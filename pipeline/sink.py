@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -222,8 +223,14 @@ class Sink:
         now = self._clock()
         due = [s for s in self.status if s.retry_at <= now]
         await asyncio.gather(*(self._flush_target(s, windows, details) for s in due))
+        # each edge's newest closed window stays: the exporter reports from it
+        newest: dict[tuple[int, tuple[str, str, str]], float] = {}
+        for _, r in windows:
+            key = (r.partition, r.edge)
+            newest[key] = max(newest.get(key, -math.inf), r.window_start)
         done = [k for k, r in windows
                 if self.rollups.is_final(r.partition, r.window_end)
+                and r.window_start < newest[(r.partition, r.edge)]
                 and all(s.stored.get(k) == r.stats.offset for s in self.status)]
         done += [k for k, _ in details if all(k in s.stored_details for s in self.status)]
         return done

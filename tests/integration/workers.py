@@ -35,7 +35,8 @@ def worker_environment(kafka_bootstrap: str, topic_factory: Callable[..., str], 
             "COMMPIPE_WINDOW_S": str(window_s), "COMMPIPE_GRACE_S": str(grace_s),
             "COMMPIPE_IDLE_CLOSE_S": str(idle_close_s),
             "COMMPIPE_WORKER_DATADIR": str(tmp_path / "w"), "COMMPIPE_WORKER_LOGLEVEL": "warn",
-            "COMMPIPE_DUCKDB_PATH": "", "COMMPIPE_POSTGRES_DSN": "", **extra}
+            "COMMPIPE_DUCKDB_PATH": "", "COMMPIPE_POSTGRES_DSN": "", "COMMPIPE_METRICS_PORT": "0",
+            **extra}
 
 
 @contextlib.contextmanager

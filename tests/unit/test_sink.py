@@ -74,11 +74,12 @@ def wid(start: float, partition: int = 0) -> str:
 
 def test_only_closed_windows_are_given_and_only_final_stored_ones_leave() -> None:
     store, sink, (a, b), _ = make("a", "b")
-    # windows at T0 and T0+10; watermark T0+16: T0 is final (10 + 5 <= 16), T0+10 is open
+    # windows at T0, T0+10, T0+20; watermark T0+26: T0 and T0+10 are final (20 + 5 <= 26),
+    # T0+20 is open; T0+10, the edge's newest closed window, stays for the exporter
     feed(store, 1, [ev("request", T0 + 1, 1), ev("error", T0 + 2, 2, error_type="x"),
-                    ev("request", T0 + 16, 3)])
+                    ev("request", T0 + 11, 3), ev("request", T0 + 26, 4)])
     done = asyncio.run(sink.flush())
-    assert a.batches == b.batches == [([(0, T0, 1)], ["id2"])]
+    assert a.batches == b.batches == [([(0, T0, 1), (0, T0 + 10, 1)], ["id2"])]
     assert sorted(done) == sorted([wid(T0), detail_id(0, 1)])
     # nothing new: nothing written, the same keys still leave
     assert sorted(asyncio.run(sink.flush())) == sorted(done)
@@ -97,7 +98,8 @@ def test_a_changed_window_is_written_again() -> None:
 
 def test_a_failing_target_backs_off_and_catches_up_and_holds_back_deletes() -> None:
     store, sink, (a, b), clock = make("a", "b")
-    feed(store, 1, [ev("request", T0 + 1, 1), ev("request", T0 + 30, 2)])
+    feed(store, 1, [ev("request", T0 + 1, 1), ev("request", T0 + 11, 3),
+                    ev("request", T0 + 30, 2)])
     b.down = True
     delays = []
     for _ in range(5):
@@ -110,7 +112,7 @@ def test_a_failing_target_backs_off_and_catches_up_and_holds_back_deletes() -> N
     assert len(a.batches) == 1  # a stored it once and was not asked again
     b.down = False
     assert asyncio.run(sink.flush()) == [wid(T0)]
-    assert b.batches == [([(0, T0, 1)], [])]
+    assert b.batches == [([(0, T0, 1), (0, T0 + 10, 1)], [])]
     assert (sink.status[1].consecutive_failures, sink.status[1].last_error) == (0, None)
 
 
@@ -147,12 +149,14 @@ def test_batches_hold_at_most_batch_rows_windows_and_whole_detail_batches() -> N
 
 def test_forget_drops_deleted_keys() -> None:
     store, sink, (a,), _ = make("a")
-    feed(store, 1, [ev("request", T0 + 1, 1), ev("request", T0 + 30, 2)])
+    feed(store, 1, [ev("request", T0 + 1, 1), ev("request", T0 + 11, 3),
+                    ev("request", T0 + 30, 2)])
     done = asyncio.run(sink.flush())
+    assert done == [wid(T0)]
     for key in done:
         del store[key]
     sink.forget(done)
-    assert sink.status[0].stored == {}
+    assert sink.status[0].stored == {wid(T0 + 10): 1}
     asyncio.run(sink.flush())
     assert len(a.batches) == 1
 
