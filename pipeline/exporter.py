@@ -9,8 +9,8 @@ reads the edges this worker owns through :class:`~pipeline.rollups.Rollups`
   ``..._responses_total``, ``..._errors_total{error_type}``, ``..._timeouts_total``,
   ``..._retries_total``, ``..._late_events_total``;
 - ``<ns>_communication_latency_seconds``: histogram (responses, errors, timeouts);
-- over the edge's last closed window: ``..._latency_quantile_seconds{quantile}`` and
-  ``..._error_ratio`` (0-1);
+- over the edge's last closed window: ``..._latency_quantile_seconds{quantile}`` (a
+  summary: its ``_count`` and ``_sum`` are that window's) and ``..._error_ratio`` (0-1);
 - ``..._circuit_state{state, source}``: 1 for the current state, 0 for the others,
   ``source`` = ``reported`` (circuit events, if the edge sends any) or ``derived``.
 
@@ -36,6 +36,8 @@ from prometheus_client.core import (
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
+    Sample,
+    SummaryMetricFamily,
 )
 from prometheus_client.registry import Collector
 
@@ -107,9 +109,11 @@ class EdgeCollector(Collector):
         latency = HistogramMetricFamily(f"{p}_latency_seconds",
                                         "Call latency (responses, errors, timeouts)",
                                         labels=EDGE_LABELS)
-        quantiles = GaugeMetricFamily(f"{p}_latency_quantile_seconds",
-                                      "Latency quantiles over the last closed window (1 %)",
-                                      labels=[*EDGE_LABELS, "quantile"])
+        # a summary, as Prometheus wants for a quantile label; its _count and _sum are the
+        # last closed window's (the running totals are the histogram's)
+        quantiles = SummaryMetricFamily(f"{p}_latency_quantile_seconds",
+                                        "Latency quantiles (1 %) over the last closed window",
+                                        labels=EDGE_LABELS)
         ratio = GaugeMetricFamily(f"{p}_error_ratio", "(errors + timeouts) / outcomes over the "
                                   "last closed window", labels=EDGE_LABELS)
         circuit = GaugeMetricFamily(f"{p}_circuit_state", "1 for the circuit's current state",
@@ -135,9 +139,13 @@ class EdgeCollector(Collector):
                     for s in STATES:
                         circuit.add_metric([*labels, s, source], 1.0 if s == state else 0.0)
         for edge, stats in self._last_closed(edge for edge, *_ in edges):
-            if stats.latency.count:
-                for q in QUANTILES:
-                    quantiles.add_metric([*edge, repr(q)], stats.latency.quantile(q) / 1000.0)
+            sketch = stats.latency
+            if sketch.count:
+                quantiles.add_metric(list(edge), sketch.count, sketch.sum / 1000.0)
+                quantiles.samples.extend(  # add_metric takes no quantiles
+                    Sample(quantiles.name, {**dict(zip(EDGE_LABELS, edge, strict=True)),
+                                            "quantile": repr(q)}, sketch.quantile(q) / 1000.0)
+                    for q in QUANTILES)
             ratio.add_metric(list(edge), stats.error_rate)
         yield from counters.values()
         yield from (errors, latency, quantiles, ratio, circuit)
