@@ -61,7 +61,8 @@ def test_an_edge_on_two_partitions_is_added_up() -> None:
     feed(store, 1, 1, [ev(A, "request", T0 + 1, 3), ev(A, "error", T0 + 2, 4,
                                                           error_type="reset", latency_ms=700.0)],
          now=100.0)
-    got = scrape(EdgeCollector(Rollups(store, CFG, idle_close_s=1e9), namespace="x", clock=lambda: T0 + 100.0))
+    got = scrape(EdgeCollector(Rollups(store, CFG, idle_close_s=1e9), namespace="x",
+                               clock=lambda: T0 + 100.0))
     assert got[("x_communication_requests_total", lab(A))] == 2
     assert got[("x_communication_errors_total", lab(A, error_type="reset"))] == 1
     assert got[("x_communication_latency_seconds_bucket", lab(A, le="0.005"))] == 1

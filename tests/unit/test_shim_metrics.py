@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import sys
-from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline import AsyncEmitter, Emitter, EmitterStats, Settings
+from pipeline import AsyncEmitter, Emitter, EmitterStats
 from pipeline.outbox import Outbox
 from pipeline.shim_metrics import ShimCollector, register
+from tests.unit.test_shim import closed_port, settings
 
 METRICS = ("sent", "dropped", "failed", "invalid")
 
@@ -27,18 +26,6 @@ class Fixed:
 
     def stats(self) -> EmitterStats:
         return self.value
-
-
-def closed_port() -> str:
-    """A loopback address where nothing listens."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"127.0.0.1:{port}"
-
-
-def settings(**overrides: Any) -> Settings:
-    return Settings.from_env({}, **overrides)
 
 
 def scrape(registry: CollectorRegistry) -> dict[tuple[str, str], float]:
