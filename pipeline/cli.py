@@ -213,6 +213,64 @@ def _build_app() -> Any:
 
         _guarded(console, run)
 
+    @app.command()
+    def demo(
+        duration: Annotated[float | None, typer.Option(
+            help="Seconds to run (default: until Ctrl-C).")] = None,
+        rate: Annotated[float, typer.Option(help="Synthetic user requests per second.")
+                        ] = 100.0,
+        seed: Annotated[int, typer.Option(help="Seed of the traffic model.")] = 1,
+    ) -> None:
+        """Everything at once: broker, PostgreSQL, worker (sink, /metrics), synthetic traffic."""
+        from pipeline.demo import EXAMPLE_QUERIES, run_demo
+
+        def run() -> None:
+            result = run_demo(console, duration=duration, rate=rate, seed=seed)
+            out.print(f"\n[bold]Done.[/] {result.events_sent} events sent; "
+                      f"{len(result.edges_seen)} edges seen. The rollups are in the DuckDB file "
+                      f"[bold]{result.duckdb_path}[/] (and in PostgreSQL). Try:", soft_wrap=True)
+            env = f"COMMPIPE_DUCKDB_PATH={result.duckdb_path} " if (
+                Path(result.duckdb_path) != Path("commpipe.duckdb").resolve()) else ""
+            for what, sql in EXAMPLE_QUERIES:
+                out.print(f"  [dim]# {what}[/]", highlight=False)
+                out.print(f'  {env}commpipe query "{sql}"', highlight=False, soft_wrap=True,
+                          markup=False)
+
+        _guarded(console, run)
+
+    @app.command()
+    def loadgen(
+        rate: Annotated[float, typer.Option(help="Synthetic user requests per second.")
+                        ] = 100.0,
+        duration: Annotated[float | None, typer.Option(
+            help="Seconds to run (default: until Ctrl-C).")] = None,
+        seed: Annotated[int, typer.Option(help="Seed of the traffic model.")] = 1,
+    ) -> None:
+        """Synthetic services emitting through the shim to COMMPIPE_KAFKA_BOOTSTRAP."""
+        from pipeline.loadgen import LoadGen
+        from pipeline.settings import Settings
+        from pipeline.shim import Emitter
+
+        def run() -> None:
+            settings = Settings.from_env()
+            emitter = Emitter(settings.kafka_bootstrap, settings.topic, settings=settings)
+            stop = threading.Event()
+            previous = {s: signal.signal(s, lambda *_: stop.set())
+                        for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                with console.status(f"emitting to {settings.kafka_bootstrap} at {rate:g} "
+                                    "users/s (Ctrl-C stops)..."):
+                    stats = LoadGen(emitter, rate=rate, seed=seed).run(duration, stop)
+            finally:
+                emitter.close()
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+            sent = emitter.stats()
+            out.print(f"{stats.users} users, {stats.events} events; shim: {sent.sent} sent, "
+                      f"{sent.dropped} dropped, {sent.failed} failed", highlight=False)
+
+        _guarded(console, run)
+
     return app
 
 
