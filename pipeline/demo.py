@@ -53,30 +53,34 @@ class DemoResult:
     edges_seen: set[tuple[str, str, str]] = field(default_factory=set)
 
 
-def scrape(port: int) -> dict[tuple[str, str, str], dict[str, Any]]:
-    """Per edge: requests, p95/p99 (s), error ratio, circuit states, from ``/metrics``."""
+def _samples(port: int) -> list[Any]:
+    """Every sample of the worker's ``/metrics`` (OSError while it does not answer)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:  # noqa: S310
         text = r.read().decode()
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def scrape(port: int) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """Per edge: requests, p95/p99 (s), error ratio, circuit states, from ``/metrics``."""
     edges: dict[tuple[str, str, str], dict[str, Any]] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = s.labels
-            if "source_service" not in labels:
-                continue
-            row = edges.setdefault((labels["source_service"], labels["target_service"],
-                                    labels["protocol"]), {})
-            name = s.name.rsplit("_communication_", 1)[-1]
-            if name == "requests_total":
-                row["requests"] = s.value
-            elif name == "latency_quantile_seconds" and labels.get("quantile") in ("0.95",
-                                                                                 "0.99"):
-                row["p" + labels["quantile"][2:]] = s.value
-            elif name == "error_ratio":
-                row["error_ratio"] = s.value
-            elif name == "circuit_state" and s.value == 1.0:
-                row[labels["source"]] = labels["state"]
+    for s in _samples(port):
+        labels = s.labels
+        if "source_service" not in labels:
+            continue
+        row = edges.setdefault((labels["source_service"], labels["target_service"],
+                                labels["protocol"]), {})
+        name = s.name.rsplit("_communication_", 1)[-1]
+        if name == "requests_total":
+            row["requests"] = s.value
+        elif name == "latency_quantile_seconds" and labels.get("quantile") in ("0.95",
+                                                                             "0.99"):
+            row["p" + labels["quantile"][2:]] = s.value
+        elif name == "error_ratio":
+            row["error_ratio"] = s.value
+        elif name == "circuit_state" and s.value == 1.0:
+            row[labels["source"]] = labels["state"]
     return edges
 
 
@@ -124,12 +128,8 @@ def _services(settings: Settings, workdir: Path, console: Any
 def run_demo(console: Any, *, duration: float | None, rate: float, seed: int,
              workdir: Path = Path(".commpipe/demo")) -> DemoResult:
     """Run everything until ``duration`` s pass or SIGINT/SIGTERM; see the module doc."""
-    from rich.live import Live
-
     from pipeline import migrations
     from pipeline.embedded import free_port, run_sync, terminate_process
-    from pipeline.loadgen import LoadGen
-    from pipeline.shim import Emitter
     from pipeline.topics import ensure_commpipe_topics
 
     settings = Settings.from_env()
@@ -157,8 +157,8 @@ def run_demo(console: Any, *, duration: float | None, rate: float, seed: int,
                                           env=env, stdout=log, stderr=subprocess.STDOUT,
                                           start_new_session=True)
             try:
-                _run(console, Live, result, settings, port, worker, stop, duration,
-                     lambda e: LoadGen(e, rate=rate, seed=seed), Emitter)
+                _run(console, result, settings, port, worker, stop, duration,
+                     rate=rate, seed=seed)
             finally:
                 with console.status("stopping the worker..."):
                     terminate_process(worker, timeout=20, group=True)
@@ -168,12 +168,18 @@ def run_demo(console: Any, *, duration: float | None, rate: float, seed: int,
     return result
 
 
-def _run(console: Any, live_cls: Any, result: DemoResult, settings: Settings, port: int,
-         worker: subprocess.Popen[bytes], stop: threading.Event, duration: float | None,
-         make_loadgen: Any, emitter_cls: Any) -> None:
-    emitter = emitter_cls(settings.kafka_bootstrap, settings.topic, settings=settings)
+def _run(console: Any, result: DemoResult, settings: Settings, port: int,
+         worker: subprocess.Popen[bytes], stop: threading.Event, duration: float | None, *,
+         rate: float, seed: int) -> None:
+    """Traffic and the live view until ``stop`` or ``duration``; then the last windows."""
+    from rich.live import Live
+
+    from pipeline.loadgen import LoadGen
+    from pipeline.shim import Emitter
+
+    emitter = Emitter(settings.kafka_bootstrap, settings.topic, settings=settings)
     traffic_stop = threading.Event()
-    loadgen = make_loadgen(emitter)
+    loadgen = LoadGen(emitter, rate=rate, seed=seed)
     thread = threading.Thread(target=loadgen.run, args=(None, traffic_stop), daemon=True)
     thread.start()
     started = time.monotonic()
@@ -181,7 +187,7 @@ def _run(console: Any, live_cls: Any, result: DemoResult, settings: Settings, po
     rates: dict[tuple[str, str, str], float] = {}
     edges: dict[tuple[str, str, str], dict[str, Any]] = {}
     try:
-        with live_cls(_table({}, {}, "starting the worker..."), console=console,
+        with Live(_table({}, {}, "starting the worker..."), console=console,
                       refresh_per_second=2) as live:
             while not stop.wait(1.0):
                 if worker.poll() is not None:
@@ -214,19 +220,15 @@ def _run(console: Any, live_cls: Any, result: DemoResult, settings: Settings, po
 
 def _drain(port: int, sent: int, settings: Settings, timeout: float = 60.0) -> None:
     """Wait until the worker has every event sent and its last windows closed and stored."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",  # noqa: S310
-                                        timeout=2) as r:
-                text = r.read().decode()
+            samples = _samples(port)
         except OSError:
             time.sleep(0.5)
             continue
-        consumed = next((s.value for f in text_string_to_metric_families(text)
-                         for s in f.samples if s.name.endswith("_events_consumed_total")), 0)
+        consumed = next((s.value for s in samples
+                         if s.name.endswith("_events_consumed_total")), 0)
         if consumed >= sent:
             break
         time.sleep(0.5)

@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from pipeline.errors import ConfigError, ServiceError
-from pipeline.settings import redact_dsn
+from pipeline.settings import redact_dsn, scrub_dsn
 
-__all__ = ["Migration", "Step", "current_version_duckdb", "current_version_postgres", "latest",
-           "migrate_duckdb", "migrate_postgres", "migrations", "sql_dir"]
+__all__ = ["Migration", "Step", "current_version_duckdb", "current_version_postgres",
+           "ensure_latest", "latest", "migrate_duckdb", "migrate_postgres", "migrations",
+           "sql_dir"]
 
 Dialect = Literal["postgres", "duckdb"]
 Direction = Literal["up", "down"]
@@ -74,7 +75,8 @@ class _Db:
     where: str
     param: str
     errors: tuple[type[BaseException], ...]
-    secret: str = ""
+    dsn: str = ""
+    """PostgreSQL: the DSN, whose password :func:`_cause` keeps out of messages."""
 
 
 def sql_dir() -> Path:
@@ -133,8 +135,7 @@ def latest(dialect: Dialect) -> int:
 
 def _cause(e: BaseException, db: _Db) -> str:
     """The driver's message, without DSN passwords."""
-    text = redact_dsn(" ".join(str(e).split()))
-    return text.replace(db.secret, "***") if db.secret else text
+    return scrub_dsn(" ".join(str(e).split()), db.dsn)
 
 
 @contextmanager
@@ -211,19 +212,13 @@ def _migrate(conn: _Conn, db: _Db, to: int | None) -> list[Step]:
 def _postgres(dsn: str) -> Iterator[tuple[_Conn, _Db]]:
     """An autocommit psycopg connection to ``dsn``; :class:`ServiceError` if unreachable."""
     import psycopg
-    from psycopg.conninfo import conninfo_to_dict
 
-    try:
-        params = conninfo_to_dict(dsn)
-    except psycopg.Error:
-        params = {}
-    db = _Db("postgres", f"PostgreSQL {redact_dsn(dsn)}", "%s", (psycopg.Error,),
-             str(params.get("password") or ""))
-    timeout = {} if "connect_timeout" in params else {"connect_timeout": 10}
+    db = _Db("postgres", f"PostgreSQL {redact_dsn(dsn)}", "%s", (psycopg.Error,), dsn)
+    timeout = {} if "connect_timeout" in dsn else {"connect_timeout": 10}
     try:
         conn = psycopg.connect(dsn, autocommit=True, **timeout)
     except psycopg.Error as e:
-        leaked = db.secret and db.secret in str(e)  # then keep the driver's text out, too
+        leaked = scrub_dsn(str(e), dsn) != str(e)  # then keep the driver's text out, too
         raise ServiceError(f"cannot reach {db.where} (migrations in {sql_dir() / 'postgres'}): "
                            f"{_cause(e, db)}") from (None if leaked else e)
     with conn:
@@ -277,3 +272,21 @@ def current_version_duckdb(path: str | Path) -> int:
         return 0
     with _duckdb(path) as (conn, db), _driver_errors(db, "reading the schema version"):
         return _current(conn)
+
+
+def ensure_latest(dialect: Dialect, target: str | Path, *, migrate: bool) -> None:
+    """Bring ``target`` (a PostgreSQL DSN or a DuckDB path) to the latest version; with
+    ``migrate`` off, raise :class:`ServiceError` instead when it is behind."""
+    postgres = dialect == "postgres"
+    if migrate:
+        if postgres:
+            migrate_postgres(str(target))
+        else:
+            migrate_duckdb(target)
+        return
+    have = current_version_postgres(str(target)) if postgres else current_version_duckdb(target)
+    want = latest(dialect)
+    if have < want:
+        where = f"PostgreSQL {redact_dsn(str(target))}" if postgres else f"DuckDB file {target}"
+        raise ServiceError(f"{where} has schema version {have}, the sink needs {want}: "
+                           "run `commpipe migrate`")

@@ -83,14 +83,7 @@ class PostgresTarget(Target):
 
         from pipeline import migrations
 
-        if self._migrate:
-            migrations.migrate_postgres(self._dsn)
-        else:
-            have = migrations.current_version_postgres(self._dsn)
-            want = migrations.latest("postgres")
-            if have < want:
-                raise ServiceError(f"PostgreSQL schema is at version {have}, the sink needs "
-                                   f"{want}: run `commpipe migrate`")
+        migrations.ensure_latest("postgres", self._dsn, migrate=self._migrate)
         extra = {"sslmode": self._sslmode} if self._sslmode else {}
         return psycopg.connect(self._dsn, connect_timeout=5, application_name="commpipe-sink",
                                **extra)
@@ -152,22 +145,13 @@ class DuckDBTarget(Target):
         self._wait_s = wait_s
         self._ready = False
 
-    def _ensure_schema(self) -> None:
-        from pipeline import migrations
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self._migrate:
-            migrations.migrate_duckdb(self.path)
-            return
-        have, want = migrations.current_version_duckdb(self.path), migrations.latest("duckdb")
-        if have < want:
-            raise ServiceError(f"DuckDB file {self.path} has schema version {have}, the "
-                               f"sink needs {want}: run `commpipe migrate`")
-
     def write(self, windows: Sequence[WindowRow], events: Sequence[dict[str, Any]], *,
               lookback_s: float) -> int:
         if not self._ready:
-            self._ensure_schema()
+            from pipeline import migrations
+
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            migrations.ensure_latest("duckdb", self.path, migrate=self._migrate)
             self._ready = True
         con = connect_duckdb(self.path, wait_s=self._wait_s)
         try:

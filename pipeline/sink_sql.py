@@ -103,17 +103,20 @@ def _select_unnest(columns: Sequence[tuple[str, str, str]]) -> str:
     return f"SELECT {', '.join(exprs)} FROM (SELECT {inner}) AS u"
 
 
-def _insert(table: str, columns: Sequence[tuple[str, str, str]], conflict: str) -> str:
-    names = ", ".join(c[0] for c in columns)
-    return f"INSERT INTO {table} ({names}) {_select_unnest(columns)} ON CONFLICT {conflict}"
+def _insert(table: str, columns: Sequence[tuple[str, str, str]], conflict: str, *,
+            stamp: bool = False) -> str:
+    """``INSERT ... SELECT`` of unnested column arrays; ``stamp`` adds ``updated_at = now()``."""
+    names = ", ".join(("updated_at",) * stamp + tuple(c[0] for c in columns))
+    select = _select_unnest(columns)
+    if stamp:
+        select = select.replace("SELECT ", "SELECT now(), ", 1)
+    return f"INSERT INTO {table} ({names}) {select} ON CONFLICT {conflict}"
 
 
 def _upsert(table: str, columns: Sequence[tuple[str, str, str]], key: Sequence[str]) -> str:
-    sets = ", ".join(f"{c[0]} = excluded.{c[0]}" for c in columns if c[0] not in key)
-    return _insert(table, columns, f"({', '.join(key)}) DO UPDATE SET {sets}, "
-                                   "updated_at = excluded.updated_at").replace(
-        f"INSERT INTO {table} (", f"INSERT INTO {table} (updated_at, ", 1).replace(
-        " SELECT ", " SELECT now(), ", 1)
+    sets = ", ".join(f"{c} = excluded.{c}" for c in
+                     ("updated_at", *(c[0] for c in columns if c[0] not in key)))
+    return _insert(table, columns, f"({', '.join(key)}) DO UPDATE SET {sets}", stamp=True)
 
 
 _KEY = ("window_start", "source_service", "target_service", "protocol")
