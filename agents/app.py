@@ -32,6 +32,7 @@ from agents.dead_letters import DeadLetters
 from pipeline.aggregate import PartitionBatch, WindowConfig, decode_state, encode_state, parse_id
 from pipeline.decode import decode_record
 from pipeline.errors import EventValidationError
+from pipeline.outbox import PRODUCER_HEADER, SEQ_HEADER
 from pipeline.rollups import Rollups
 from pipeline.settings import Settings
 from pipeline.sink import Sink, build_sink
@@ -108,6 +109,7 @@ class Pipeline:
                                owned=self.owns)
         self.dead_letters = DeadLetters(self.dlq)
         self.events_in = 0
+        self.duplicates = 0
         self.batches = 0
         self.batch_records = 0
         self.app.agent(self.events, name="aggregate")(self._aggregate)
@@ -215,10 +217,13 @@ class Pipeline:
                 continue
             if decoded.errors:
                 await self.dead_letters.send_events(message, decoded.errors)
-            refused = work.apply(message.offset, decoded.events, now=now)
+            copies = work.duplicates
+            refused = work.apply(message.offset, decoded.events, now=now,
+                                 producer=_producer(message.headers))
             for event, reason in refused:
                 await self.dead_letters.send_refused(message, event, reason)
-            self.events_in += len(decoded.events)
+            self.events_in += len(decoded.events) - (work.duplicates - copies)
+        self.duplicates += work.duplicates
         token = _current_event.set(weakref.ref(records[-1]))
         try:
             for key, value in work.changes():
@@ -242,6 +247,20 @@ class _PartitionEvent:
 
     def __init__(self, topic: str, partition: int) -> None:
         self.message = _Message(topic, partition)
+
+
+def _producer(headers: Any) -> tuple[str, int] | None:
+    """``(producer id, seq)`` from a record's shim headers; None without (or with bad) ones."""
+    if not headers:
+        return None
+    found = dict(headers) if not isinstance(headers, dict) else headers
+    producer, seq = found.get(PRODUCER_HEADER), found.get(SEQ_HEADER)
+    if producer is None or seq is None:
+        return None
+    try:
+        return producer.decode("ascii"), int(seq)
+    except (UnicodeDecodeError, ValueError, AttributeError):
+        return None
 
 
 def _credentials(settings: Settings) -> Any:

@@ -25,6 +25,15 @@ partition's watermark (the largest event time seen there); late events are not
 added to their closed window but counted, per edge, in ``late_events`` of the
 edge's current window (the one holding the watermark).
 
+Exactness under producer retries: a producer that sends a record again after a
+timed-out send may have written it twice, at two offsets. The shim numbers its
+records per edge (headers ``commpipe-producer`` and ``commpipe-seq``, kept on
+every retry); each edge remembers, per producer, the highest number applied
+and the numbers below it not seen yet (:class:`ProducerSeqs`), so a second copy
+is skipped and counted in ``duplicates``. This record lives in the edge's own
+value, so it replays with it. Records without the headers (other producers)
+are applied as they come: at-least-once.
+
 Error rate = (errors + timeouts) / max(responses + errors + timeouts, 1).
 """
 
@@ -168,6 +177,40 @@ class WindowStats:
         return cls(**values)
 
 
+MAX_GAPS: Final = 256
+"""Most missing record numbers an edge remembers per producer (a gap is a record not yet
+seen, e.g. one still being retried while a later one landed; gaps are rare and short)."""
+MAX_DUP_OFFSETS: Final = 512
+"""Most offsets of skipped copies an edge remembers (for replays after a crash)."""
+MAX_PRODUCERS: Final = 256
+"""Most producers an edge remembers: the ones seen most recently are kept."""
+PRODUCER_HORIZON_S: Final = 3_600.0
+"""A producer not heard from on an edge for this long (worker clock) is forgotten: a copy
+arriving later than that would count twice."""
+
+
+@dataclass(slots=True)
+class ProducerSeqs:
+    """Which of one producer's records of one edge have been applied: every number up to
+    ``high`` except those in ``gaps``."""
+
+    high: int = 0
+    gaps: list[int] = field(default_factory=list)
+    last_seen: float = 0.0
+
+    def first_time(self, seq: int) -> bool:
+        """Record ``seq`` as applied; False when it already was (a duplicate)."""
+        if seq > self.high:
+            self.gaps.extend(range(max(self.high + 1, seq - MAX_GAPS), seq))
+            del self.gaps[:-MAX_GAPS]
+            self.high = seq
+            return True
+        if seq in self.gaps:
+            self.gaps.remove(seq)
+            return True
+        return False
+
+
 @dataclass(slots=True)
 class EdgeMeta:
     """Per (partition, edge): circuit state over time, late events and cumulative totals."""
@@ -180,19 +223,44 @@ class EdgeMeta:
     totals: EdgeTotals = field(default_factory=EdgeTotals)
     last_seen: float | None = None
     """Worker clock when an event of this edge last arrived (for staleness)."""
+    producers: dict[str, ProducerSeqs] = field(default_factory=dict)
+    duplicates: int = 0
+    """Events of records skipped as a producer's second copy."""
+    dup_offsets: list[int] = field(default_factory=list)
+    """Offsets of the latest records skipped as copies: a replay skips them again."""
+
+    def first_time(self, producer: str, seq: int, now: float) -> bool:
+        """False when ``producer``'s record ``seq`` of this edge was applied already."""
+        seqs = self.producers.get(producer)
+        if seqs is None:
+            for gone in [p for p, s in self.producers.items()
+                         if s.last_seen < now - PRODUCER_HORIZON_S]:
+                del self.producers[gone]
+            if len(self.producers) >= MAX_PRODUCERS:
+                oldest = min(self.producers, key=lambda p: self.producers[p].last_seen)
+                del self.producers[oldest]
+            seqs = self.producers[producer] = ProducerSeqs()
+        seqs.last_seen = now
+        return seqs.first_time(seq)
 
     def to_json(self) -> dict[str, Any]:
         return {"reported": self.reported.to_json() if self.reported else None,
                 "derived": self.derived.to_json(), "late_events": self.late_events,
                 "last_ts": self.last_ts, "offset": self.offset,
-                "totals": self.totals.to_json(), "last_seen": self.last_seen}
+                "totals": self.totals.to_json(), "last_seen": self.last_seen,
+                "producers": {p: [s.high, s.gaps, s.last_seen]
+                              for p, s in self.producers.items()},
+                "duplicates": self.duplicates, "dup_offsets": self.dup_offsets}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> EdgeMeta:
         reported = StateTrack.from_json(data["reported"]) if data["reported"] else None
+        producers = {p: ProducerSeqs(high, list(gaps), seen)
+                     for p, (high, gaps, seen) in data.get("producers", {}).items()}
         return cls(reported, Breaker.from_json(data["derived"]), data["late_events"],
                    data["last_ts"], data["offset"], EdgeTotals.from_json(data.get("totals")),
-                   data.get("last_seen"))
+                   data.get("last_seen"), producers, data.get("duplicates", 0),
+                   list(data.get("dup_offsets", ())))
 
 
 @dataclass(slots=True)
@@ -258,6 +326,7 @@ class PartitionBatch:
         self.applied = 0
         self.late = 0
         self.skipped = 0
+        self.duplicates = 0
 
     def changes(self) -> list[tuple[str, State]]:
         """Changed values in write order: windows, edges, details, the partition meta."""
@@ -294,10 +363,11 @@ class PartitionBatch:
         self._fresh.add(id(value))
         return False
 
-    def apply(self, offset: int, events: Sequence[Event], *, now: float
-              ) -> list[tuple[Event, str]]:
+    def apply(self, offset: int, events: Sequence[Event], *, now: float,
+              producer: tuple[str, int] | None = None) -> list[tuple[Event, str]]:
         """Apply one record's valid events; returns ``(event, reason)`` for each refused one
-        (stamped too far in the future)."""
+        (stamped too far in the future). ``producer`` = ``(producer id, seq)`` from the
+        record's shim headers: a second copy of a record of one edge is skipped."""
         meta = self.meta
         if offset <= meta.offset:  # the whole batch holding this record persisted
             self.skipped += len(events)
@@ -308,6 +378,23 @@ class PartitionBatch:
         limit = now + config.max_future_s
         self._fresh.clear()
         touched: list[WindowStats | EdgeMeta] = []
+        if producer is not None and events:
+            edge_meta = self._edge(events[0].edge)
+            if self._holds(edge_meta, offset):
+                duplicate = offset in edge_meta.dup_offsets  # a replay: as decided before
+            else:
+                touched.append(edge_meta)
+                duplicate = not edge_meta.first_time(producer[0], producer[1], now)
+                if duplicate:
+                    edge_meta.duplicates += len(events)
+                    edge_meta.dup_offsets.append(offset)
+                    del edge_meta.dup_offsets[:-MAX_DUP_OFFSETS]
+                    edge_meta.offset = offset
+            if duplicate:
+                self.duplicates += len(events)
+                meta.offset = offset
+                meta.last_seen = now
+                return []
         for event in events:
             ts = event.ts
             if ts > limit:

@@ -178,6 +178,8 @@ class WorkerCollector(Collector):
         ns, pl = self.ns, self.pipeline
         yield CounterMetricFamily(f"{ns}_events_consumed_total", "Valid events applied or "
                                   "counted late", value=pl.events_in)
+        yield CounterMetricFamily(f"{ns}_duplicate_events_total", "Events of records skipped "
+                                  "as a producer's second copy", value=pl.duplicates)
         yield CounterMetricFamily(f"{ns}_worker_batches_total", "Batches taken from Kafka",
                                   value=pl.batches)
         yield CounterMetricFamily(f"{ns}_worker_batch_records_total", "Records in those batches",

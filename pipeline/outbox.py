@@ -13,6 +13,14 @@ Accounting: every event handed to :meth:`Outbox.put` ends in exactly one of
 format v1; the reason is logged). While the broker is away, records that
 failed with a retriable error are kept and sent again with backoff; they count
 against the buffer bound, so memory stays bounded.
+
+Duplicates: a record whose send timed out may still have been written (the
+broker got it, its answer did not come back), and sending it again writes it
+twice. Every record therefore carries two headers, ``commpipe-producer`` (a
+random id of this outbox) and ``commpipe-seq`` (its number among this
+producer's records of the same edge, fixed when it is first encoded and kept
+on every retry); the worker applies each (producer, edge, seq) once
+(:mod:`pipeline.aggregate`).
 """
 
 from __future__ import annotations
@@ -35,7 +43,10 @@ from pipeline.events import edge_key
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaProducer
 
-__all__ = ["EmitterStats", "Outbox"]
+__all__ = ["PRODUCER_HEADER", "SEQ_HEADER", "EmitterStats", "Outbox"]
+
+PRODUCER_HEADER = "commpipe-producer"
+SEQ_HEADER = "commpipe-seq"
 
 log = logging.getLogger("commpipe.shim")
 
@@ -60,6 +71,7 @@ class _Record:
     key: bytes
     value: bytes
     events: int
+    headers: list[tuple[str, bytes]]
 
 
 class Outbox:
@@ -92,6 +104,8 @@ class Outbox:
         self.wake: asyncio.Event | None = None  # created inside the sender's loop
         self.deadline: float | None = None  # monotonic; set when closing with a timeout
         self.undelivered = 0  # events dropped because the sender stopped before sending them
+        self.producer_id = os.urandom(8).hex()
+        self._seq: dict[bytes, int] = {}  # edge key -> last record number given
 
     # ---- caller side (any thread) -------------------------------------------------------
 
@@ -184,14 +198,17 @@ class Outbox:
             self._chunk(key, events[:half], out)
             self._chunk(key, events[half:], out)
         else:
-            out.append(_Record(key, value, len(events)))
+            seq = self._seq[key] = self._seq.get(key, 0) + 1
+            out.append(_Record(key, value, len(events), [
+                (PRODUCER_HEADER, self.producer_id.encode()), (SEQ_HEADER, str(seq).encode())]))
 
     async def _send(self, producer: AIOKafkaProducer, records: list[_Record]) -> bool:
         """Send records; keep retriable failures for the next round. True if all went."""
         from aiokafka.errors import KafkaError
 
         async def one(record: _Record) -> None:
-            fut = await producer.send(self.topic, record.value, key=record.key)
+            fut = await producer.send(self.topic, record.value, key=record.key,
+                                      headers=record.headers)
             await fut
 
         results = await asyncio.gather(*(one(r) for r in records), return_exceptions=True)

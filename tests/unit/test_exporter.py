@@ -118,11 +118,12 @@ def test_worker_metrics() -> None:
     recorder = Recorder("duckdb")
     sink = Sink(Rollups(store, CFG, idle_close_s=1e9), [recorder])
     asyncio.run(sink.flush())
-    pipeline = SimpleNamespace(events_in=7, batches=2, batch_records=5,
+    pipeline = SimpleNamespace(events_in=7, duplicates=4, batches=2, batch_records=5,
                                dead_letters=SimpleNamespace(counts=Counter(invalid_json=3)),
                                lag=lambda: {0: 4, 2: 0})
     got = scrape(WorkerCollector(pipeline, namespace="w", sink=sink))
     assert got[("w_events_consumed_total", ())] == 7
+    assert got[("w_duplicate_events_total", ())] == 4
     assert got[("w_worker_batch_records_total", ())] == 5
     assert got[("w_dead_letters_total", (("reason", "invalid_json"),))] == 3
     assert got[("w_consumer_lag", (("partition", "0"),))] == 4
