@@ -222,7 +222,7 @@ class Pipeline:
                                  producer=_producer(message.headers))
             for event, reason in refused:
                 await self.dead_letters.send_refused(message, event, reason)
-            self.events_in += len(decoded.events) - (work.duplicates - copies)
+            self.events_in += len(decoded.events) - len(refused) - (work.duplicates - copies)
         self.duplicates += work.duplicates
         token = _current_event.set(weakref.ref(records[-1]))
         try:

@@ -6,6 +6,12 @@ bad), its key the original key, and its headers say why and where from:
 ``commpipe-reason``, ``commpipe-field``, ``commpipe-index`` and
 ``commpipe-source`` (``topic/partition/offset``). Counts per reason category
 are kept for the exporter.
+
+A value larger than :data:`MAX_VALUE_BYTES` (an oversized record: the reason it
+is here) keeps only its first bytes, with ``commpipe-truncated`` giving the
+original size: the worker's own producer could not send it whole, and a dead
+letter must never stop the worker. A dead letter the broker refuses for good
+is logged and counted under ``unsendable``.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from collections import Counter
 from typing import Any
 
 import orjson
+from faust.exceptions import ProducerSendError
 
 from pipeline.errors import EventValidationError
 from pipeline.events import Event
@@ -22,6 +29,9 @@ from pipeline.events import Event
 __all__ = ["DeadLetters"]
 
 log = logging.getLogger("commpipe.worker")
+
+MAX_VALUE_BYTES = 64 * 1024
+"""Most bytes of the original kept in one dead letter."""
 
 
 class DeadLetters:
@@ -43,7 +53,16 @@ class DeadLetters:
             headers.append(("commpipe-field", field.encode()))
         if index is not None:
             headers.append(("commpipe-index", str(index).encode()))
-        await self._topic.send(key=message.key, value=original or b"", headers=headers)
+        value = original or b""
+        if len(value) > MAX_VALUE_BYTES:
+            headers.append(("commpipe-truncated", str(len(value)).encode()))
+            value = value[:MAX_VALUE_BYTES]
+        try:
+            await self._topic.send(key=message.key, value=value, headers=headers)
+        except ProducerSendError as e:
+            self.counts["unsendable"] += 1
+            log.error("dead letter (%s) from %s/%s/%s could not be sent: %s", category,
+                      message.topic, message.partition, message.offset, e)
         if sum(self.counts.values()) % 1000 == 1:
             log.warning("dead letter (%s): %s", category, reason)
 

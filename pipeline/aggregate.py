@@ -7,8 +7,10 @@ on several partitions — a producer with another partitioner — never mixes):
 - :func:`window_id` ``w|partition|edge|window_start`` -> :class:`WindowStats`
 - :func:`edge_id` ``e|partition|edge`` -> :class:`EdgeMeta` (circuit state, late events)
 - :func:`partition_id` ``p|partition`` -> :class:`PartitionMeta` (event-time watermark)
-- :func:`detail_id` ``d|partition|first_offset`` -> :class:`DetailBatch`: the error,
-  timeout and health events of one batch, kept until the sink has stored them
+- :func:`detail_id` ``d|partition|first_offset[|part]`` -> :class:`DetailBatch`: the
+  error, timeout and health events of one batch, at most :data:`DETAIL_CHUNK_EVENTS` per
+  value (a changelog record must stay well under Kafka's 1 MiB), kept until the sink has
+  stored them
 
 Exactness under at-least-once delivery: every value records ``offset``, the
 highest source offset applied to it, and a replayed record is skipped by each
@@ -73,8 +75,8 @@ def partition_id(partition: int) -> str:
     return f"p{SEP}{partition}"
 
 
-def detail_id(partition: int, first_offset: int) -> str:
-    return f"d{SEP}{partition}{SEP}{first_offset}"
+def detail_id(partition: int, first_offset: int, part: int = 0) -> str:
+    return f"d{SEP}{partition}{SEP}{first_offset}" + (f"{SEP}{part}" if part else "")
 
 
 def parse_id(key: str) -> tuple[str, int, str | None, float | None]:
@@ -177,7 +179,7 @@ class WindowStats:
         return cls(**values)
 
 
-MAX_GAPS: Final = 256
+MAX_GAPS: Final = 64
 """Most missing record numbers an edge remembers per producer (a gap is a record not yet
 seen, e.g. one still being retried while a later one landed; gaps are rare and short)."""
 MAX_DUP_OFFSETS: Final = 512
@@ -301,6 +303,8 @@ class DetailBatch:
 
 
 DETAIL_KINDS: Final = frozenset({"error", "timeout", "health"})
+DETAIL_CHUNK_EVENTS: Final = 400
+"""Most events in one DetailBatch value (a detail event is at most ~2 KB of JSON)."""
 State = WindowStats | EdgeMeta | PartitionMeta | DetailBatch
 _OUTCOME = {"response": True, "error": False, "timeout": False}
 
@@ -321,7 +325,7 @@ class PartitionBatch:
         self.meta: PartitionMeta = _copy(store.get(partition_id(partition))) or PartitionMeta()
         self._windows: dict[str, WindowStats] = {}
         self._edges: dict[str, EdgeMeta] = {}
-        self.details = DetailBatch()
+        self.details: list[DetailBatch] = []
         self._fresh: set[int] = set()  # id() of values that have not seen the current record
         self.applied = 0
         self.late = 0
@@ -330,9 +334,11 @@ class PartitionBatch:
 
     def changes(self) -> list[tuple[str, State]]:
         """Changed values in write order: windows, edges, details, the partition meta."""
-        details = self.details
-        kept: list[tuple[str, State]] = (
-            [(detail_id(self.partition, details.offset), details)] if details.events else [])
+        kept: list[tuple[str, State]] = []
+        part = 0
+        for i, details in enumerate(self.details):
+            part = part + 1 if i and details.offset == self.details[i - 1].offset else 0
+            kept.append((detail_id(self.partition, details.offset, part), details))
         return [*self._windows.items(), *self._edges.items(), *kept,
                 (partition_id(self.partition), self.meta)]
 
@@ -402,9 +408,11 @@ class PartitionBatch:
                                        f"(at most {config.max_future_s:g} s accepted)"))
                 continue
             if event.kind in DETAIL_KINDS:
-                if not self.details.events:
-                    self.details.offset = offset
-                self.details.events.append(event.to_wire())
+                details = self.details[-1] if self.details else None
+                if details is None or len(details.events) >= DETAIL_CHUNK_EVENTS:
+                    details = DetailBatch(offset=offset)
+                    self.details.append(details)
+                details.events.append(event.to_wire())
             edge = event.edge
             edge_meta = self._edge(edge)
             edge_meta.last_seen = now

@@ -720,3 +720,27 @@ def test_int_window_size_gives_canonical_window_keys() -> None:
     (key,) = keys
     assert window_id(*parse_id(key)[1:]) == key  # type: ignore[arg-type]
     assert key == window_id(0, edge_key(*EDGES[0]), T0)
+
+
+def test_detail_events_split_into_values_under_a_changelog_record() -> None:
+    """Thousands of error events in one batch (one record holding 1,000) become values of at
+    most DETAIL_CHUNK_EVENTS events each, under distinct keys, each encoded well below 1 MiB
+    even with every field at its longest."""
+    from pipeline.aggregate import DETAIL_CHUNK_EVENTS
+
+    big = {"method": "m" * 200, "status_code": 599, "error_type": "e" * 100,
+           "trace_id": "a" * 32, "span_id": "b" * 16, "payload_size": 2**40,
+           "latency_ms": 86_400_000.0}
+    batch = PartitionBatch(0, CFG, {})
+    sent = []
+    for offset, count in ((5, 1_000), (6, 10), (9, 450)):
+        events = [Event("error", f"{offset}x{i}" + "i" * 50, "c" * 128, "s" * 100, "t" * 100,
+                        "p" * 32, T0, **big) for i in range(count)]  # type: ignore[arg-type]
+        batch.apply(offset, events, now=T0)
+        sent += [e.event_id for e in events]
+    kept = [(k, v) for k, v in batch.changes() if parse_id(k)[0] == "d"]
+    n = DETAIL_CHUNK_EVENTS
+    assert [len(v.events) for _, v in kept] == [n, n, n, 1_460 - 3 * n]
+    assert len({k for k, _ in kept}) == len(kept)
+    assert [e["event_id"] for _, v in kept for e in v.events] == sent
+    assert max(len(encode_state(v)) for _, v in kept) < 1024 * 1024 // 2
