@@ -265,9 +265,11 @@ def _producer(headers: Any) -> tuple[str, int] | None:
 
 def _credentials(settings: Settings) -> Any:
     if settings.kafka_sasl_mechanism:
+        ssl = settings.kafka_client_options().get("ssl_context")  # SASL_SSL: TLS as well
         return faust.SASLCredentials(username=settings.kafka_sasl_username,
                                      password=settings.kafka_sasl_password.get(),
-                                     mechanism=settings.kafka_sasl_mechanism)
+                                     mechanism=settings.kafka_sasl_mechanism,
+                                     ssl_context=ssl)
     if settings.kafka_security_protocol == "SSL":
         return faust.SSLCredentials(cafile=settings.kafka_ssl_cafile)
     return None

@@ -161,7 +161,7 @@ def _build_app() -> Any:
             done = False
             if postgres and settings.postgres_dsn.get():
                 _steps(out, "PostgreSQL", migrations.migrate_postgres(
-                    settings.postgres_dsn.get(), to=to))
+                    settings.postgres_conninfo(), to=to))
                 done = True
             if duckdb and settings.duckdb_path:
                 _steps(out, f"DuckDB {settings.duckdb_path}",

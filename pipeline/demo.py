@@ -115,7 +115,7 @@ def _services(settings: Settings, workdir: Path, console: Any
             with console.status("starting the embedded Kafka broker..."):
                 broker = stack.enter_context(EmbeddedBroker())
             bootstrap, extra = broker.bootstrap, dict(_TANSU)
-        dsn = settings.postgres_dsn.get()
+        dsn = settings.postgres_conninfo()
         if not dsn:
             from pipeline.embedded_postgres import EmbeddedPostgres
 

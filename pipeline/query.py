@@ -51,12 +51,11 @@ def query_postgres(settings: Settings, sql: str) -> Result:
     """Run ``sql`` on PostgreSQL (``COMMPIPE_POSTGRES_DSN``) in a read-only transaction."""
     import psycopg
 
-    dsn = settings.postgres_dsn.get()
+    dsn = settings.postgres_conninfo()
     if not dsn:
         raise ConfigError("COMMPIPE_POSTGRES_DSN is not set (`commpipe postgres` prints one)")
-    extra = {"sslmode": settings.postgres_sslmode} if settings.postgres_sslmode else {}
     try:
-        with psycopg.connect(dsn, connect_timeout=5, **extra) as conn:
+        with psycopg.connect(dsn, connect_timeout=5) as conn:
             conn.read_only = True
             cur = conn.execute(sql)  # type: ignore[arg-type] - the user's own SQL
             columns = [d.name for d in cur.description or []]

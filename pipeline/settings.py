@@ -137,6 +137,8 @@ class Settings:
     postgres_dsn: Secret = field(default_factory=lambda: Secret(""))
     """PostgreSQL connection string; empty = embedded PostgreSQL in dev commands."""
     postgres_sslmode: str | None = None
+    """libpq ``sslmode`` (``require``, ``verify-full`` ...) applied to every PostgreSQL
+    connection (sink, migrations, queries), over whatever the DSN says."""
     duckdb_path: str = "commpipe.duckdb"
     """The DuckDB file the sink writes (empty: no DuckDB sink). Readers use ``commpipe
     query``, which waits out the sink's short writes instead of failing on the lock."""
@@ -156,13 +158,29 @@ class Settings:
     # Prometheus
     metrics_port: int = 9464
     """Port of each worker's ``/metrics`` (0: no HTTP server)."""
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = "127.0.0.1"
+    """Address ``/metrics`` binds to: loopback unless set (``0.0.0.0`` in a container that
+    Prometheus scrapes from outside)."""
     metrics_namespace: str = "commpipe"
     """Metric name prefix; ``domainflow`` gives the specification's names."""
     metrics_stale_s: float = 300.0
     """An edge without events for this long (worker clock) leaves ``/metrics``."""
     metrics_max_edges: int = 10_000
     """Most edges one worker reports; the rest are counted as refused."""
+
+    def postgres_conninfo(self) -> str:
+        """The DSN every PostgreSQL connection uses: ``postgres_dsn`` with ``postgres_sslmode``
+        applied (empty when no DSN is set)."""
+        dsn = self.postgres_dsn.get()
+        if not dsn or not self.postgres_sslmode:
+            return dsn
+        from psycopg.conninfo import make_conninfo
+
+        try:
+            return make_conninfo(dsn, sslmode=self.postgres_sslmode)
+        except Exception as e:  # noqa: BLE001 - psycopg.ProgrammingError; text may quote the DSN
+            raise ConfigError(f"COMMPIPE_POSTGRES_DSN is not a valid connection string "
+                              f"({type(e).__name__})") from None
 
     def kafka_client_options(self) -> dict[str, Any]:
         """Keyword arguments for aiokafka clients: bootstrap servers plus any security settings."""

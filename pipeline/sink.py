@@ -72,9 +72,8 @@ class PostgresTarget(Target):
     name = "postgres"
     dialect: Dialect = "postgres"
 
-    def __init__(self, dsn: str, *, sslmode: str | None = None, migrate: bool = True) -> None:
+    def __init__(self, dsn: str, *, migrate: bool = True) -> None:
         self._dsn = dsn
-        self._sslmode = sslmode
         self._migrate = migrate
         self._conn: Any = None
 
@@ -84,9 +83,7 @@ class PostgresTarget(Target):
         from pipeline import migrations
 
         migrations.ensure_latest("postgres", self._dsn, migrate=self._migrate)
-        extra = {"sslmode": self._sslmode} if self._sslmode else {}
-        return psycopg.connect(self._dsn, connect_timeout=5, application_name="commpipe-sink",
-                               **extra)
+        return psycopg.connect(self._dsn, connect_timeout=5, application_name="commpipe-sink")
 
     def write(self, windows: Sequence[WindowRow], events: Sequence[dict[str, Any]], *,
               lookback_s: float) -> int:
@@ -293,10 +290,9 @@ def _chunks(details: list[tuple[str, DetailBatch]], windows: list[tuple[str, Win
 def build_sink(settings: Settings, rollups: Rollups) -> Sink | None:
     """The sink ``settings`` ask for (None when neither database is configured)."""
     targets: list[Target] = []
-    dsn = settings.postgres_dsn.get()
+    dsn = settings.postgres_conninfo()
     if dsn:
-        targets.append(PostgresTarget(dsn, sslmode=settings.postgres_sslmode,
-                                      migrate=settings.sink_auto_migrate))
+        targets.append(PostgresTarget(dsn, migrate=settings.sink_auto_migrate))
     if settings.duckdb_path:
         targets.append(DuckDBTarget(settings.duckdb_path, migrate=settings.sink_auto_migrate))
     if not targets:

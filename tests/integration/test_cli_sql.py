@@ -81,3 +81,19 @@ def test_errors_are_clear_and_keep_the_password_out(env: dict[str, str]) -> None
     assert commpipe(env, "migrate", "--no-postgres").returncode == 0
     wrong = commpipe(env, "query", "SELECT * FROM nope")
     assert wrong.returncode == 1 and "nope" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+def test_postgres_sslmode_reaches_the_connection(env: dict[str, str]) -> None:
+    """The embedded server has no TLS: ``require`` must fail (proving the setting is used),
+    ``disable`` must work; the password in the DSN appears in neither output."""
+    from psycopg.conninfo import make_conninfo
+
+    dsn = make_conninfo(env["COMMPIPE_POSTGRES_DSN"], password="Pw-8c1d")  # (trust: ignored)
+    secure = commpipe({**env, "COMMPIPE_POSTGRES_DSN": dsn, "COMMPIPE_POSTGRES_SSLMODE": "require"},
+                      "query", "--postgres", "SELECT 1")
+    assert secure.returncode == 1
+    assert "SSL" in secure.stderr and "Traceback" not in secure.stderr
+    plain = commpipe({**env, "COMMPIPE_POSTGRES_DSN": dsn, "COMMPIPE_POSTGRES_SSLMODE": "disable"},
+                     "query", "--postgres", "--format", "csv", "SELECT 1 AS one")
+    assert (plain.returncode, plain.stdout.split()) == (0, ["one", "1"])
+    assert "Pw-8c1d" not in secure.stdout + secure.stderr + plain.stdout + plain.stderr

@@ -365,3 +365,39 @@ def test_one_percent_bad_input_in_100k_events(sink_env: dict[str, str], tmp_path
                    if name == "commpipe_dead_letters_total") == len(dead)
         assert worker.alive and worker.proc is not None and worker.proc.pid == pid
         assert "Traceback" not in worker.log(), worker.log()[-3000:]
+
+
+def _listening(port: int) -> set[str]:
+    """Addresses a local TCP socket listens on at ``port`` (from /proc/net/tcp and tcp6)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.split(":")
+                if state == "0A" and int(hex_port, 16) == port:  # 0A = LISTEN
+                    found.add(address)
+    return found
+
+
+def test_secrets_stay_out_of_the_worker_log_and_metrics_bind_loopback(
+        env: dict[str, str], tmp_path: Path) -> None:
+    from pipeline.embedded import free_port
+
+    port, dead_port = free_port(), free_port()
+    secret = "Pw-5e3cf1"
+    sink_env = {**env, "COMMPIPE_POSTGRES_DSN": f"postgresql://app:{secret}@127.0.0.1:{dead_port}/x",
+                "COMMPIPE_METRICS_PORT": str(port), "COMMPIPE_WORKER_LOGLEVEL": "info",
+                "COMMPIPE_IDLE_CLOSE_S": "1", "COMMPIPE_SINK_INTERVAL_S": "0.5",
+                "COMMPIPE_SINK_BACKOFF_MAX_S": "1"}
+    with worker_starter(sink_env, tmp_path) as start:
+        worker = start()
+        emitter = Emitter(env["COMMPIPE_KAFKA_BOOTSTRAP"], env["COMMPIPE_TOPIC"],
+                          settings=Settings.from_env({}, shim_linger_ms=5))
+        emitter.request(source_service="a", target_service="b", ts=time.time() - 60)
+        assert emitter.flush(timeout=30)
+        emitter.close()
+        wait_until(lambda: worker.log().count("sink postgres: flush failed") >= 1, timeout=60,
+                   what="the sink to fail on the unreachable PostgreSQL", logs=worker.log)
+        assert _listening(port) == {"0100007F"}  # 127.0.0.1 only, nothing on other addresses
+    assert secret not in worker.log()

@@ -80,3 +80,44 @@ def test_kafka_client_options_pass_security_through() -> None:
 )
 def test_redact_dsn(dsn: str, shown: str) -> None:
     assert redact_dsn(dsn) == shown
+
+
+def test_worker_security_settings_reach_faust_and_metrics_bind_loopback() -> None:
+    import ssl
+
+    from agents.app import create_app
+
+    default = create_app(Settings.from_env({}))
+    assert default.app.conf.web_bind == "127.0.0.1"
+    assert default.app.conf.broker_credentials is None
+    s = Settings.from_env({"COMMPIPE_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+                           "COMMPIPE_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+                           "COMMPIPE_KAFKA_SASL_USERNAME": "svc",
+                           "COMMPIPE_KAFKA_SASL_PASSWORD": "pw",
+                           "COMMPIPE_METRICS_HOST": "0.0.0.0"})
+    pipeline = create_app(s)
+    credentials = pipeline.app.conf.broker_credentials
+    assert (credentials.username, credentials.password) == ("svc", "pw")
+    assert credentials.mechanism.value == "SCRAM-SHA-512"
+    assert credentials.protocol.value == "SASL_SSL"
+    assert isinstance(credentials.ssl_context, ssl.SSLContext)
+    assert pipeline.app.conf.web_bind == "0.0.0.0"
+    assert isinstance(s.kafka_client_options()["ssl_context"], ssl.SSLContext)
+
+
+def test_postgres_sslmode_applies_to_the_dsn_without_showing_it() -> None:
+    from psycopg.conninfo import conninfo_to_dict
+
+    s = Settings.from_env({"COMMPIPE_POSTGRES_DSN": "postgresql://u:hunter2@db:5433/x",
+                           "COMMPIPE_POSTGRES_SSLMODE": "verify-full"})
+    assert conninfo_to_dict(s.postgres_conninfo()) == {
+        "user": "u", "password": "hunter2", "host": "db", "port": "5433", "dbname": "x",
+        "sslmode": "verify-full"}
+    plain = Settings.from_env({"COMMPIPE_POSTGRES_DSN": "postgresql://u@db/x"})
+    assert plain.postgres_conninfo() == "postgresql://u@db/x"
+    assert Settings.from_env({}).postgres_conninfo() == ""
+    bad = Settings.from_env({"COMMPIPE_POSTGRES_DSN": "host=db password=hunter2 nonsense",
+                             "COMMPIPE_POSTGRES_SSLMODE": "require"})
+    with pytest.raises(ConfigError) as caught:
+        bad.postgres_conninfo()
+    assert "hunter2" not in str(caught.value)
