@@ -159,6 +159,14 @@ class Pipeline:
                 out[tp.partition] = max(high - (read + 1 if read is not None else 0), 0)
         return out
 
+    def state_keys(self) -> dict[str, int]:
+        """Keys held in this worker's table, by kind (what its memory grows with)."""
+        names = {"w": "window", "e": "edge", "d": "detail", "p": "partition"}
+        counts = dict.fromkeys(names.values(), 0)
+        for key in list(self.state.keys()):
+            counts[names[key[0]]] += 1
+        return counts
+
     def owns(self, partition: int) -> bool:
         """True while this worker actively owns ``partition`` of the input topic."""
         actives = self.app.assignor.assigned_actives()

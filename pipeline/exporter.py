@@ -194,6 +194,11 @@ class WorkerCollector(Collector):
         for partition, behind in sorted(pl.lag().items()):
             lag.add_metric([str(partition)], behind)
         yield lag
+        keys = GaugeMetricFamily(f"{ns}_state_keys", "Keys in the worker's table (all its "
+                                 "partitions): window, edge, detail, partition", labels=["kind"])
+        for kind, n in sorted(pl.state_keys().items()):
+            keys.add_metric([kind], n)
+        yield keys
         if self.sink is None:
             return
         families = {

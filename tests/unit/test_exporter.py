@@ -120,13 +120,15 @@ def test_worker_metrics() -> None:
     asyncio.run(sink.flush())
     pipeline = SimpleNamespace(events_in=7, duplicates=4, batches=2, batch_records=5,
                                dead_letters=SimpleNamespace(counts=Counter(invalid_json=3)),
-                               lag=lambda: {0: 4, 2: 0})
+                               lag=lambda: {0: 4, 2: 0},
+                               state_keys=lambda: {"window": 3, "edge": 1})
     got = scrape(WorkerCollector(pipeline, namespace="w", sink=sink))
     assert got[("w_events_consumed_total", ())] == 7
     assert got[("w_duplicate_events_total", ())] == 4
     assert got[("w_worker_batch_records_total", ())] == 5
     assert got[("w_dead_letters_total", (("reason", "invalid_json"),))] == 3
     assert got[("w_consumer_lag", (("partition", "0"),))] == 4
+    assert got[("w_state_keys", (("kind", "window"),))] == 3
     assert got[("w_sink_flushes_total", (("database", "duckdb"),))] == 1
     assert got[("w_sink_windows_total", (("database", "duckdb"),))] == 1
     assert got[("w_sink_flush_failures_total", (("database", "duckdb"),))] == 0
