@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -105,14 +106,17 @@ def test_steady_load_keeps_worker_memory_bounded(
     later = [p for p in rss if p[0] >= DURATION_S / 2]
     growth = _slope(later) * 60
     report = ", ".join(f"{t:.0f}s {mb:.0f}MB w={k.get('window', 0):.0f}"
-                       f" d={k.get('detail', 0):.0f}" for t, mb, k in samples[::6])
+                       f" d={k.get('detail', 0):.0f}" for t, mb, k in samples)
     print(f"\nsoak: {sent[0]} events sent, {consumed:.0f} consumed; RSS {report}; "
           f"second half slope {growth:+.2f} MB/min")
     # bounded: open windows are edges × (window + grace + sink lag) / window, not events
     assert max(k.get("window", 0) for _, _, k in samples) <= len(EDGES) * 5
     assert max(k.get("detail", 0) for _, _, k in samples[2:]) <= 200
     assert growth < 1.0, report  # MB per minute over the second half
-    assert max(mb for _, mb in later) < min(mb for _, mb in later) + 40, report
+    # and the last quarter sits where the second quarter did (medians: one GC spike is noise)
+    quarter = [mb for t, mb in rss if DURATION_S / 4 <= t < DURATION_S / 2]
+    last = [mb for t, mb in rss if t >= DURATION_S * 3 / 4]
+    assert statistics.median(last) <= statistics.median(quarter) + 15, report
 
 
 def _try(env: dict[str, str]) -> dict[Any, float]:
