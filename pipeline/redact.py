@@ -1,10 +1,12 @@
 """Error messages safe to keep: credentials masked, control characters out, length bounded.
 
 Used in two places with the same rules: the shim, before a message leaves the
-service (``error``, ``timeout``, ``retry``, ``Call`` and the tenacity adapter
-pass ``str(exc)`` through :func:`message_of` / :func:`safe_message`), and the
-worker, on every event it keeps for the databases, because producers that do
-not use the shim exist. Applying it twice changes nothing.
+service (the shim's sender runs :func:`safe_message` on every event's
+``error_message``, whether it came from ``error``, ``timeout``, ``retry``, a
+failed ``Call`` or the tenacity adapter, which pass ``str(exc)``, or from
+``emit()``), and the worker, on every event it keeps for the databases,
+because producers that do not use the shim exist. Applying it twice changes
+nothing.
 
 Masked (replaced by ``***``; everything else is kept as it was):
 
@@ -33,7 +35,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
-__all__ = ["MASK", "MAX_MESSAGE_CHARS", "message_of", "redact", "safe_message"]
+__all__ = ["MASK", "MAX_MESSAGE_CHARS", "redact", "safe_message", "text_of"]
 
 MAX_MESSAGE_CHARS: Final = 1024
 """Longest ``error_message`` (characters) the wire format accepts and the shim sends."""
@@ -75,11 +77,14 @@ def redact(text: str) -> str:
     return _KEY_VALUE.sub(_mask_value, text)
 
 
-def safe_message(text: str | None) -> str | None:
+def safe_message(text: object) -> str | None:
     """A message fit for ``error_message``: masked, one line, at most
-    :data:`MAX_MESSAGE_CHARS` characters; ``None`` when nothing is left."""
-    if text is None:
-        return None
+    :data:`MAX_MESSAGE_CHARS` characters; ``None`` when nothing is left. Anything else
+    than a string is first turned into one (:func:`text_of`). Never raises."""
+    if type(text) is not str:
+        text = text_of(text)
+        if text is None:
+            return None
     if len(text) > _SCAN_CHARS:
         head = text[:_SCAN_CHARS]
         cut = _LAST_SPACE.search(head)
@@ -91,13 +96,15 @@ def safe_message(text: str | None) -> str | None:
     return text or None
 
 
-def message_of(exc: BaseException | None) -> str | None:
-    """``safe_message(str(exc))``, or ``None``: never raises, even for an exception whose
-    ``__str__`` does."""
-    if exc is None:
+def text_of(value: object) -> str | None:
+    """``str(value)`` (an exception's message), or ``None`` for ``None``, an empty text or a
+    ``__str__`` that raises: never raises itself. Not masked: :func:`safe_message` does that."""
+    if value is None:
         return None
     try:
-        text = str(exc)
+        text = str(value)
     except Exception:  # noqa: BLE001 - a broken __str__ must not break the caller
         return None
-    return safe_message(text) if isinstance(text, str) else None
+    if not isinstance(text, str):
+        return None
+    return str.__str__(text) or None  # a plain str, even from a str subclass

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.redact import MAX_MESSAGE_CHARS, message_of, redact, safe_message
+from pipeline.redact import MAX_MESSAGE_CHARS, redact, safe_message, text_of
 
 
 @pytest.mark.parametrize(("text", "want"), [
@@ -85,17 +85,19 @@ def test_empty_and_none() -> None:
     assert safe_message(" \n\t ") is None
 
 
-def test_message_of_exceptions() -> None:
-    assert message_of(ConnectionError("to postgresql://u:secret@h/db")) == (
+def test_exceptions_and_other_objects() -> None:
+    assert safe_message(ConnectionError("to postgresql://u:secret@h/db")) == (
         "to postgresql://u:***@h/db")
-    assert message_of(ValueError()) is None
-    assert message_of(None) is None
+    assert safe_message(ValueError()) is None
+    assert safe_message(503) == "503"
+    assert text_of(ValueError("password=x")) == "password=x"  # masking is safe_message's
+    assert text_of(None) is None and text_of(KeyError()) is None
 
     class Broken(Exception):
         def __str__(self) -> str:
             raise RuntimeError("no")
 
-    assert message_of(Broken()) is None
+    assert safe_message(Broken()) is None and text_of(Broken()) is None
 
 
 @settings(max_examples=300, deadline=None)
