@@ -7,8 +7,10 @@ on several partitions — a producer with another partitioner — never mixes):
 - :func:`window_id` ``w|partition|edge|window_start`` -> :class:`WindowStats`
 - :func:`edge_id` ``e|partition|edge`` -> :class:`EdgeMeta` (circuit state, late events)
 - :func:`partition_id` ``p|partition`` -> :class:`PartitionMeta` (event-time watermark)
-- :func:`detail_id` ``d|partition|first_offset`` -> :class:`DetailBatch`: the error,
-  timeout and health events of one batch, kept until the sink has stored them
+- :func:`detail_id` ``d|partition|first_offset`` -> :class:`DetailBatch`: the events of
+  one batch the sink stores one by one (:func:`keeps_detail`: errors, timeouts, retries,
+  health checks and the responses of retried calls), kept until the sink has stored them,
+  their ``error_message`` masked and bounded again (:mod:`pipeline.redact`)
 
 Exactness under at-least-once delivery: every value records ``offset``, the
 highest source offset applied to it, and a replayed record is skipped by each
@@ -38,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 
 from pipeline.circuit import Breaker, BreakerConfig, StateTrack
+from pipeline.details import DETAIL_KINDS, DetailBatch, detail_of, keeps_detail
 from pipeline.events import Event
 from pipeline.sketch import LatencySketch
 from pipeline.totals import EdgeTotals
@@ -214,25 +217,6 @@ class PartitionMeta:
         return cls(-math.inf if wm is None else wm, data["last_seen"], data["offset"])
 
 
-@dataclass(slots=True)
-class DetailBatch:
-    """Events kept one by one for the sink (``communication_events`` and
-    ``communication_health_checks``), as wire-format objects. Keyed by the batch's first
-    new offset: a replay after a crash writes the same key again or a new one, and the
-    databases drop the repeats by ``event_id``."""
-
-    events: list[dict[str, Any]] = field(default_factory=list)
-    offset: int = -1
-
-    def to_json(self) -> dict[str, Any]:
-        return {"events": self.events, "offset": self.offset}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> DetailBatch:
-        return cls(data["events"], data["offset"])
-
-
-DETAIL_KINDS: Final = frozenset({"error", "timeout", "health"})
 State = WindowStats | EdgeMeta | PartitionMeta | DetailBatch
 _OUTCOME = {"response": True, "error": False, "timeout": False}
 
@@ -314,10 +298,10 @@ class PartitionBatch:
                 refused.append((event, f"ts: {ts - now:.0f} s ahead of the worker's clock "
                                        f"(at most {config.max_future_s:g} s accepted)"))
                 continue
-            if event.kind in DETAIL_KINDS:
+            if keeps_detail(event):
                 if not self.details.events:
                     self.details.offset = offset
-                self.details.events.append(event.to_wire())
+                self.details.events.append(detail_of(event))
             edge = event.edge
             edge_meta = self._edge(edge)
             edge_meta.last_seen = now

@@ -253,6 +253,8 @@ def make_records(seed: int, n: int = 140, start_offset: int = 0) -> list[Record]
                 opt["latency_ms"] = 999.0  # not an outcome: must stay out of the sketch
             if kind in ("request", "response") and r.random() < 0.7:
                 opt["payload_size"] = r.randint(0, 5000)
+            if kind == "response" and r.random() < 0.2:  # one try of a retried call
+                opt["attempt"] = r.randint(1, 3)
             if kind == "error":
                 opt["error_type"] = r.choice(["conn_refused", "http_5xx", "reset"])
             if kind == "retry":
@@ -281,11 +283,14 @@ def check_against_model(store: dict[str, Any], records: Sequence[Record], partit
                  | {edge_id(partition, e) for e in edges} | {partition_id(partition)})
     got_keys = {k for k in store if parse_id(k)[1] == partition and parse_id(k)[0] != "d"}
     assert got_keys == want_keys
-    # every error, timeout and health event that was not refused is kept for the sink, once
+    # every error, timeout, retry and health event and every response of a retried call
+    # (attempt > 1) that was not refused is kept for the sink, once
     # per distinct event (a replay may write it again under another key; the sink dedups)
     refused = {id(e) for e in model(records)[3]}
     want_details = sorted(e.to_wire()["event_id"] for _, events, _ in records for e in events
-                          if e.kind in ("error", "timeout", "health") and id(e) not in refused)
+                          if (e.kind in ("error", "timeout", "retry", "health")
+                              or (e.kind == "response" and (e.attempt or 0) > 1))
+                          and id(e) not in refused)
     kept = [v for k, v in store.items() if parse_id(k)[:2] == ("d", partition)]
     assert all(isinstance(v, DetailBatch) for v in kept)
     assert sorted({e["event_id"] for v in kept for e in v.events}) == sorted(set(want_details))
