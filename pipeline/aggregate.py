@@ -8,9 +8,11 @@ on several partitions — a producer with another partitioner — never mixes):
 - :func:`edge_id` ``e|partition|edge`` -> :class:`EdgeMeta` (circuit state, late events)
 - :func:`partition_id` ``p|partition`` -> :class:`PartitionMeta` (event-time watermark)
 - :func:`detail_id` ``d|partition|first_offset[|part]`` -> :class:`DetailBatch`: the
-  error, timeout and health events of one batch, at most :data:`DETAIL_CHUNK_EVENTS` per
-  value (a changelog record must stay well under Kafka's 1 MiB), kept until the sink has
-  stored them
+  events of one batch the sink stores one by one (:func:`keeps_detail`: errors, timeouts,
+  retries, health checks and the responses of retried calls), at most
+  :data:`DETAIL_CHUNK_EVENTS` events and :data:`DETAIL_CHUNK_BYTES` per value (a changelog
+  record must stay well under Kafka's 1 MiB), kept until the sink has stored them, their ``error_message`` masked and bounded
+  again (:mod:`pipeline.redact`)
 
 Exactness under at-least-once delivery: every value records ``offset``, the
 highest source offset applied to it, and a replayed record is skipped by each
@@ -49,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 
 from pipeline.circuit import Breaker, BreakerConfig, StateTrack
+from pipeline.details import DETAIL_CHUNK_BYTES, DETAIL_CHUNK_EVENTS, DETAIL_KINDS, DetailBatch, detail_of, keeps_detail
 from pipeline.events import Event
 from pipeline.sketch import LatencySketch
 from pipeline.totals import EdgeTotals
@@ -284,27 +287,6 @@ class PartitionMeta:
         return cls(-math.inf if wm is None else wm, data["last_seen"], data["offset"])
 
 
-@dataclass(slots=True)
-class DetailBatch:
-    """Events kept one by one for the sink (``communication_events`` and
-    ``communication_health_checks``), as wire-format objects. Keyed by the batch's first
-    new offset: a replay after a crash writes the same key again or a new one, and the
-    databases drop the repeats by ``event_id``."""
-
-    events: list[dict[str, Any]] = field(default_factory=list)
-    offset: int = -1
-
-    def to_json(self) -> dict[str, Any]:
-        return {"events": self.events, "offset": self.offset}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> DetailBatch:
-        return cls(data["events"], data["offset"])
-
-
-DETAIL_KINDS: Final = frozenset({"error", "timeout", "health"})
-DETAIL_CHUNK_EVENTS: Final = 400
-"""Most events in one DetailBatch value (a detail event is at most ~2 KB of JSON)."""
 State = WindowStats | EdgeMeta | PartitionMeta | DetailBatch
 _OUTCOME = {"response": True, "error": False, "timeout": False}
 
@@ -326,6 +308,7 @@ class PartitionBatch:
         self._windows: dict[str, WindowStats] = {}
         self._edges: dict[str, EdgeMeta] = {}
         self.details: list[DetailBatch] = []
+        self._detail_bytes = 0  # JSON bytes in the last of them
         self._fresh: set[int] = set()  # id() of values that have not seen the current record
         self.applied = 0
         self.late = 0
@@ -407,12 +390,17 @@ class PartitionBatch:
                 refused.append((event, f"ts: {ts - now:.0f} s ahead of the worker's clock "
                                        f"(at most {config.max_future_s:g} s accepted)"))
                 continue
-            if event.kind in DETAIL_KINDS:
+            if keeps_detail(event):
+                wire = detail_of(event)
+                nbytes = len(orjson.dumps(wire))
                 details = self.details[-1] if self.details else None
-                if details is None or len(details.events) >= DETAIL_CHUNK_EVENTS:
+                if details is None or len(details.events) >= DETAIL_CHUNK_EVENTS or \
+                        self._detail_bytes + nbytes > DETAIL_CHUNK_BYTES:
                     details = DetailBatch(offset=offset)
                     self.details.append(details)
-                details.events.append(event.to_wire())
+                    self._detail_bytes = 0
+                self._detail_bytes += nbytes
+                details.events.append(wire)
             edge = event.edge
             edge_meta = self._edge(edge)
             edge_meta.last_seen = now

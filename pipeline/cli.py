@@ -11,6 +11,9 @@ Commands:
   PostgreSQL (``COMMPIPE_POSTGRES_DSN``) and the DuckDB file (``COMMPIPE_DUCKDB_PATH``).
 * ``commpipe query "SQL"``: run SQL on the DuckDB file (``--postgres``: on
   PostgreSQL) and print the result; ``commpipe health``: the health analysis of both.
+* ``commpipe trace ID``: one call's chain across services (:mod:`pipeline.cli_trace`).
+* ``commpipe patterns load FILE`` / ``check``: the message_patterns catalogue
+  (:mod:`pipeline.cli_patterns`).
 
 The command line needs the ``server`` extra (typer, rich); without it
 :func:`main` says so and exits with code 1.
@@ -271,6 +274,10 @@ def _build_app() -> Any:
 
         _guarded(console, run)
 
+    from pipeline import cli_patterns, cli_trace
+
+    cli_trace.add_commands(app, console)
+    cli_patterns.add_commands(app, console)
     return app
 
 

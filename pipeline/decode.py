@@ -28,6 +28,8 @@ Field rules (DESIGN.md, "The event"):
 ``latency_ms``     finite number, 0 <= x <= 86,400,000 (one day);
                    required for ``response``; same rule for ``backoff_ms``
 ``status_code``    integer 0-999 (HTTP or gRPC code)
+``error_message``  1-1024 characters, no control characters (C0, DEL, C1);
+                   the reason never repeats the text, which may hold secrets
 ``attempt``        integer 1-10,000; required for ``retry``
 ``payload_size``   integer 0 - 2**40
 ``circuit_state``  ``closed | open | half_open``; required for ``circuit``
@@ -46,6 +48,7 @@ import orjson
 
 from pipeline.errors import EventValidationError
 from pipeline.events import CIRCUIT_STATES, HEALTH_STATUSES, KINDS, SCHEMA_VERSION, Event
+from pipeline.redact import MAX_MESSAGE_CHARS
 
 __all__ = [
     "MAX_BATCH_EVENTS",
@@ -73,6 +76,7 @@ _CORRELATION_ID = re.compile(r"[!-~]{1,128}")
 _METHOD = re.compile(r"[^\x00-\x1f\x7f]{1,200}")
 _TRACE_ID = re.compile(r"[0-9a-f]{32}")
 _SPAN_ID = re.compile(r"[0-9a-f]{16}")
+_CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 # Service names, protocols and error types repeat endlessly: each such check
 # remembers the strings it has passed, so its regular expression runs once per
@@ -182,6 +186,19 @@ def _hex_id(pattern: re.Pattern[str], length: int) -> Callable[[Any], str]:
     return check
 
 
+def _check_message(value: Any) -> str:
+    """``error_message``: its faults are described, never quoted (it may hold secrets)."""
+    if type(value) is not str:
+        raise _Bad(f"expected a string, got {_describe(value)}")
+    if not 1 <= len(value) <= MAX_MESSAGE_CHARS:
+        raise _Bad(f"{len(value)} characters; 1-{MAX_MESSAGE_CHARS} are accepted")
+    bad = _CONTROL_CHAR.search(value)
+    if bad is not None:
+        raise _Bad(f"control character U+{ord(bad[0]):04X} at position {bad.start()} "
+                   "(one line of printable text is accepted)")
+    return value
+
+
 _check_name = _checker(_NAME, "[A-Za-z0-9._:-]{1,100}", remember=True)
 _check_protocol = _checker(_PROTOCOL, "[a-z][a-z0-9._-]{0,31}", remember=True)
 _check_event_id = _checker(_EVENT_ID, "[A-Za-z0-9_-]{1,64}")
@@ -198,6 +215,7 @@ _OPTIONAL: Final[tuple[tuple[str, Callable[[Any], Any]], ...]] = (
     ("latency_ms", _check_ms),
     ("status_code", _integer(0, 999)),
     ("error_type", _check_name),
+    ("error_message", _check_message),
     ("attempt", _integer(1, 10_000)),
     ("backoff_ms", _check_ms),
     ("payload_size", _integer(0, PAYLOAD_MAX)),

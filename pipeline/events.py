@@ -77,6 +77,9 @@ class Event(NamedTuple):
     latency_ms: float | None = None
     status_code: int | None = None
     error_type: str | None = None
+    error_message: str | None = None
+    """Error/timeout/retry: what went wrong, 1-1024 characters, one line, no credentials
+    (:func:`pipeline.redact.safe_message`)."""
     attempt: int | None = None
     backoff_ms: float | None = None
     payload_size: int | None = None

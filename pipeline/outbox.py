@@ -3,7 +3,8 @@
 Both emitters share this: the caller's thread only appends a dict to a deque
 under a lock (never a network call, never an exception); :meth:`Outbox.run`
 (an asyncio task, in the emitter's own thread or in the caller's loop) takes
-everything buffered, validates it with the same rules the worker applies,
+everything buffered, masks credentials in ``error_message`` and bounds it
+(:func:`pipeline.redact.safe_message`), validates it with the same rules the worker applies,
 groups it by edge, and sends one record per edge per round: a JSON array of at
 most ``batch_events`` events and ``batch_bytes`` bytes, keyed by the edge.
 
@@ -39,6 +40,7 @@ import orjson
 from pipeline.decode import validate_event
 from pipeline.errors import EventValidationError
 from pipeline.events import edge_key
+from pipeline.redact import safe_message
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaProducer
@@ -173,6 +175,13 @@ class Outbox:
         for i, event in enumerate(events):
             event["event_id"] = ids[32 * i: 32 * i + 32]
             event.setdefault("correlation_id", event["event_id"])
+            message = event.get("error_message")
+            if message is not None:  # masked and bounded before it leaves the service
+                message = safe_message(message)
+                if message is None:
+                    del event["error_message"]
+                else:
+                    event["error_message"] = message
             try:
                 validate_event(event)
             except EventValidationError as e:

@@ -117,7 +117,7 @@ class Rollups:
         return out
 
     def details(self) -> list[tuple[str, DetailBatch]]:
-        """Kept error/timeout/health events of owned partitions, as ``(key, batch)``."""
+        """Kept events (``aggregate.keeps_detail``) of owned partitions, as ``(key, batch)``."""
         return sorted(((k, v) for k, v in self._items() if isinstance(v, DetailBatch)),
                       key=lambda kv: (parse_id(kv[0])[1], kv[1].offset))
 

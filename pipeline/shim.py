@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
-import re
 import threading
 import time
 import uuid
@@ -31,6 +30,7 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
+from pipeline.call import Call, error_type_of
 from pipeline.events import SCHEMA_VERSION, CircuitState, Event, HealthStatus
 from pipeline.outbox import EmitterStats, Outbox
 from pipeline.settings import Settings
@@ -38,21 +38,6 @@ from pipeline.settings import Settings
 __all__ = ["AsyncEmitter", "Call", "Emitter", "EmitterStats", "error_type_of"]
 
 log = logging.getLogger("commpipe.shim")
-
-_NOT_NAME = re.compile(r"[^A-Za-z0-9._:-]")
-
-
-def error_type_of(exc: BaseException) -> str:
-    """The ``error_type`` reported for an exception: ``timeout``, ``connection``,
-    ``cancelled``, or the exception's class name (made label-safe)."""
-    if isinstance(exc, TimeoutError):
-        return "timeout"
-    if isinstance(exc, ConnectionError):
-        return "connection"
-    if not isinstance(exc, Exception):  # CancelledError, KeyboardInterrupt, SystemExit
-        return "cancelled"
-    return _NOT_NAME.sub("_", type(exc).__name__)[:100] or "error"
-
 
 class _Kinds:
     """One method per event kind, building wire dicts; subclasses provide ``emit``."""
@@ -78,52 +63,63 @@ class _Kinds:
     def request(self, *, source_service: str, target_service: str, protocol: str = "http",
                 method: str | None = None, correlation_id: str | None = None,
                 payload_size: int | None = None, trace_id: str | None = None,
-                span_id: str | None = None, ts: float | None = None) -> bool:
-        """A call was sent from ``source_service`` to ``target_service``."""
+                span_id: str | None = None, attempt: int | None = None,
+                ts: float | None = None) -> bool:
+        """A call was sent from ``source_service`` to ``target_service`` (``attempt`` n of a
+        retried call)."""
         return self._event("request", source_service, target_service, protocol, dict(
             method=method, correlation_id=correlation_id, payload_size=payload_size,
-            trace_id=trace_id, span_id=span_id, ts=ts))
+            trace_id=trace_id, span_id=span_id, attempt=attempt, ts=ts))
 
     def response(self, *, source_service: str, target_service: str, latency_ms: float,
                  protocol: str = "http", status_code: int | None = None,
                  method: str | None = None, correlation_id: str | None = None,
                  payload_size: int | None = None, trace_id: str | None = None,
-                 span_id: str | None = None, ts: float | None = None) -> bool:
-        """A call succeeded after ``latency_ms``."""
+                 span_id: str | None = None, attempt: int | None = None,
+                 ts: float | None = None) -> bool:
+        """A call succeeded after ``latency_ms`` (at ``attempt`` n of a retried call: the
+        worker keeps such responses, n > 1, for ``commpipe trace``)."""
         return self._event("response", source_service, target_service, protocol, dict(
             latency_ms=latency_ms, status_code=status_code, method=method,
             correlation_id=correlation_id, payload_size=payload_size, trace_id=trace_id,
-            span_id=span_id, ts=ts))
+            span_id=span_id, attempt=attempt, ts=ts))
 
     def error(self, *, source_service: str, target_service: str, error_type: str,
               protocol: str = "http", latency_ms: float | None = None,
               status_code: int | None = None, method: str | None = None,
               correlation_id: str | None = None, trace_id: str | None = None,
-              span_id: str | None = None, ts: float | None = None) -> bool:
-        """A call failed with ``error_type`` (e.g. ``connection``, ``http_5xx``, ``rejected``)."""
+              span_id: str | None = None, error_message: str | None = None,
+              attempt: int | None = None, ts: float | None = None) -> bool:
+        """A call failed with ``error_type`` (e.g. ``connection``, ``http_5xx``, ``rejected``);
+        ``error_message`` (e.g. ``str(exc)``) is sent with credentials masked, at most 1,024
+        characters."""
         return self._event("error", source_service, target_service, protocol, dict(
             error_type=error_type, latency_ms=latency_ms, status_code=status_code,
             method=method, correlation_id=correlation_id, trace_id=trace_id, span_id=span_id,
-            ts=ts))
+            error_message=error_message, attempt=attempt, ts=ts))
 
     def timeout(self, *, source_service: str, target_service: str, latency_ms: float,
                 protocol: str = "http", method: str | None = None,
                 correlation_id: str | None = None, trace_id: str | None = None,
-                span_id: str | None = None, ts: float | None = None) -> bool:
+                span_id: str | None = None, error_message: str | None = None,
+                attempt: int | None = None, ts: float | None = None) -> bool:
         """A call gave up after ``latency_ms`` without an answer."""
         return self._event("timeout", source_service, target_service, protocol, dict(
             latency_ms=latency_ms, error_type="timeout", method=method,
-            correlation_id=correlation_id, trace_id=trace_id, span_id=span_id, ts=ts))
+            correlation_id=correlation_id, trace_id=trace_id, span_id=span_id,
+            error_message=error_message, attempt=attempt, ts=ts))
 
     def retry(self, *, source_service: str, target_service: str, attempt: int,
               protocol: str = "http", backoff_ms: float | None = None,
               error_type: str | None = None, method: str | None = None,
               correlation_id: str | None = None, trace_id: str | None = None,
-              span_id: str | None = None, ts: float | None = None) -> bool:
+              span_id: str | None = None, error_message: str | None = None,
+              ts: float | None = None) -> bool:
         """Attempt ``attempt`` (1-based) failed; the caller waits ``backoff_ms`` and tries again."""
         return self._event("retry", source_service, target_service, protocol, dict(
             attempt=attempt, backoff_ms=backoff_ms, error_type=error_type, method=method,
-            correlation_id=correlation_id, trace_id=trace_id, span_id=span_id, ts=ts))
+            correlation_id=correlation_id, trace_id=trace_id, span_id=span_id,
+            error_message=error_message, ts=ts))
 
     def circuit(self, *, source_service: str, target_service: str,
                 circuit_state: CircuitState, protocol: str = "http",
@@ -143,79 +139,20 @@ class _Kinds:
 
     def call(self, source_service: str, target_service: str, *, protocol: str = "http",
              method: str | None = None, correlation_id: str | None = None,
-             trace_id: str | None = None, span_id: str | None = None) -> Call:
+             trace_id: str | None = None, span_id: str | None = None,
+             attempt: int | None = None) -> Call:
         """Time one call: ``with emitter.call("orders", "payments") as call: ...``.
 
         Emits ``request`` on entry; on exit ``response`` with the measured latency,
         ``timeout`` if a ``TimeoutError`` escaped, or ``error`` with the exception's
-        :func:`error_type_of` otherwise (or what :meth:`Call.fail` set). All share one
-        correlation id. The exception itself is never swallowed.
+        :func:`error_type_of` and ``str(exc)`` as ``error_message`` otherwise (or what
+        :meth:`Call.fail` set). All share one correlation id and ``attempt`` (the attempt
+        number when this call is one try of a retried call). The exception itself is
+        never swallowed.
         """
         return Call(self, source_service, target_service, protocol=protocol, method=method,
                     correlation_id=correlation_id or uuid.uuid4().hex, trace_id=trace_id,
-                    span_id=span_id)
-
-
-class Call:
-    """The context manager returned by ``emitter.call(...)``; usable with ``with`` and
-    ``async with``. Set ``status_code``/``payload_size`` on it, or call :meth:`fail`."""
-
-    __slots__ = ("_emitter", "_started", "correlation_id", "error_type", "method",
-                 "payload_size", "protocol", "source_service", "span_id", "status_code",
-                 "target_service", "trace_id")
-
-    def __init__(self, emitter: _Kinds, source_service: str, target_service: str, *,
-                 protocol: str, method: str | None, correlation_id: str,
-                 trace_id: str | None, span_id: str | None) -> None:
-        self._emitter = emitter
-        self.source_service = source_service
-        self.target_service = target_service
-        self.protocol = protocol
-        self.method = method
-        self.correlation_id = correlation_id
-        self.trace_id = trace_id
-        self.span_id = span_id
-        self.status_code: int | None = None
-        self.payload_size: int | None = None
-        self.error_type: str | None = None
-        self._started = 0.0
-
-    def fail(self, error_type: str, *, status_code: int | None = None) -> None:
-        """Report this call as failed without raising (e.g. an HTTP 503 answer)."""
-        self.error_type = error_type
-        if status_code is not None:
-            self.status_code = status_code
-
-    def __enter__(self) -> Call:
-        self._emitter.request(
-            source_service=self.source_service, target_service=self.target_service,
-            protocol=self.protocol, method=self.method, correlation_id=self.correlation_id,
-            trace_id=self.trace_id, span_id=self.span_id)
-        self._started = time.perf_counter()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: object) -> None:
-        latency_ms = (time.perf_counter() - self._started) * 1000.0
-        common = dict(source_service=self.source_service, target_service=self.target_service,
-                      protocol=self.protocol, method=self.method,
-                      correlation_id=self.correlation_id, trace_id=self.trace_id,
-                      span_id=self.span_id, latency_ms=latency_ms)
-        if exc is None and self.error_type is None:
-            self._emitter.response(status_code=self.status_code,
-                                   payload_size=self.payload_size, **common)
-        elif isinstance(exc, TimeoutError):
-            self._emitter.timeout(**common)
-        else:
-            error_type = self.error_type or error_type_of(exc)  # type: ignore[arg-type]
-            self._emitter.error(error_type=error_type, status_code=self.status_code, **common)
-
-    async def __aenter__(self) -> Call:
-        return self.__enter__()
-
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: object) -> None:
-        self.__exit__(exc_type, exc, tb)
+                    span_id=span_id, attempt=attempt)
 
 
 def _outbox(settings: Settings, bootstrap_servers: str | None, topic: str | None,

@@ -2,7 +2,8 @@
 
 Each worker runs one :class:`Sink` for the partitions it owns. Every round
 (:meth:`Sink.flush`) it asks :class:`~pipeline.rollups.Rollups` for closed
-windows and kept error/timeout/health events, and gives each target what that
+windows and kept events (errors, timeouts, retries, health checks, the responses of
+retried calls), and gives each target what that
 target has not stored yet, in transactions of at most ``batch_rows`` rows
 (:func:`pipeline.sink_sql.write_batch`). Targets are independent: PostgreSQL
 being away delays only PostgreSQL, which retries with exponential backoff

@@ -8,7 +8,9 @@ DuckDB against ~200 rows/s for its ``executemany``, and as fast as
 
 :func:`write_batch` runs inside the caller's transaction, in this order:
 
-1. error/timeout events -> ``communication_events`` and health events ->
+1. error, timeout and retry events and the responses of retried calls ->
+   ``communication_events`` (with ``error_message``, ``attempt``, ``backoff_ms``:
+   ``commpipe trace`` reads them) and health events ->
    ``communication_health_checks`` (``ON CONFLICT (event_id) DO NOTHING``: a
    replay inserts nothing twice); ``recovered_at`` of unhealthy checks of the
    services just checked is recomputed (the first later healthy check);
@@ -62,7 +64,9 @@ _EVENTS = [("event_id", "text", ""), ("correlation_id", "text", ""),
            ("source_service", "text", ""), ("target_service", "text", ""),
            ("event_type", "text", ""), ("protocol", "text", ""), ("method", "text", ""),
            ("payload_size", "bigint", ""), ("latency_ms", "double precision", ""),
-           ("status_code", "bigint", ""), ("error_type", "text", ""), ("trace_id", "text", ""),
+           ("status_code", "bigint", ""), ("error_type", "text", ""),
+           ("error_message", "text", ""), ("attempt", "bigint", ""),
+           ("backoff_ms", "double precision", ""), ("trace_id", "text", ""),
            ("span_id", "text", ""), ("occurred_at", "double precision", "ts")]
 _CHECKS = [("event_id", "text", ""), ("service_name", "text", ""), ("checked_by", "text", ""),
            ("endpoint", "text", ""), ("check_type", "text", ""), ("status", "text", ""),
@@ -214,7 +218,8 @@ def pattern_values(row: Sequence[Any]) -> tuple[Any, ...]:
 def _event_row(e: dict[str, Any]) -> tuple[Any, ...]:
     return (e["event_id"], e["correlation_id"], e["source_service"], e["target_service"],
             e["kind"], e["protocol"], e.get("method"), e.get("payload_size"),
-            e.get("latency_ms"), e.get("status_code"), e.get("error_type"), e.get("trace_id"),
+            e.get("latency_ms"), e.get("status_code"), e.get("error_type"),
+            e.get("error_message"), e.get("attempt"), e.get("backoff_ms"), e.get("trace_id"),
             e.get("span_id"), e["ts"])
 
 

@@ -10,10 +10,23 @@
     def charge(): ...
 
 tenacity calls ``before_sleep`` after attempt *n* failed and before it sleeps;
-the event carries ``attempt=n``, ``backoff_ms`` = the coming sleep, and the
-failure's :func:`~pipeline.shim.error_type_of`. All retry events of one retried
-call share a correlation id (:meth:`RetryEvents.correlation_id` tells it, e.g.
-to pass to ``emitter.call(..., correlation_id=...)`` inside the attempt).
+the event carries ``attempt=n``, ``backoff_ms`` = the coming sleep, the
+failure's :func:`~pipeline.shim.error_type_of` and ``str(exc)`` as
+``error_message`` (masked and bounded by the shim, :mod:`pipeline.redact`).
+All retry events of one retried call share a correlation id
+(:meth:`RetryEvents.correlation_id` tells it).
+
+To see every attempt and the outcome in ``commpipe trace``, time each attempt
+with :meth:`RetryEvents.call` (tenacity's iterator style gives the attempt's
+state): its events share the retry events' correlation id and carry the
+attempt number::
+
+    events = RetryEvents(emitter, "orders", "payments")
+    for attempt in Retrying(stop=stop_after_attempt(4), wait=wait_exponential(0.2),
+                            before_sleep=events):
+        with attempt, events.call(attempt):
+            charge()
+
 This module does not import tenacity: it reads the ``RetryCallState`` it is given.
 """
 
@@ -23,7 +36,8 @@ import uuid
 import weakref
 from typing import Any
 
-from pipeline.shim import _Kinds, error_type_of
+from pipeline.redact import text_of
+from pipeline.shim import Call, _Kinds, error_type_of
 
 __all__ = ["RetryEvents"]
 
@@ -47,6 +61,16 @@ class RetryEvents:
             cid = self._ids[retry_state] = uuid.uuid4().hex
         return cid
 
+    def call(self, attempt: Any) -> Call:
+        """The call timer (:meth:`~pipeline.shim.Emitter.call`) for one attempt: ``attempt``
+        is tenacity's ``AttemptManager`` (what ``for attempt in Retrying(...)`` yields) or
+        its ``RetryCallState``; the call gets this retried call's correlation id and the
+        attempt's number."""
+        state = getattr(attempt, "retry_state", attempt)
+        return self._emitter.call(self._source, self._target, protocol=self._protocol,
+                                  method=self._method, correlation_id=self.correlation_id(state),
+                                  attempt=state.attempt_number)
+
     def __call__(self, retry_state: Any) -> None:
         outcome = retry_state.outcome
         exc = outcome.exception() if outcome is not None and outcome.failed else None
@@ -56,4 +80,5 @@ class RetryEvents:
             source_service=self._source, target_service=self._target, protocol=self._protocol,
             attempt=retry_state.attempt_number, backoff_ms=float(sleep_s) * 1000.0,
             error_type=error_type_of(exc) if exc is not None else "result",
-            method=self._method, correlation_id=self.correlation_id(retry_state))
+            error_message=text_of(exc), method=self._method,
+            correlation_id=self.correlation_id(retry_state))

@@ -31,8 +31,10 @@ pytestmark = pytest.mark.integration
 
 UP1 = Step(1, "communication_monitoring", "up")
 UP2 = Step(2, "rollups", "up")
+UP3 = Step(3, "call_chains", "up")
 DOWN1 = Step(1, "communication_monitoring", "down")
 DOWN2 = Step(2, "rollups", "down")
+DOWN3 = Step(3, "call_chains", "down")
 
 TRACKING = {"commpipe_schema_migrations"}
 TABLES_1 = {"communication_patterns", "communication_events", "communication_health_checks",
@@ -48,7 +50,12 @@ INDEXES_1 = {
 PARTIAL_INDEXES_1 = {"idx_communication_patterns_latency", "idx_communication_patterns_errors",
                      "idx_health_checks_unhealthy"}  # PostgreSQL only: DuckDB has no partial ones
 INDEXES_2 = {"idx_communication_rollups_edge"}
+INDEXES_3 = {"idx_communication_events_trace"}
 FUNCTIONS_1 = {"analyze_communication_health"}
+EVENT_COLUMNS_1 = {"id", "event_id", "correlation_id", "source_service", "target_service",
+                   "event_type", "protocol", "method", "payload_size", "latency_ms", "status_code",
+                   "error_type", "error_message", "trace_id", "span_id", "occurred_at"}
+EVENT_COLUMNS_3 = {"attempt", "backoff_ms"}
 
 
 class Db:
@@ -98,6 +105,8 @@ class Db:
                 "sequences": "SELECT sequence_name FROM duckdb_sequences()",
                 "indexes": "SELECT index_name FROM duckdb_indexes()",
             }
+        queries["event_columns"] = ("SELECT column_name FROM information_schema.columns "
+                                    "WHERE table_name = 'communication_events'")
         found = {k: {r[0] for r in self.run(q)} for k, q in queries.items()}
         found["indexes"] = {i for i in found["indexes"] if i.startswith("idx_")}
         return found
@@ -105,15 +114,21 @@ class Db:
 
 def expected_objects(dialect: str, version: int) -> dict[str, set[str]]:
     tables, functions, sequences, indexes = set(TRACKING), set(), set(), set()
+    columns: set[str] = set()
     if version >= 1:
         tables |= TABLES_1
         functions |= FUNCTIONS_1
         sequences |= SEQUENCES_1
         indexes |= INDEXES_1 | (PARTIAL_INDEXES_1 if dialect == "postgres" else set())
+        columns |= EVENT_COLUMNS_1
     if version >= 2:
         tables |= TABLES_2
         indexes |= INDEXES_2
-    return {"tables": tables, "functions": functions, "sequences": sequences, "indexes": indexes}
+    if version >= 3:
+        indexes |= INDEXES_3
+        columns |= EVENT_COLUMNS_3
+    return {"tables": tables, "functions": functions, "sequences": sequences, "indexes": indexes,
+            "event_columns": columns}
 
 
 @pytest.fixture(params=["postgres", "duckdb"])
@@ -136,33 +151,35 @@ def test_migration_files() -> None:
             (1, "communication_monitoring", "0001_communication_monitoring.up.sql",
              "0001_communication_monitoring.down.sql"),
             (2, "rollups", "0002_rollups.up.sql", "0002_rollups.down.sql"),
+            (3, "call_chains", "0003_call_chains.up.sql", "0003_call_chains.down.sql"),
         ]
         assert found[0].up.parent == Path(__file__).resolve().parents[2] / "sql" / dialect
-        assert mig.latest(dialect) == 2
+        assert mig.latest(dialect) == 3
 
 
 def test_up_down_up(db: Db) -> None:
     assert db.current() == 0
-    assert db.migrate() == [UP1, UP2]
-    assert db.current() == 2
-    assert db.objects() == expected_objects(db.dialect, 2)
+    assert db.migrate() == [UP1, UP2, UP3]
+    assert db.current() == 3
+    assert db.objects() == expected_objects(db.dialect, 3)
     rows = tracking_rows(db)
-    assert [(v, n) for v, n, _ in rows] == [(1, "communication_monitoring"), (2, "rollups")]
+    assert [(v, n) for v, n, _ in rows] == [(1, "communication_monitoring"), (2, "rollups"),
+                                            (3, "call_chains")]
     assert all(isinstance(at, datetime) and at.tzinfo is not None for _, _, at in rows)
 
     assert db.migrate() == []  # at the target: nothing to do
-    assert db.migrate(to=2) == []
+    assert db.migrate(to=3) == []
     assert tracking_rows(db) == rows
 
-    assert db.migrate(to=0) == [DOWN2, DOWN1]
+    assert db.migrate(to=0) == [DOWN3, DOWN2, DOWN1]
     assert db.current() == 0
     assert db.objects() == expected_objects(db.dialect, 0)
     assert tracking_rows(db) == []
 
-    assert db.migrate() == [UP1, UP2]
-    assert db.objects() == expected_objects(db.dialect, 2)
+    assert db.migrate() == [UP1, UP2, UP3]
+    assert db.objects() == expected_objects(db.dialect, 3)
     assert [(v, n) for v, n, _ in tracking_rows(db)] == [(1, "communication_monitoring"),
-                                                         (2, "rollups")]
+                                                         (2, "rollups"), (3, "call_chains")]
 
 
 def test_partial_targets(db: Db) -> None:
@@ -175,8 +192,29 @@ def test_partial_targets(db: Db) -> None:
     assert db.current() == 1
     assert db.objects() == expected_objects(db.dialect, 1)
     assert db.migrate(to=1) == []
-    with pytest.raises(ConfigError, match="versions are 0..2"):
-        db.migrate(to=3)
+    with pytest.raises(ConfigError, match="versions are 0..3"):
+        db.migrate(to=4)
+
+
+def test_0003_down_keeps_the_events_and_their_indexes(db: Db) -> None:
+    """Rolling 0003 back drops only its columns: rows stay, and the unique event_id index
+    still refuses a repeat (DuckDB's down file rebuilds the table's indexes)."""
+    db.migrate()
+    insert = ("INSERT INTO communication_events (event_id, correlation_id, source_service, "
+              f"target_service, event_type, protocol, attempt, backoff_ms) VALUES "
+              f"({', '.join([db.p] * 8)}) ON CONFLICT (event_id) DO NOTHING")
+    db.run(insert, ["r1", "c1", "orders", "payments", "retry", "http", 2, Decimal("400.00")])
+    assert db.run("SELECT attempt, backoff_ms FROM communication_events") == [
+        (2, Decimal("400.00"))]
+    assert db.migrate(to=2) == [DOWN3]
+    assert db.objects() == expected_objects(db.dialect, 2)
+    assert db.run("SELECT event_id, event_type FROM communication_events") == [("r1", "retry")]
+    with pytest.raises((psycopg.Error, duckdb.Error)):
+        db.run("INSERT INTO communication_events (event_id, correlation_id, source_service, "
+               "target_service, event_type, protocol) VALUES ('r1', 'c2', 'a', 'b', 'error', "
+               "'http')")
+    assert db.migrate() == [UP3]
+    assert db.run("SELECT attempt, backoff_ms FROM communication_events") == [(None, None)]
 
 
 def _psql() -> Path:
@@ -192,6 +230,8 @@ def test_postgres_files_run_under_psql(pg_database: str) -> None:
     db = Db("postgres", pg_database)
     sequence = [("0001_communication_monitoring.up.sql", 1),
                 ("0002_rollups.up.sql", 2),
+                ("0003_call_chains.up.sql", 3),
+                ("0003_call_chains.down.sql", 2),
                 ("0002_rollups.down.sql", 1),
                 ("0001_communication_monitoring.down.sql", 0)]
     for name, version in sequence:
@@ -352,7 +392,7 @@ def test_postgres_advisory_lock_serialises_migrations(pg_database: str) -> None:
     for w in workers:
         w.join(timeout=60)
     assert errors == []
-    assert sorted(results, key=len) == [[], [UP1, UP2]]
+    assert sorted(results, key=len) == [[], [UP1, UP2, UP3]]
 
 
 def _free_port() -> int:
@@ -375,13 +415,13 @@ def test_postgres_unreachable_names_cause_not_password() -> None:
 
 @pytest.fixture
 def broken_sql_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A COMMPIPE_SQL_DIR with the real migrations plus a 0003 that fails half-way."""
+    """A COMMPIPE_SQL_DIR with the real migrations plus a 0004 that fails half-way."""
     real = Path(__file__).resolve().parents[2] / "sql"
     for dialect in ("postgres", "duckdb"):
         shutil.copytree(real / dialect, tmp_path / dialect)
-        (tmp_path / dialect / "0003_broken.up.sql").write_text(
+        (tmp_path / dialect / "0004_broken.up.sql").write_text(
             "CREATE TABLE broken_half (a INTEGER);\nSELECT * FROM no_such_table_xyz;\n")
-        (tmp_path / dialect / "0003_broken.down.sql").write_text("DROP TABLE broken_half;\n")
+        (tmp_path / dialect / "0004_broken.down.sql").write_text("DROP TABLE broken_half;\n")
     monkeypatch.setenv(mig.SQL_DIR_ENV, str(tmp_path))
     return tmp_path
 
@@ -392,10 +432,10 @@ def test_failing_script_rolls_back_and_names_file(db: Db, broken_sql_dir: Path) 
     with pytest.raises(ServiceError) as info:
         db.migrate()
     message = str(info.value)
-    assert str(broken_sql_dir / db.dialect / "0003_broken.up.sql") in message
+    assert str(broken_sql_dir / db.dialect / "0004_broken.up.sql") in message
     assert "no_such_table_xyz" in message
     assert "s3cret-pw" not in message
-    assert db.current() == 2  # 0001 and 0002 committed, 0003 not at all
+    assert db.current() == 3  # 0001 to 0003 committed, 0004 not at all
     assert "broken_half" not in db.objects()["tables"]
 
 
@@ -411,7 +451,7 @@ def test_duckdb_file_held_by_another_process(duckdb_path: str) -> None:
     finally:
         holder.kill()
         holder.wait(timeout=10)
-    assert mig.migrate_duckdb(duckdb_path) == [UP1, UP2]
+    assert mig.migrate_duckdb(duckdb_path) == [UP1, UP2, UP3]
 
 
 @pytest.mark.parametrize(("files", "error"), [

@@ -191,8 +191,9 @@ def test_adapters_emit_through_a_real_broker(kafka_bootstrap: str,
 
     received = [e for _, _, e in read_back(kafka_bootstrap, topic, 6)]
     retries = sorted((e for e in received if e.kind == "retry"), key=lambda e: e.attempt or 0)
-    assert [(e.attempt, e.backoff_ms, e.error_type) for e in retries] == [
-        (1, 10.0, "connection"), (2, 20.0, "connection"), (3, 40.0, "connection")]
+    assert [(e.attempt, e.backoff_ms, e.error_type, e.error_message) for e in retries] == [
+        (1, 10.0, "connection", "refused"), (2, 20.0, "connection", "refused"),
+        (3, 40.0, "connection", "refused")]
     assert len({e.correlation_id for e in retries}) == 1
     circuit = sorted((e for e in received if e.kind == "circuit"), key=lambda e: e.ts)
     assert [(e.target_service, e.protocol, e.circuit_state) for e in circuit] == [

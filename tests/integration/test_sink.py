@@ -61,7 +61,8 @@ SELECT service_name, checked_by, status, extract(epoch FROM checked_at),
        extract(epoch FROM recovered_at)
 FROM communication_health_checks ORDER BY 1, 2, 4"""
 EVENTS_SQL = """
-SELECT source_service, target_service, event_type, error_type, extract(epoch FROM occurred_at)
+SELECT source_service, target_service, event_type, error_type, extract(epoch FROM occurred_at),
+       attempt, CAST(backoff_ms AS DOUBLE PRECISION)
 FROM communication_events ORDER BY 1, 2, 5, 3"""
 
 
@@ -213,13 +214,15 @@ def expected_health(patterns: list[tuple[Any, ...]], expected: Expected) -> list
 
 
 def check_details(expected: Expected, db: Databases) -> None:
-    # (the shim's timeout() stamps error_type "timeout")
+    # (the shim's timeout() stamps error_type "timeout"; the traffic's retries have none)
     want_events = sorted((e["source_service"], e["target_service"], e["kind"],
-                          e.get("error_type", e["kind"]), e["ts"])
-                         for e in expected.events if e["kind"] in ("error", "timeout"))
+                          e.get("error_type", "timeout" if e["kind"] == "timeout" else None),
+                          e["ts"], e.get("attempt"), e.get("backoff_ms"))
+                         for e in expected.events if e["kind"] in ("error", "timeout", "retry"))
+    assert {w[2] for w in want_events} == {"error", "timeout", "retry"}
     pg, duck = db.both(EVENTS_SQL)
     for rows in (pg, duck):
-        _same_times(sorted((*r[:4], _epoch(r[4])) for r in rows), want_events)
+        _same_times(sorted((*r[:4], _epoch(r[4]), *r[5:]) for r in rows), want_events)
     checks = sorted((e["target_service"], e["source_service"], e["health_status"], e["ts"])
                     for e in expected.events if e["kind"] == "health")
     want_checks = []

@@ -253,6 +253,8 @@ def make_records(seed: int, n: int = 140, start_offset: int = 0) -> list[Record]
                 opt["latency_ms"] = 999.0  # not an outcome: must stay out of the sketch
             if kind in ("request", "response") and r.random() < 0.7:
                 opt["payload_size"] = r.randint(0, 5000)
+            if kind == "response" and r.random() < 0.2:  # one try of a retried call
+                opt["attempt"] = r.randint(1, 3)
             if kind == "error":
                 opt["error_type"] = r.choice(["conn_refused", "http_5xx", "reset"])
             if kind == "retry":
@@ -281,11 +283,14 @@ def check_against_model(store: dict[str, Any], records: Sequence[Record], partit
                  | {edge_id(partition, e) for e in edges} | {partition_id(partition)})
     got_keys = {k for k in store if parse_id(k)[1] == partition and parse_id(k)[0] != "d"}
     assert got_keys == want_keys
-    # every error, timeout and health event that was not refused is kept for the sink, once
+    # every error, timeout, retry and health event and every response of a retried call
+    # (attempt > 1) that was not refused is kept for the sink, once
     # per distinct event (a replay may write it again under another key; the sink dedups)
     refused = {id(e) for e in model(records)[3]}
     want_details = sorted(e.to_wire()["event_id"] for _, events, _ in records for e in events
-                          if e.kind in ("error", "timeout", "health") and id(e) not in refused)
+                          if (e.kind in ("error", "timeout", "retry", "health")
+                              or (e.kind == "response" and (e.attempt or 0) > 1))
+                          and id(e) not in refused)
     kept = [v for k, v in store.items() if parse_id(k)[:2] == ("d", partition)]
     assert all(isinstance(v, DetailBatch) for v in kept)
     assert sorted({e["event_id"] for v in kept for e in v.events}) == sorted(set(want_details))
@@ -724,23 +729,27 @@ def test_int_window_size_gives_canonical_window_keys() -> None:
 
 def test_detail_events_split_into_values_under_a_changelog_record() -> None:
     """Thousands of error events in one batch (one record holding 1,000) become values of at
-    most DETAIL_CHUNK_EVENTS events each, under distinct keys, each encoded well below 1 MiB
-    even with every field at its longest."""
-    from pipeline.aggregate import DETAIL_CHUNK_EVENTS
+    most DETAIL_CHUNK_EVENTS events and DETAIL_CHUNK_BYTES each, under distinct keys, in
+    order; with every field at its longest (4-byte characters) each stays under 1 MiB."""
+    from pipeline.details import DETAIL_CHUNK_BYTES, DETAIL_CHUNK_EVENTS
 
-    big = {"method": "m" * 200, "status_code": 599, "error_type": "e" * 100,
-           "trace_id": "a" * 32, "span_id": "b" * 16, "payload_size": 2**40,
-           "latency_ms": 86_400_000.0}
+    small = {"latency_ms": 1.0, "error_type": "e"}
+    big = {"method": "\U0001F600" * 200, "error_message": "\U0001F600" * 1024,
+           "status_code": 599, "error_type": "e" * 100, "trace_id": "a" * 32,
+           "span_id": "b" * 16, "payload_size": 2**40, "latency_ms": 86_400_000.0}
     batch = PartitionBatch(0, CFG, {})
     sent = []
-    for offset, count in ((5, 1_000), (6, 10), (9, 450)):
-        events = [Event("error", f"{offset}x{i}" + "i" * 50, "c" * 128, "s" * 100, "t" * 100,
-                        "p" * 32, T0, **big) for i in range(count)]  # type: ignore[arg-type]
+    for offset, count, fields in ((5, 1_000, small), (6, 10, small), (9, 450, big)):
+        events = [Event("error", f"{offset}x{i}", "c" * 128, "s" * 100, "t" * 100,
+                        "p" * 32, T0, **fields) for i in range(count)]  # type: ignore[arg-type]
         batch.apply(offset, events, now=T0)
         sent += [e.event_id for e in events]
     kept = [(k, v) for k, v in batch.changes() if parse_id(k)[0] == "d"]
-    n = DETAIL_CHUNK_EVENTS
-    assert [len(v.events) for _, v in kept] == [n, n, n, 1_460 - 3 * n]
-    assert len({k for k, _ in kept}) == len(kept)
     assert [e["event_id"] for _, v in kept for e in v.events] == sent
-    assert max(len(encode_state(v)) for _, v in kept) < 1024 * 1024 // 2
+    assert len({k for k, _ in kept}) == len(kept)
+    assert all(len(v.events) <= DETAIL_CHUNK_EVENTS for _, v in kept)
+    assert [len(v.events) for _, v in kept][:2] == [DETAIL_CHUNK_EVENTS] * 2  # small ones
+    sizes = [len(orjson.dumps(v.events)) for _, v in kept]
+    assert max(sizes) <= DETAIL_CHUNK_BYTES + len(kept[-1][1].events) + 2
+    assert max(len(encode_state(v)) for _, v in kept) < 1024 * 1024 * 3 // 4
+    assert len(kept) >= 3 + 450 * 6_000 // DETAIL_CHUNK_BYTES - 1

@@ -61,7 +61,8 @@ def test_minimal_request_decodes_to_typed_event() -> None:
 def test_every_optional_field_round_trips() -> None:
     full = base(kind="response", trace_id="4bf92f3577b34da6a3ce929d0e0e4736",
                 span_id="00f067aa0ba902b7", method="POST /pay", latency_ms=12.5,
-                status_code=200, error_type="none", attempt=1, backoff_ms=0,
+                status_code=200, error_type="none", error_message="upstream said: 200 OK",
+                attempt=1, backoff_ms=0,
                 payload_size=512, circuit_state="closed", health_status="healthy",
                 check_type="liveness")
     event = validate_event(full)
@@ -70,6 +71,7 @@ def test_every_optional_field_round_trips() -> None:
     assert event.method == "POST /pay"
     assert event.latency_ms == 12.5
     assert event.status_code == 200
+    assert event.error_message == "upstream said: 200 OK"
     assert event.attempt == 1
     assert event.backoff_ms == 0.0 and isinstance(event.backoff_ms, float)
     assert event.payload_size == 512
@@ -140,6 +142,14 @@ def test_unknown_fields_are_ignored_and_null_means_absent() -> None:
         ({"status_code": 1000}, "status_code", "1000 is outside [0, 999]"),
         ({"error_type": "http 5xx"}, "error_type", "does not match"),
         ({"error_type": ""}, "error_type", "does not match"),
+        ({"error_message": ""}, "error_message", "0 characters; 1-1024 are accepted"),
+        ({"error_message": "m" * 1025}, "error_message", "1025 characters; 1-1024 are accepted"),
+        ({"error_message": 503}, "error_message", "expected a string, got int"),
+        ({"error_message": ["a"]}, "error_message", "expected a string, got list"),
+        ({"error_message": "line one\nline two"}, "error_message",
+         "control character U+000A at position 8 (one line of printable text is accepted)"),
+        ({"error_message": "red \x1b[31m"}, "error_message", "control character U+001B"),
+        ({"error_message": "csi \x9b"}, "error_message", "control character U+009B"),
         ({"attempt": 0}, "attempt", "0 is outside [1, 10000]"),
         ({"attempt": 1.5}, "attempt", "expected an integer, got float"),
         ({"backoff_ms": -5}, "backoff_ms", "is outside"),
@@ -180,6 +190,18 @@ def test_boundaries_that_are_allowed() -> None:
                                 source_service="a" * 100, protocol="x" + "y" * 31))
     assert event.latency_ms == 0.0 and event.ts == 946_684_800.0
     assert validate_event(base(kind="response", latency_ms=86_400_000)).latency_ms == 86_400_000
+
+
+def test_error_message_accepted_as_sent_and_never_quoted_when_refused() -> None:
+    for text in ("x", "m" * 1024, "connect to postgresql://u:***@h/db: refused", "Ünïcödé ✓"):
+        event = validate_event(base(kind="error", error_message=text))
+        assert event.error_message == text
+        assert event.to_wire()["error_message"] == text
+    # the decoder validates; masking is the shim's and the worker's job (pipeline.redact)
+    secret = "password=hunter2\n"
+    error = refused(base(kind="error", error_message=secret))
+    assert "hunter2" not in str(error)
+    assert "hunter2" not in str(refused(base(error_message="hunter2" * 200)))
 
 
 def test_protocol_is_not_accepted_through_the_name_memory() -> None:

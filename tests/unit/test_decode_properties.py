@@ -22,7 +22,7 @@ json_values = st.recursive(
 )
 FIELDS = ["v", "kind", "event_id", "correlation_id", "trace_id", "span_id", "source_service",
           "target_service", "protocol", "method", "ts", "latency_ms", "status_code",
-          "error_type", "attempt", "backoff_ms", "payload_size", "circuit_state",
+          "error_type", "error_message", "attempt", "backoff_ms", "payload_size", "circuit_state",
           "health_status", "check_type"]
 # Objects that look like events: real field names, random values (often nearly valid).
 near_events = st.fixed_dictionaries(

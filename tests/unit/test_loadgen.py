@@ -23,7 +23,8 @@ class FakeEmitter:
     def request(self, *, source_service: str, target_service: str, protocol: str = "http",
                 method: str | None = None, correlation_id: str | None = None,
                 payload_size: int | None = None, trace_id: str | None = None,
-                span_id: str | None = None, ts: float | None = None) -> bool:
+                span_id: str | None = None, attempt: int | None = None,
+                ts: float | None = None) -> bool:
         return self._record("request", source_service=source_service,
                             target_service=target_service, protocol=protocol,
                             correlation_id=correlation_id, ts=ts)
@@ -32,7 +33,8 @@ class FakeEmitter:
                  protocol: str = "http", status_code: int | None = None,
                  method: str | None = None, correlation_id: str | None = None,
                  payload_size: int | None = None, trace_id: str | None = None,
-                 span_id: str | None = None, ts: float | None = None) -> bool:
+                 span_id: str | None = None, attempt: int | None = None,
+                 ts: float | None = None) -> bool:
         return self._record("response", source_service=source_service,
                             target_service=target_service, protocol=protocol,
                             latency_ms=latency_ms, status_code=status_code,
@@ -42,7 +44,8 @@ class FakeEmitter:
               protocol: str = "http", latency_ms: float | None = None,
               status_code: int | None = None, method: str | None = None,
               correlation_id: str | None = None, trace_id: str | None = None,
-              span_id: str | None = None, ts: float | None = None) -> bool:
+              span_id: str | None = None, error_message: str | None = None,
+              attempt: int | None = None, ts: float | None = None) -> bool:
         return self._record("error", source_service=source_service,
                             target_service=target_service, protocol=protocol,
                             error_type=error_type, latency_ms=latency_ms,
@@ -51,7 +54,8 @@ class FakeEmitter:
     def timeout(self, *, source_service: str, target_service: str, latency_ms: float,
                 protocol: str = "http", method: str | None = None,
                 correlation_id: str | None = None, trace_id: str | None = None,
-                span_id: str | None = None, ts: float | None = None) -> bool:
+                span_id: str | None = None, error_message: str | None = None,
+                attempt: int | None = None, ts: float | None = None) -> bool:
         return self._record("timeout", source_service=source_service,
                             target_service=target_service, protocol=protocol,
                             latency_ms=latency_ms, correlation_id=correlation_id, ts=ts)
@@ -60,7 +64,8 @@ class FakeEmitter:
               protocol: str = "http", backoff_ms: float | None = None,
               error_type: str | None = None, method: str | None = None,
               correlation_id: str | None = None, trace_id: str | None = None,
-              span_id: str | None = None, ts: float | None = None) -> bool:
+              span_id: str | None = None, error_message: str | None = None,
+              ts: float | None = None) -> bool:
         return self._record("retry", source_service=source_service,
                             target_service=target_service, protocol=protocol, attempt=attempt,
                             backoff_ms=backoff_ms, error_type=error_type,

@@ -127,6 +127,83 @@ def test_call_fail_without_exception() -> None:
         call.fail("http_5xx", status_code=503)
     assert rec.events[1]["kind"] == "error"
     assert (rec.events[1]["error_type"], rec.events[1]["status_code"]) == ("http_5xx", 503)
+    assert "error_message" not in rec.events[1]
+    with rec.call("a", "b") as call:
+        call.fail("rejected", message="quota exceeded for api_key=k-123")
+    assert rec.events[3]["error_message"] == "quota exceeded for api_key=k-123"
+
+
+def test_call_failures_carry_the_exception_text_and_the_attempt() -> None:
+    rec = Recorder()
+    with pytest.raises(ConnectionError):
+        with rec.call("a", "b", correlation_id="c", attempt=2):
+            raise ConnectionError("to postgresql://u:secret@h/db")
+    with pytest.raises(TimeoutError):
+        with rec.call("a", "b", correlation_id="c", attempt=3):
+            raise TimeoutError("read timed out\nafter 5 s")
+    with pytest.raises(KeyError):
+        with rec.call("a", "b", correlation_id="c", attempt=4):
+            raise KeyError()  # str(KeyError()) == "": no message at all
+    with rec.call("a", "b", correlation_id="c", attempt=5):
+        pass
+    assert [(e["kind"], e.get("attempt"), e.get("error_message")) for e in rec.events] == [
+        ("request", 2, None), ("error", 2, "to postgresql://u:secret@h/db"),
+        ("request", 3, None), ("timeout", 3, "read timed out\nafter 5 s"),
+        ("request", 4, None), ("error", 4, None),
+        ("request", 5, None), ("response", 5, None)]
+    # the sender masks and bounds the text before it leaves the service
+    box = outbox(batch_events=100)
+    decoded = [e for r in box.encode(rec.events) for e in decode_record(r.value).events]
+    assert [e.error_message for e in decoded if e.kind != "request"] == [
+        "to postgresql://u:***@h/db", "read timed out after 5 s", None, None]
+
+
+def test_sender_masks_bounds_and_drops_messages_from_any_source() -> None:
+    rec = Recorder()
+    rec.error(source_service="a", target_service="b", error_type="auth",
+              error_message="401: Authorization: Bearer abc.def")
+    rec.timeout(source_service="a", target_service="b", latency_ms=5.0,
+                error_message="x" * 3000)
+    rec.retry(source_service="a", target_service="b", attempt=1, error_message=" \n ")
+    raw = {"v": 1, "kind": "error", "source_service": "a", "target_service": "b",
+           "protocol": "http", "ts": 1.7e9, "error_message": "password=hunter2"}
+    events = [*rec.events, raw]
+    box = outbox(batch_events=100)
+    decoded = [e for r in box.encode(events) for e in decode_record(r.value).events]
+    assert box.stats().invalid == 0
+    assert [e.error_message for e in decoded] == [
+        "401: Authorization: Bearer ***", "x" * 1023 + "…", None, "password=***"]
+
+
+def test_tenacity_adapter_times_each_attempt_under_one_correlation_id() -> None:
+    import tenacity
+
+    from pipeline.adapters.tenacity import RetryEvents
+
+    rec = Recorder()
+    events = RetryEvents(rec, "orders", "payments", protocol="grpc", method="Charge")
+    sleeps: list[float] = []
+    for attempt in tenacity.Retrying(stop=tenacity.stop_after_attempt(4),
+                                     wait=tenacity.wait_exponential(multiplier=0.2),
+                                     before_sleep=events, sleep=sleeps.append):
+        with attempt, events.call(attempt) as call:
+            if attempt.retry_state.attempt_number < 4:
+                raise ConnectionRefusedError("refused by payments:443, token=t0k3n")
+            call.status_code = 0
+    assert sleeps == [0.2, 0.4, 0.8]
+    got = [(e["kind"], e.get("attempt"), e.get("backoff_ms"), e.get("error_type"),
+            e.get("error_message")) for e in rec.events]
+    failed = "refused by payments:443, token=t0k3n"  # masked by the sender, not here
+    assert got == [
+        ("request", 1, None, None, None), ("error", 1, None, "connection", failed),
+        ("retry", 1, 200.0, "connection", failed),
+        ("request", 2, None, None, None), ("error", 2, None, "connection", failed),
+        ("retry", 2, 400.0, "connection", failed),
+        ("request", 3, None, None, None), ("error", 3, None, "connection", failed),
+        ("retry", 3, 800.0, "connection", failed),
+        ("request", 4, None, None, None), ("response", 4, None, None, None)]
+    assert len({e["correlation_id"] for e in rec.events}) == 1
+    assert {(e["protocol"], e["method"]) for e in rec.events} == {("grpc", "Charge")}
 
 
 def test_async_call() -> None:
