@@ -11,8 +11,8 @@ on several partitions — a producer with another partitioner — never mixes):
   events of one batch the sink stores one by one (:func:`keeps_detail`: errors, timeouts,
   retries, health checks and the responses of retried calls), at most
   :data:`DETAIL_CHUNK_EVENTS` events and :data:`DETAIL_CHUNK_BYTES` per value (a changelog
-  record must stay well under Kafka's 1 MiB), kept until the sink has stored them, their ``error_message`` masked and bounded
-  again (:mod:`pipeline.redact`)
+  record must stay well under Kafka's 1 MiB), kept until the sink has stored them, their
+  ``error_message`` masked and bounded again (:mod:`pipeline.redact`)
 
 Exactness under at-least-once delivery: every value records ``offset``, the
 highest source offset applied to it, and a replayed record is skipped by each
@@ -33,7 +33,7 @@ Exactness under producer retries: a producer that sends a record again after a
 timed-out send may have written it twice, at two offsets. The shim numbers its
 records per edge (headers ``commpipe-producer`` and ``commpipe-seq``, kept on
 every retry); each edge remembers, per producer, the highest number applied
-and the numbers below it not seen yet (:class:`ProducerSeqs`), so a second copy
+and the numbers below it not seen yet (:mod:`pipeline.dedup`), so a second copy
 is skipped and counted in ``duplicates``. This record lives in the edge's own
 value, so it replays with it. Records without the headers (other producers)
 are applied as they come: at-least-once.
@@ -51,7 +51,15 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 
 from pipeline.circuit import Breaker, BreakerConfig, StateTrack
-from pipeline.details import DETAIL_CHUNK_BYTES, DETAIL_CHUNK_EVENTS, DETAIL_KINDS, DetailBatch, detail_of, keeps_detail
+from pipeline.dedup import MAX_DUP_OFFSETS, ProducerSeqs, first_time
+from pipeline.details import (
+    DETAIL_CHUNK_BYTES,
+    DETAIL_CHUNK_EVENTS,
+    DETAIL_KINDS,
+    DetailBatch,
+    detail_of,
+    keeps_detail,
+)
 from pipeline.events import Event
 from pipeline.sketch import LatencySketch
 from pipeline.totals import EdgeTotals
@@ -182,40 +190,6 @@ class WindowStats:
         return cls(**values)
 
 
-MAX_GAPS: Final = 64
-"""Most missing record numbers an edge remembers per producer (a gap is a record not yet
-seen, e.g. one still being retried while a later one landed; gaps are rare and short)."""
-MAX_DUP_OFFSETS: Final = 512
-"""Most offsets of skipped copies an edge remembers (for replays after a crash)."""
-MAX_PRODUCERS: Final = 256
-"""Most producers an edge remembers: the ones seen most recently are kept."""
-PRODUCER_HORIZON_S: Final = 3_600.0
-"""A producer not heard from on an edge for this long (worker clock) is forgotten: a copy
-arriving later than that would count twice."""
-
-
-@dataclass(slots=True)
-class ProducerSeqs:
-    """Which of one producer's records of one edge have been applied: every number up to
-    ``high`` except those in ``gaps``."""
-
-    high: int = 0
-    gaps: list[int] = field(default_factory=list)
-    last_seen: float = 0.0
-
-    def first_time(self, seq: int) -> bool:
-        """Record ``seq`` as applied; False when it already was (a duplicate)."""
-        if seq > self.high:
-            self.gaps.extend(range(max(self.high + 1, seq - MAX_GAPS), seq))
-            del self.gaps[:-MAX_GAPS]
-            self.high = seq
-            return True
-        if seq in self.gaps:
-            self.gaps.remove(seq)
-            return True
-        return False
-
-
 @dataclass(slots=True)
 class EdgeMeta:
     """Per (partition, edge): circuit state over time, late events and cumulative totals."""
@@ -236,17 +210,7 @@ class EdgeMeta:
 
     def first_time(self, producer: str, seq: int, now: float) -> bool:
         """False when ``producer``'s record ``seq`` of this edge was applied already."""
-        seqs = self.producers.get(producer)
-        if seqs is None:
-            for gone in [p for p, s in self.producers.items()
-                         if s.last_seen < now - PRODUCER_HORIZON_S]:
-                del self.producers[gone]
-            if len(self.producers) >= MAX_PRODUCERS:
-                oldest = min(self.producers, key=lambda p: self.producers[p].last_seen)
-                del self.producers[oldest]
-            seqs = self.producers[producer] = ProducerSeqs()
-        seqs.last_seen = now
-        return seqs.first_time(seq)
+        return first_time(self.producers, producer, seq, now)
 
     def to_json(self) -> dict[str, Any]:
         return {"reported": self.reported.to_json() if self.reported else None,

@@ -14,7 +14,8 @@ from typing import Any, Final
 from pipeline.events import Event
 from pipeline.redact import safe_message
 
-__all__ = ["DETAIL_CHUNK_BYTES", "DETAIL_CHUNK_EVENTS", "DETAIL_KINDS", "DetailBatch", "detail_of", "keeps_detail"]
+__all__ = ["DETAIL_CHUNK_BYTES", "DETAIL_CHUNK_EVENTS", "DETAIL_KINDS", "DetailBatch",
+           "detail_of", "keeps_detail"]
 
 
 @dataclass(slots=True)

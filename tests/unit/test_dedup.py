@@ -9,16 +9,8 @@ from typing import Any
 
 import pytest
 
-from pipeline.aggregate import (
-    MAX_GAPS,
-    MAX_PRODUCERS,
-    PRODUCER_HORIZON_S,
-    EdgeMeta,
-    PartitionBatch,
-    ProducerSeqs,
-    edge_id,
-    parse_id,
-)
+from pipeline.aggregate import EdgeMeta, PartitionBatch, edge_id, parse_id
+from pipeline.dedup import MAX_GAPS, MAX_PRODUCERS, PRODUCER_HORIZON_S, ProducerSeqs
 from pipeline.events import Event
 from tests.unit.test_aggregate import CFG, EDGES, T0, _copy, dump, ev, make_records, persist
 
