@@ -36,6 +36,7 @@ from pipeline.outbox import PRODUCER_HEADER, SEQ_HEADER
 from pipeline.rollups import Rollups
 from pipeline.settings import Settings
 from pipeline.sink import Sink, build_sink
+from pipeline.slo import load_config
 
 __all__ = ["Pipeline", "create_app"]
 
@@ -139,7 +140,8 @@ class Pipeline:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(EdgeCollector(self.rollups, namespace=s.metrics_namespace,
                                         stale_s=s.metrics_stale_s,
-                                        max_edges=s.metrics_max_edges))
+                                        max_edges=s.metrics_max_edges,
+                                        slo=load_config(s.slo_file)))
         registry.register(WorkerCollector(self, namespace=s.metrics_namespace, sink=self.sink))
         return registry
 

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 
 from pipeline.circuit import Breaker, BreakerConfig, StateTrack
-from pipeline.dedup import MAX_DUP_OFFSETS, ProducerSeqs, first_time
+from pipeline.dedup import CALL_HORIZON_S, MAX_CALLS, MAX_DUP_OFFSETS, ProducerSeqs, first_time
 from pipeline.details import (
     DETAIL_CHUNK_BYTES,
     DETAIL_CHUNK_EVENTS,
@@ -142,6 +142,10 @@ class WindowStats:
     derived_state: str = "closed"
     transitions: dict[str, int] = field(default_factory=dict)
     """``"reported:open"`` / ``"derived:half_open"`` ... -> entries in this window."""
+    max_call_backoff_ms: float = 0.0
+    """Largest total retry backoff one call (correlation id) had reached by a retry here."""
+    circuit_reaction_ms: float | None = None
+    """Largest time from the edge's last failure to a reported ``open`` here (ms)."""
     first_ts: float | None = None
     last_ts: float | None = None
     offset: int = -1
@@ -171,6 +175,10 @@ class WindowStats:
         for k, n in other.transitions.items():
             self.transitions[k] = self.transitions.get(k, 0) + n
         self.latency.merge(other.latency)
+        self.max_call_backoff_ms = max(self.max_call_backoff_ms, other.max_call_backoff_ms)
+        if other.circuit_reaction_ms is not None:
+            self.circuit_reaction_ms = max(self.circuit_reaction_ms or 0.0,
+                                           other.circuit_reaction_ms)
         if other.last_ts is not None and (self.last_ts is None or other.last_ts > self.last_ts):
             self.last_ts = other.last_ts
             self.reported_state = other.reported_state or self.reported_state
@@ -207,6 +215,21 @@ class EdgeMeta:
     """Events of records skipped as a producer's second copy."""
     dup_offsets: list[int] = field(default_factory=list)
     """Offsets of the latest records skipped as copies: a replay skips them again."""
+    calls: dict[str, list[float]] = field(default_factory=dict)
+    """Correlation id -> [total retry backoff ms, last retry ts] of recently retried calls."""
+    last_failure_ts: float | None = None
+
+    def add_backoff(self, call: str, backoff_ms: float, ts: float) -> float:
+        """Add one retry's backoff to its call; returns the call's total so far."""
+        entry = self.calls.get(call)
+        if entry is None:
+            if len(self.calls) >= MAX_CALLS:
+                recent = sorted(self.calls.items(), key=lambda kv: kv[1][1])[MAX_CALLS // 2:]
+                self.calls = {k: v for k, v in recent if v[1] >= ts - CALL_HORIZON_S}
+            entry = self.calls[call] = [0.0, ts]
+        entry[0] += backoff_ms
+        entry[1] = max(entry[1], ts)
+        return entry[0]
 
     def first_time(self, producer: str, seq: int, now: float) -> bool:
         """False when ``producer``'s record ``seq`` of this edge was applied already."""
@@ -219,7 +242,8 @@ class EdgeMeta:
                 "totals": self.totals.to_json(), "last_seen": self.last_seen,
                 "producers": {p: [s.high, s.gaps, s.last_seen]
                               for p, s in self.producers.items()},
-                "duplicates": self.duplicates, "dup_offsets": self.dup_offsets}
+                "duplicates": self.duplicates, "dup_offsets": self.dup_offsets,
+                "calls": self.calls, "last_failure_ts": self.last_failure_ts}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> EdgeMeta:
@@ -229,7 +253,8 @@ class EdgeMeta:
         return cls(reported, Breaker.from_json(data["derived"]), data["late_events"],
                    data["last_ts"], data["offset"], EdgeTotals.from_json(data.get("totals")),
                    data.get("last_seen"), producers, data.get("duplicates", 0),
-                   list(data.get("dup_offsets", ())))
+                   list(data.get("dup_offsets", ())), dict(data.get("calls", {})),
+                   data.get("last_failure_ts"))
 
 
 @dataclass(slots=True)
@@ -408,6 +433,18 @@ class PartitionBatch:
         if edge_meta is None:
             return
         edge_meta.totals.add(event)
+        if kind == "retry":
+            total = edge_meta.add_backoff(event.correlation_id, event.backoff_ms or 0.0, ts)
+            if stats is not None and total > stats.max_call_backoff_ms:
+                stats.max_call_backoff_ms = total
+        elif kind in ("error", "timeout"):
+            if edge_meta.last_failure_ts is None or ts > edge_meta.last_failure_ts:
+                edge_meta.last_failure_ts = ts
+        elif kind == "circuit" and event.circuit_state == "open" and stats is not None:
+            failed = edge_meta.last_failure_ts
+            if failed is not None and failed <= ts:
+                reaction = (ts - failed) * 1000.0
+                stats.circuit_reaction_ms = max(stats.circuit_reaction_ms or 0.0, reaction)
         if kind == "circuit" and event.circuit_state is not None:
             if edge_meta.reported is None:
                 edge_meta.reported = StateTrack(since=ts)

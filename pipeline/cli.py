@@ -19,6 +19,7 @@ The command line needs the ``server`` extra (typer, rich); without it
 :func:`main` says so and exits with code 1.
 """
 
+import json
 import signal
 import sys
 import threading
@@ -200,19 +201,47 @@ def _build_app() -> Any:
         _guarded(console, run)
 
     @app.command()
-    def health() -> None:
-        """Print analyze_communication_health() from each configured database."""
-        from pipeline import query as q
+    def health(
+        fail_under: Annotated[float | None, typer.Option(
+            "--fail-under", help="Exit 1 when a service scores under this, or an objective "
+                                 "failed in the lookback (a CI gate).")] = None,
+        since: Annotated[str, typer.Option(help="Lookback for objective misses: 90s, 30m, "
+                                                "1h, 2d.")] = "1h",
+        as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    ) -> None:
+        """Print analyze_communication_health() and the objectives missed in the lookback,
+        from each configured database."""
+        from pipeline import health as h
+        from pipeline.patterns import parse_duration
         from pipeline.settings import Settings
 
         def run() -> None:
             settings = Settings.from_env()
-            if settings.postgres_dsn.get():
-                _print_result(out, q.query_postgres(settings, q.HEALTH_SQL), "table",
-                              "PostgreSQL: analyze_communication_health()")
-            if settings.duckdb_path:
-                _print_result(out, q.query_duckdb(settings.duckdb_path, q.HEALTH_SQL), "table",
-                              "DuckDB: analyze_communication_health()")
+            since_s = parse_duration(since)
+            databases = ((["postgres"] if settings.postgres_dsn.get() else [])
+                         + (["duckdb"] if settings.duckdb_path else []))
+            reports = [h.report(settings, db, since_s=since_s, fail_under=fail_under)
+                       for db in databases]
+            if as_json:
+                print(json.dumps({"ok": all(r.ok for r in reports),
+                                  "reports": [r.to_json() for r in reports]}, indent=1))
+            for r in reports if not as_json else ():
+                name = "PostgreSQL" if r.database == "postgres" else "DuckDB"
+                _print_result(out, r.health, "table",
+                              f"{name}: analyze_communication_health()")
+                _print_result(out, r.misses, "table",
+                              f"{name}: objectives missed in the last {since}")
+            gate = fail_under is not None and not all(r.ok for r in reports)
+            if fail_under is not None and not as_json:
+                for r in reports:
+                    for service, score in r.low:
+                        console.print(f"[red]{r.database}: {service} scores {score:g} < "
+                                      f"{fail_under:g}[/]")
+                    if r.misses.rows:
+                        console.print(f"[red]{r.database}: {len(r.misses.rows)} edge "
+                                      f"objective(s) missed in the last {since}[/]")
+            if gate:
+                raise typer.Exit(1)
 
         _guarded(console, run)
 

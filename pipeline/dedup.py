@@ -8,12 +8,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final
 
-__all__ = ["MAX_DUP_OFFSETS", "MAX_GAPS", "MAX_PRODUCERS", "PRODUCER_HORIZON_S",
-           "ProducerSeqs", "first_time"]
+__all__ = ["CALL_HORIZON_S", "MAX_CALLS", "MAX_DUP_OFFSETS", "MAX_GAPS", "MAX_PRODUCERS",
+           "PRODUCER_HORIZON_S", "ProducerSeqs", "first_time"]
 
 MAX_GAPS: Final = 64
 """Most missing record numbers an edge remembers per producer (a gap is a record not yet
 seen, e.g. one still being retried while a later one landed; gaps are rare and short)."""
+MAX_CALLS: Final = 1_000
+"""Most retried calls an edge follows for the backoff objective (beyond: the older half,
+and any not retried for CALL_HORIZON_S of event time, are forgotten)."""
+CALL_HORIZON_S: Final = 120.0
 MAX_DUP_OFFSETS: Final = 512
 """Most offsets of skipped copies an edge remembers (for replays after a crash)."""
 MAX_PRODUCERS: Final = 256

@@ -42,6 +42,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from pipeline.rollups import Rollups
+from pipeline.slo import SloConfig, evaluate
 from pipeline.totals import LATENCY_BUCKETS_S, EdgeTotals
 
 if TYPE_CHECKING:
@@ -67,8 +68,9 @@ class EdgeCollector(Collector):
 
     def __init__(self, rollups: Rollups, *, namespace: str = "commpipe",
                  stale_s: float = 300.0, max_edges: int = 10_000,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, slo: SloConfig | None = None) -> None:
         self.rollups = rollups
+        self.slo = slo or SloConfig()
         self.ns = check_namespace(namespace)
         self.stale_s = stale_s
         self.max_edges = max_edges
@@ -118,6 +120,14 @@ class EdgeCollector(Collector):
                                   "last closed window", labels=EDGE_LABELS)
         circuit = GaugeMetricFamily(f"{p}_circuit_state", "1 for the circuit's current state",
                                     labels=[*EDGE_LABELS, "state", "source"])
+        slo_ok = GaugeMetricFamily(f"{self.ns}_slo_ok", "1 when the objective held over the "
+                                   "last closed window", labels=[*EDGE_LABELS, "objective"])
+        slo_measured = GaugeMetricFamily(
+            f"{self.ns}_slo_measured", "The objective's measure over the last closed window "
+            "(ms, or a 0-1 ratio for delivery_success)", labels=[*EDGE_LABELS, "objective"])
+        slo_threshold = GaugeMetricFamily(
+            f"{self.ns}_slo_threshold", "The objective's threshold (same unit as measured)",
+            labels=[*EDGE_LABELS, "objective"])
         edges = self._edges()
         for edge, t, meta, late, _ in edges:
             labels = list(edge)
@@ -147,8 +157,14 @@ class EdgeCollector(Collector):
                                             "quantile": repr(q)}, sketch.quantile(q) / 1000.0)
                     for q in QUANTILES)
             ratio.add_metric(list(edge), stats.error_rate)
+            for result in evaluate(edge, stats, self.slo.for_edge(edge)):
+                labels = [*edge, result.objective]
+                slo_ok.add_metric(labels, 1.0 if result.ok else 0.0)
+                slo_measured.add_metric(labels, result.measured)
+                slo_threshold.add_metric(labels, result.threshold)
         yield from counters.values()
-        yield from (errors, latency, quantiles, ratio, circuit)
+        yield from (errors, latency, quantiles, ratio, circuit, slo_ok, slo_measured,
+                    slo_threshold)
         yield GaugeMetricFamily(f"{self.ns}_exporter_edges", "Edges reported",
                                 value=len(edges))
         yield CounterMetricFamily(f"{self.ns}_exporter_edges_refused_total",

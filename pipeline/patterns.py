@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 import re
-import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import Annotated, Any, Final, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, ValidationError
 
+from pipeline.config_file import load_data
 from pipeline.errors import ConfigError
 from pipeline.sink_sql import Dialect, dialect_sql
 from pipeline.sketch import LatencySketch
@@ -185,28 +185,7 @@ def parse_patterns(data: Any, *, source: str = "the file") -> list[Pattern]:
 
 def parse_file(path: str | Path) -> list[Pattern]:
     """Read and validate a ``.yaml``/``.yml`` or ``.toml`` catalogue file."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".yaml", ".yml", ".toml"):
-        raise ConfigError(f"{path}: unknown file type {suffix or '(none)'!r}; "
-                          "use .yaml, .yml or .toml")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read {path}: {e}") from None
-    if suffix == ".toml":
-        try:
-            data: Any = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    else:
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
-    return parse_patterns(data, source=str(path))
+    return parse_patterns(load_data(path), source=str(path))
 
 
 # --- the databases ---------------------------------------------------------------------

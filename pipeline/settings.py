@@ -152,6 +152,9 @@ class Settings:
     """Longest wait between retries while a database is away (exponential from 0.5 s)."""
     sink_auto_migrate: bool = True
     """Apply pending migrations when the sink first connects (off: fail until migrated)."""
+    slo_file: str = ""
+    """YAML or TOML file of service-level objectives (:mod:`pipeline.slo`); empty: the
+    specification's numbers."""
     patterns_lookback_s: float = 300.0
     """``communication_patterns`` describes each edge over this much recent history."""
 

@@ -41,6 +41,7 @@ from pipeline.events import edge_key
 from pipeline.rollups import Rollups, WindowRow
 from pipeline.settings import Settings, scrub_dsn
 from pipeline.sink_sql import Dialect, write_batch
+from pipeline.slo import SloConfig, load_config
 
 __all__ = ["DuckDBTarget", "PostgresTarget", "Sink", "Target", "TargetStatus", "build_sink",
            "connect_duckdb"]
@@ -55,6 +56,8 @@ class Target(ABC):
 
     name: str
     dialect: Dialect
+    slo: SloConfig | None = None
+    """The objectives judged on each stored window (None: the defaults)."""
 
     @abstractmethod
     def write(self, windows: Sequence[WindowRow], events: Sequence[dict[str, Any]], *,
@@ -94,7 +97,8 @@ class PostgresTarget(Target):
         try:
             with conn.transaction(), conn.cursor() as cur:
                 cur.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_LOCK,))
-                return write_batch(cur, "postgres", windows, events, lookback_s=lookback_s)
+                return write_batch(cur, "postgres", windows, events, lookback_s=lookback_s,
+                                   slo=self.slo)
         except BaseException:
             self.close()
             raise
@@ -155,7 +159,8 @@ class DuckDBTarget(Target):
         try:
             con.execute("BEGIN TRANSACTION")
             try:
-                n = write_batch(con, "duckdb", windows, events, lookback_s=lookback_s)
+                n = write_batch(con, "duckdb", windows, events, lookback_s=lookback_s,
+                                slo=self.slo)
                 con.execute("COMMIT")
             except BaseException:
                 con.execute("ROLLBACK")
@@ -298,5 +303,8 @@ def build_sink(settings: Settings, rollups: Rollups) -> Sink | None:
         targets.append(DuckDBTarget(settings.duckdb_path, migrate=settings.sink_auto_migrate))
     if not targets:
         return None
+    slo = load_config(settings.slo_file)
+    for target in targets:
+        target.slo = slo
     return Sink(rollups, targets, batch_rows=settings.sink_batch_rows,
                 lookback_s=settings.patterns_lookback_s, backoff_max_s=settings.sink_backoff_max_s)

@@ -18,7 +18,9 @@ DuckDB against ~200 rows/s for its ``executemany``, and as fast as
    (upsert: the owner's replay overwrites its own row);
 3. every part of the touched (window, edge) keys is read back and merged
    (counts added, sketches merged) into ``communication_rollups``;
-4. ``communication_patterns`` of the touched edges is recomputed from the
+4. each merged window's service-level objectives (:mod:`pipeline.slo`) ->
+   ``communication_slo`` (upsert: recomputed with the window);
+5. ``communication_patterns`` of the touched edges is recomputed from the
    rollups of its last ``lookback_s`` seconds (:func:`pattern_values`).
 
 Every step is a recomputation or an idempotent insert, so running a batch
@@ -36,6 +38,9 @@ import orjson
 
 from pipeline.aggregate import WindowStats
 from pipeline.rollups import WindowRow
+from pipeline.slo import SloConfig, evaluate
+
+DEFAULT_SLO = SloConfig()
 
 __all__ = ["Dialect", "dialect_sql", "pattern_values", "rollup_values", "write_batch"]
 
@@ -72,6 +77,11 @@ _CHECKS = [("event_id", "text", ""), ("service_name", "text", ""), ("checked_by"
            ("endpoint", "text", ""), ("check_type", "text", ""), ("status", "text", ""),
            ("response_time_ms", "double precision", ""), ("error_details", "text", ""),
            ("checked_at", "double precision", "ts")]
+_SLO = [("window_start", "double precision", "ts"), ("window_end", "double precision", "ts"),
+        ("source_service", "text", ""), ("target_service", "text", ""), ("protocol", "text", ""),
+        ("objective", "text", ""), ("threshold", "double precision", ""),
+        ("measured", "double precision", ""), ("ok", "boolean", ""),
+        ("miss", "double precision", "")]
 _PATTERNS = [("source_service", "text", ""), ("target_service", "text", ""),
              ("communication_type", "text", ""), ("protocol", "text", ""),
              ("message_format", "text", ""), ("avg_latency_ms", "text", "dec"),
@@ -126,6 +136,7 @@ def _upsert(table: str, columns: Sequence[tuple[str, str, str]], key: Sequence[s
 _KEY = ("window_start", "source_service", "target_service", "protocol")
 UPSERT_PARTS = _upsert("communication_rollup_parts", _PARTS, (*_KEY, "source_partition"))
 UPSERT_ROLLUPS = _upsert("communication_rollups", _ROLLUPS, _KEY)
+UPSERT_SLO = _upsert("communication_slo", _SLO, (*_KEY, "objective"))
 UPSERT_PATTERNS = _upsert("communication_patterns", _PATTERNS,
                           ("source_service", "target_service", "protocol"))
 INSERT_EVENTS = _insert("communication_events", _EVENTS, "(event_id) DO NOTHING")
@@ -231,7 +242,8 @@ def _check_row(e: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def write_batch(cur: Any, dialect: Dialect, windows: Sequence[WindowRow],
-                details: Iterable[dict[str, Any]], *, lookback_s: float) -> int:
+                details: Iterable[dict[str, Any]], *, lookback_s: float,
+                slo: SloConfig | None = None) -> int:
     """Write one batch inside the caller's transaction (see the module docstring);
     returns the number of ``communication_rollups`` rows written."""
     def run(sql: str, params: Sequence[Any]) -> None:
@@ -269,6 +281,11 @@ def write_batch(cur: Any, dialect: Dialect, windows: Sequence[WindowRow],
                 for (start, edge), (total, n) in sorted(totals.items())]
         run(UPSERT_ROLLUPS, _columns(rows, len(_ROLLUPS)))
         merged = len(rows)
+        judged = [(start, total.window_end, *edge, *result)
+                  for (start, edge), (total, _) in sorted(totals.items())
+                  for result in evaluate(edge, total, (slo or DEFAULT_SLO).for_edge(edge))]
+        if judged:
+            run(UPSERT_SLO, _columns(judged, len(_SLO)))
     touched |= {w.edge for w in windows}
     if touched:
         run(PATTERN_SUMS, [*_columns(sorted(touched), 3), lookback_s])

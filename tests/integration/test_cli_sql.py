@@ -28,12 +28,14 @@ def test_migrate_up_again_and_down(env: dict[str, str]) -> None:
     assert first.returncode == 0, first.stderr
     assert first.stdout.splitlines() == [
         f"{where}: up {v}" for where in ("PostgreSQL", f"DuckDB {env['COMMPIPE_DUCKDB_PATH']}")
-        for v in ("0001 communication_monitoring", "0002 rollups", "0003 call_chains")]
+        for v in ("0001 communication_monitoring", "0002 rollups", "0003 call_chains",
+                  "0004 slo")]
     again = commpipe(env, "migrate")
     assert again.stdout.splitlines() == [
         "PostgreSQL: up to date", f"DuckDB {env['COMMPIPE_DUCKDB_PATH']}: up to date"]
     down = commpipe(env, "migrate", "--to", "1", "--no-duckdb")
-    assert down.stdout.splitlines() == ["PostgreSQL: down 0003 call_chains",
+    assert down.stdout.splitlines() == ["PostgreSQL: down 0004 slo",
+                                        "PostgreSQL: down 0003 call_chains",
                                         "PostgreSQL: down 0002 rollups"]
     with psycopg.connect(env["COMMPIPE_POSTGRES_DSN"]) as conn:
         assert conn.execute("SELECT to_regclass('communication_rollups')").fetchone() == (None,)

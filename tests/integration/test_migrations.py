@@ -32,9 +32,11 @@ pytestmark = pytest.mark.integration
 UP1 = Step(1, "communication_monitoring", "up")
 UP2 = Step(2, "rollups", "up")
 UP3 = Step(3, "call_chains", "up")
+UP4 = Step(4, "slo", "up")
 DOWN1 = Step(1, "communication_monitoring", "down")
 DOWN2 = Step(2, "rollups", "down")
 DOWN3 = Step(3, "call_chains", "down")
+DOWN4 = Step(4, "slo", "down")
 
 TRACKING = {"commpipe_schema_migrations"}
 TABLES_1 = {"communication_patterns", "communication_events", "communication_health_checks",
@@ -127,6 +129,9 @@ def expected_objects(dialect: str, version: int) -> dict[str, set[str]]:
     if version >= 3:
         indexes |= INDEXES_3
         columns |= EVENT_COLUMNS_3
+    if version >= 4:
+        tables |= {"communication_slo"}
+        indexes |= {"idx_communication_slo_window_end"}
     return {"tables": tables, "functions": functions, "sequences": sequences, "indexes": indexes,
             "event_columns": columns}
 
@@ -152,34 +157,36 @@ def test_migration_files() -> None:
              "0001_communication_monitoring.down.sql"),
             (2, "rollups", "0002_rollups.up.sql", "0002_rollups.down.sql"),
             (3, "call_chains", "0003_call_chains.up.sql", "0003_call_chains.down.sql"),
+            (4, "slo", "0004_slo.up.sql", "0004_slo.down.sql"),
         ]
         assert found[0].up.parent == Path(__file__).resolve().parents[2] / "sql" / dialect
-        assert mig.latest(dialect) == 3
+        assert mig.latest(dialect) == 4
 
 
 def test_up_down_up(db: Db) -> None:
     assert db.current() == 0
-    assert db.migrate() == [UP1, UP2, UP3]
-    assert db.current() == 3
-    assert db.objects() == expected_objects(db.dialect, 3)
+    assert db.migrate() == [UP1, UP2, UP3, UP4]
+    assert db.current() == 4
+    assert db.objects() == expected_objects(db.dialect, 4)
     rows = tracking_rows(db)
     assert [(v, n) for v, n, _ in rows] == [(1, "communication_monitoring"), (2, "rollups"),
-                                            (3, "call_chains")]
+                                            (3, "call_chains"), (4, "slo")]
     assert all(isinstance(at, datetime) and at.tzinfo is not None for _, _, at in rows)
 
     assert db.migrate() == []  # at the target: nothing to do
-    assert db.migrate(to=3) == []
+    assert db.migrate(to=4) == []
     assert tracking_rows(db) == rows
 
-    assert db.migrate(to=0) == [DOWN3, DOWN2, DOWN1]
+    assert db.migrate(to=0) == [DOWN4, DOWN3, DOWN2, DOWN1]
     assert db.current() == 0
     assert db.objects() == expected_objects(db.dialect, 0)
     assert tracking_rows(db) == []
 
-    assert db.migrate() == [UP1, UP2, UP3]
-    assert db.objects() == expected_objects(db.dialect, 3)
+    assert db.migrate() == [UP1, UP2, UP3, UP4]
+    assert db.objects() == expected_objects(db.dialect, 4)
     assert [(v, n) for v, n, _ in tracking_rows(db)] == [(1, "communication_monitoring"),
-                                                         (2, "rollups"), (3, "call_chains")]
+                                                         (2, "rollups"), (3, "call_chains"),
+                                                         (4, "slo")]
 
 
 def test_partial_targets(db: Db) -> None:
@@ -192,8 +199,8 @@ def test_partial_targets(db: Db) -> None:
     assert db.current() == 1
     assert db.objects() == expected_objects(db.dialect, 1)
     assert db.migrate(to=1) == []
-    with pytest.raises(ConfigError, match="versions are 0..3"):
-        db.migrate(to=4)
+    with pytest.raises(ConfigError, match="versions are 0..4"):
+        db.migrate(to=5)
 
 
 def test_0003_down_keeps_the_events_and_their_indexes(db: Db) -> None:
@@ -206,14 +213,14 @@ def test_0003_down_keeps_the_events_and_their_indexes(db: Db) -> None:
     db.run(insert, ["r1", "c1", "orders", "payments", "retry", "http", 2, Decimal("400.00")])
     assert db.run("SELECT attempt, backoff_ms FROM communication_events") == [
         (2, Decimal("400.00"))]
-    assert db.migrate(to=2) == [DOWN3]
+    assert db.migrate(to=2) == [DOWN4, DOWN3]
     assert db.objects() == expected_objects(db.dialect, 2)
     assert db.run("SELECT event_id, event_type FROM communication_events") == [("r1", "retry")]
     with pytest.raises((psycopg.Error, duckdb.Error)):
         db.run("INSERT INTO communication_events (event_id, correlation_id, source_service, "
                "target_service, event_type, protocol) VALUES ('r1', 'c2', 'a', 'b', 'error', "
                "'http')")
-    assert db.migrate() == [UP3]
+    assert db.migrate() == [UP3, UP4]
     assert db.run("SELECT attempt, backoff_ms FROM communication_events") == [(None, None)]
 
 
@@ -231,6 +238,8 @@ def test_postgres_files_run_under_psql(pg_database: str) -> None:
     sequence = [("0001_communication_monitoring.up.sql", 1),
                 ("0002_rollups.up.sql", 2),
                 ("0003_call_chains.up.sql", 3),
+                ("0004_slo.up.sql", 4),
+                ("0004_slo.down.sql", 3),
                 ("0003_call_chains.down.sql", 2),
                 ("0002_rollups.down.sql", 1),
                 ("0001_communication_monitoring.down.sql", 0)]
@@ -392,7 +401,7 @@ def test_postgres_advisory_lock_serialises_migrations(pg_database: str) -> None:
     for w in workers:
         w.join(timeout=60)
     assert errors == []
-    assert sorted(results, key=len) == [[], [UP1, UP2, UP3]]
+    assert sorted(results, key=len) == [[], [UP1, UP2, UP3, UP4]]
 
 
 def _free_port() -> int:
@@ -419,9 +428,9 @@ def broken_sql_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     real = Path(__file__).resolve().parents[2] / "sql"
     for dialect in ("postgres", "duckdb"):
         shutil.copytree(real / dialect, tmp_path / dialect)
-        (tmp_path / dialect / "0004_broken.up.sql").write_text(
+        (tmp_path / dialect / "0005_broken.up.sql").write_text(
             "CREATE TABLE broken_half (a INTEGER);\nSELECT * FROM no_such_table_xyz;\n")
-        (tmp_path / dialect / "0004_broken.down.sql").write_text("DROP TABLE broken_half;\n")
+        (tmp_path / dialect / "0005_broken.down.sql").write_text("DROP TABLE broken_half;\n")
     monkeypatch.setenv(mig.SQL_DIR_ENV, str(tmp_path))
     return tmp_path
 
@@ -432,10 +441,10 @@ def test_failing_script_rolls_back_and_names_file(db: Db, broken_sql_dir: Path) 
     with pytest.raises(ServiceError) as info:
         db.migrate()
     message = str(info.value)
-    assert str(broken_sql_dir / db.dialect / "0004_broken.up.sql") in message
+    assert str(broken_sql_dir / db.dialect / "0005_broken.up.sql") in message
     assert "no_such_table_xyz" in message
     assert "s3cret-pw" not in message
-    assert db.current() == 3  # 0001 to 0003 committed, 0004 not at all
+    assert db.current() == 4  # 0001 to 0004 committed, 0005 not at all
     assert "broken_half" not in db.objects()["tables"]
 
 
@@ -451,7 +460,7 @@ def test_duckdb_file_held_by_another_process(duckdb_path: str) -> None:
     finally:
         holder.kill()
         holder.wait(timeout=10)
-    assert mig.migrate_duckdb(duckdb_path) == [UP1, UP2, UP3]
+    assert mig.migrate_duckdb(duckdb_path) == [UP1, UP2, UP3, UP4]
 
 
 @pytest.mark.parametrize(("files", "error"), [
