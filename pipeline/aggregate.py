@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 
 from pipeline.circuit import Breaker, BreakerConfig, StateTrack
-from pipeline.events import Event
+from pipeline.events import Event, edge_key
 from pipeline.sketch import LatencySketch
 from pipeline.totals import EdgeTotals
 
@@ -233,6 +233,7 @@ class DetailBatch:
 
 
 DETAIL_KINDS: Final = frozenset({"error", "timeout", "health"})
+assert Event._fields[3:6] == ("source_service", "target_service", "protocol")  # apply() slices
 State = WindowStats | EdgeMeta | PartitionMeta | DetailBatch
 _OUTCOME = {"response": True, "error": False, "timeout": False}
 
@@ -308,6 +309,12 @@ class PartitionBatch:
         limit = now + config.max_future_s
         self._fresh.clear()
         touched: list[WindowStats | EdgeMeta] = []
+        # A shim record holds one edge's events, mostly of one window: look the edge and
+        # the window up again only when they change (same objects either way).
+        last_fields: tuple[str, ...] = ()
+        edge = ""
+        edge_meta = EdgeMeta()
+        window: tuple[float, WindowStats] | None = None
         for event in events:
             ts = event.ts
             if ts > limit:
@@ -318,8 +325,12 @@ class PartitionBatch:
                 if not self.details.events:
                     self.details.offset = offset
                 self.details.events.append(event.to_wire())
-            edge = event.edge
-            edge_meta = self._edge(edge)
+            fields = event[3:6]  # source_service, target_service, protocol
+            if fields != last_fields:
+                last_fields = fields
+                edge = edge_key(*fields)
+                edge_meta = self._edge(edge)
+                window = None
             edge_meta.last_seen = now
             start = math.floor(ts / size) * size
             if ts > meta.watermark:
@@ -335,7 +346,9 @@ class PartitionBatch:
                     touched.append(edge_meta)
                 self.late += 1
                 continue
-            stats = self._window(edge, start)
+            if window is None or window[0] != start:
+                window = (start, self._window(edge, start))
+            stats = window[1]
             window_new = not self._holds(stats, offset)
             edge_new = not self._holds(edge_meta, offset)
             if not (window_new or edge_new):
