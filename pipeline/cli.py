@@ -11,6 +11,7 @@ Commands:
   PostgreSQL (``COMMPIPE_POSTGRES_DSN``) and the DuckDB file (``COMMPIPE_DUCKDB_PATH``).
 * ``commpipe query "SQL"``: run SQL on the DuckDB file (``--postgres``: on
   PostgreSQL) and print the result; ``commpipe health``: the health analysis of both.
+* ``commpipe bench``: the benchmarks (``python -m bench``, same options).
 
 The command line needs the ``server`` extra (typer, rich); without it
 :func:`main` says so and exits with code 1.
@@ -270,6 +271,14 @@ def _build_app() -> Any:
                       f"{sent.dropped} dropped, {sent.failed} failed", highlight=False)
 
         _guarded(console, run)
+
+    @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                   "help_option_names": []})
+    def bench(ctx: typer.Context) -> None:
+        """The benchmarks, as python -m bench (--cases, --quick, --json; --help there)."""
+        from bench.__main__ import main as bench_main
+
+        raise typer.Exit(bench_main(ctx.args))
 
     return app
 
