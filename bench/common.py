@@ -292,10 +292,11 @@ def wait_ready(procs: Sequence[WorkerProcess], *, partitions: int = 4,
 
 def measure(procs: Sequence[WorkerProcess], total: int, *, timeout: float = 180.0,
             cap_s: float | None = None, poll_s: float = 0.05,
-            on_first: Callable[[], None] | None = None) -> Measured:
+            on_poll: Callable[[int], None] | None = None) -> Measured:
     """Poll the workers' progress from their first consumed event until ``total`` events
     (or ``cap_s`` seconds after the first). Events of the first poll that saw any are
-    not counted: the interval starts there (``on_first`` is called then)."""
+    not counted: the interval starts there. ``on_poll(events)`` is called at every poll
+    from the first on."""
     deadline = time.monotonic() + timeout
     first: tuple[float, int, float] | None = None
     while True:
@@ -305,8 +306,8 @@ def measure(procs: Sequence[WorkerProcess], total: int, *, timeout: float = 180.
         cpu = sum(w.cpu_seconds() for w in procs)
         if first is None and done > 0:
             first = (now, done, cpu)
-            if on_first is not None:
-                on_first()
+        if first is not None and on_poll is not None:
+            on_poll(done)
         if first is not None and (done >= total or (cap_s is not None and now - first[0] >= cap_s)):
             return Measured(done - first[1], now - first[0], cpu - first[2], counts)
         if now > deadline:
