@@ -89,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
                 ctx.say(f"case {name} failed: {e!r}")
             ctx.say(f"case {name}: {time.monotonic() - began:.0f} s")
     finally:
-        ctx.close()
+        ctx.close(keep=bool(failed))
+    if failed:
+        ctx.say(f"worker and broker logs kept in {ctx.workdir}")
     seconds = time.monotonic() - started
     info = machine()
     render(rows, info, seconds)

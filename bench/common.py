@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -105,10 +106,13 @@ class Context:
             admin.execute(f'CREATE DATABASE "{name}"')
         return make_conninfo(self._postgres.dsn, dbname=name)
 
-    def close(self) -> None:
+    def close(self, *, keep: bool = False) -> None:
+        """Stop PostgreSQL; remove the scratch directory (worker logs) unless ``keep``."""
         if self._postgres is not None:
             self._postgres.close()
             self._postgres = None
+        if not keep:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 # ---- synthetic shim-format records -------------------------------------------------------
