@@ -60,7 +60,7 @@ from pipeline.details import (
     detail_of,
     keeps_detail,
 )
-from pipeline.events import Event
+from pipeline.events import Event, edge_key
 from pipeline.sketch import LatencySketch
 from pipeline.totals import EdgeTotals
 
@@ -276,6 +276,7 @@ class PartitionMeta:
         return cls(-math.inf if wm is None else wm, data["last_seen"], data["offset"])
 
 
+assert Event._fields[3:6] == ("source_service", "target_service", "protocol")  # apply() slices
 State = WindowStats | EdgeMeta | PartitionMeta | DetailBatch
 _OUTCOME = {"response": True, "error": False, "timeout": False}
 
@@ -373,6 +374,12 @@ class PartitionBatch:
                 meta.offset = offset
                 meta.last_seen = now
                 return []
+        # A shim record holds one edge's events, mostly of one window: look the edge and
+        # the window up again only when they change (same objects either way).
+        last_fields: tuple[str, ...] = ()
+        edge = ""
+        edge_meta = EdgeMeta()
+        window: tuple[float, WindowStats] | None = None
         for event in events:
             ts = event.ts
             if ts > limit:
@@ -390,8 +397,12 @@ class PartitionBatch:
                     self._detail_bytes = 0
                 self._detail_bytes += nbytes
                 details.events.append(wire)
-            edge = event.edge
-            edge_meta = self._edge(edge)
+            fields = event[3:6]  # source_service, target_service, protocol
+            if fields != last_fields:
+                last_fields = fields
+                edge = edge_key(*fields)
+                edge_meta = self._edge(edge)
+                window = None
             edge_meta.last_seen = now
             start = math.floor(ts / size) * size
             if ts > meta.watermark:
@@ -407,7 +418,9 @@ class PartitionBatch:
                     touched.append(edge_meta)
                 self.late += 1
                 continue
-            stats = self._window(edge, start)
+            if window is None or window[0] != start:
+                window = (start, self._window(edge, start))
+            stats = window[1]
             window_new = not self._holds(stats, offset)
             edge_new = not self._holds(edge_meta, offset)
             if not (window_new or edge_new):

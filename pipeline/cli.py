@@ -14,6 +14,7 @@ Commands:
 * ``commpipe trace ID``: one call's chain across services (:mod:`pipeline.cli_trace`).
 * ``commpipe patterns load FILE`` / ``check``: the message_patterns catalogue
   (:mod:`pipeline.cli_patterns`).
+* ``commpipe bench``: the benchmarks (``python -m bench``, same options).
 
 The command line needs the ``server`` extra (typer, rich); without it
 :func:`main` says so and exits with code 1.
@@ -302,6 +303,14 @@ def _build_app() -> Any:
                       f"{sent.dropped} dropped, {sent.failed} failed", highlight=False)
 
         _guarded(console, run)
+
+    @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                   "help_option_names": []})
+    def bench(ctx: typer.Context) -> None:
+        """The benchmarks, as python -m bench (--cases, --quick, --json; --help there)."""
+        from bench.__main__ import main as bench_main
+
+        raise typer.Exit(bench_main(ctx.args))
 
     from pipeline import cli_patterns, cli_trace
 

@@ -110,9 +110,19 @@ def _string(value: Any, pattern: re.Pattern[str], rule: str) -> str:
     return value
 
 
-def _checker(pattern: re.Pattern[str], rule: str, *, remember: bool = False
-             ) -> Callable[[Any], str]:
-    """A string check; ``remember`` caches good values (for names that repeat, not ids)."""
+def _checker(pattern: re.Pattern[str], rule: str, *, remember: bool = False,
+             fast: Callable[[str], bool] | None = None) -> Callable[[Any], str]:
+    """A string check; ``remember`` caches good values (for names that repeat, not ids);
+    ``fast`` is a cheap test that only ever accepts strings the pattern accepts (anything
+    it does not accept goes through the pattern, so the errors stay the same)."""
+    if fast is not None:
+        def check_fast(value: Any) -> str:
+            if type(value) is str and fast(value):
+                return value
+            return _string(value, pattern, rule)
+
+        return check_fast
+
     if not remember:
         def check(value: Any) -> str:
             return _string(value, pattern, rule)
@@ -201,8 +211,14 @@ def _check_message(value: Any) -> str:
 
 _check_name = _checker(_NAME, "[A-Za-z0-9._:-]{1,100}", remember=True)
 _check_protocol = _checker(_PROTOCOL, "[a-z][a-z0-9._-]{0,31}", remember=True)
-_check_event_id = _checker(_EVENT_ID, "[A-Za-z0-9_-]{1,64}")
-_check_correlation_id = _checker(_CORRELATION_ID, "1-128 printable ASCII characters, no spaces")
+# Ids are new in every event, so they are not remembered; str methods (C, no regex)
+# accept the usual ones: ASCII letters and digits are within [A-Za-z0-9_-], and ASCII
+# printable characters other than the space are exactly [!-~].
+_check_event_id = _checker(_EVENT_ID, "[A-Za-z0-9_-]{1,64}",
+                           fast=lambda v: 0 < len(v) <= 64 and v.isascii() and v.isalnum())
+_check_correlation_id = _checker(
+    _CORRELATION_ID, "1-128 printable ASCII characters, no spaces",
+    fast=lambda v: 0 < len(v) <= 128 and v.isascii() and v.isprintable() and " " not in v)
 _check_ts = _number(TS_MIN, TS_MAX, high_inclusive=False)
 _check_ms = _number(0.0, MS_MAX)
 _check_kind = _one_of(KINDS)
@@ -211,7 +227,9 @@ _check_kind = _one_of(KINDS)
 _OPTIONAL: Final[tuple[tuple[str, Callable[[Any], Any]], ...]] = (
     ("trace_id", _hex_id(_TRACE_ID, 32)),
     ("span_id", _hex_id(_SPAN_ID, 16)),
-    ("method", _checker(_METHOD, "1-200 characters, no control characters")),
+    # a printable string has no control characters
+    ("method", _checker(_METHOD, "1-200 characters, no control characters",
+                        fast=lambda v: 0 < len(v) <= 200 and v.isprintable())),
     ("latency_ms", _check_ms),
     ("status_code", _integer(0, 999)),
     ("error_type", _check_name),
@@ -227,6 +245,8 @@ _OPTIONAL_AT: Final[dict[str, tuple[int, Callable[[Any], Any]]]] = {
     name: (i, check) for i, (name, check) in enumerate(_OPTIONAL)
 }
 _NO_OPTIONAL: Final = (None,) * len(_OPTIONAL)
+_new_event = tuple.__new__
+assert Event._fields[7:-1] == tuple(name for name, _ in _OPTIONAL) and Event._fields[-1] == "v"
 _REQUIRED_BY_KIND: Final[dict[str, str]] = {
     "response": "latency_ms",
     "retry": "attempt",
@@ -273,7 +293,9 @@ def validate_event(obj: Any, *, index: int | None = None) -> Event:
             raise _Bad(f"missing (required for {kind} events)")
     except _Bad as bad:
         raise EventValidationError(name, str(bad), index=index) from None
-    return Event(kind, event_id, correlation_id, source, target, protocol, ts, *optional)
+    # what Event(...) does, without its keyword handling (this runs once per event)
+    return _new_event(Event, (kind, event_id, correlation_id, source, target, protocol, ts,
+                              *optional, SCHEMA_VERSION))
 
 
 def _parse(value: bytes | bytearray | memoryview | str | None) -> Any:

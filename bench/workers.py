@@ -1,0 +1,125 @@
+"""The worker processes benchmarks start: ``python -m bench.workers commpipe|naive``.
+
+Both read ``COMMPIPE_*`` settings from the environment and serve
+``GET /bench/progress`` on ``COMMPIPE_METRICS_PORT``: events consumed so far, the
+input partitions owned, the table's key count. It is read instead of ``/metrics``
+because a scrape renders every edge (10,000 in the growth case), which would bill
+the worker for the benchmark's polling.
+
+- ``commpipe``: the real worker, :func:`agents.app.create_app` as ``commpipe worker``
+  runs it (creates the topics, then a Faust worker); the page adds nothing to its path.
+- ``naive``: the baseline a first attempt would write: a Faust agent reading the same
+  batch records, ``orjson.loads`` and nothing else to decode (no validation), and one
+  read-modify-write of a windowed table per event (a changelog record per event).
+  It reads the same batch records rather than one event per record so that the
+  comparison isolates the per-event table write: with one event per record Faust's
+  own per-record cost alone caps it at ~8,000 events/s (DESIGN.md).
+
+``BENCH_FETCH_MAX_WAIT_MS`` (diagnostic only, used by the stream case's last row):
+replaces the ``fetch_max_wait_ms=1500`` that Faust hard-codes for its consumer. A
+fetch that holds only partitions with nothing new (Faust's always-empty
+``__assignor-__leader`` partition while the input partitions still have buffered
+records, or partitions read to their end) waits that long at the broker, and
+aiokafka sends no other fetch to that broker meanwhile: the worker idles.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from pipeline.settings import Settings
+
+
+def _serve_progress(app: Any, topic: str, read: Any) -> None:
+    @app.page("/bench/progress")
+    async def progress(view: Any, request: Any) -> Any:
+        owned = sorted(tp.partition for tp in app.assignor.assigned_actives()
+                       if tp.topic == topic)
+        return view.json({**read(), "partitions": owned})
+
+
+def run_commpipe(settings: Settings) -> None:
+    from faust import Worker
+
+    from agents.app import create_app
+    from pipeline.embedded import run_sync
+    from pipeline.topics import ensure_commpipe_topics
+
+    run_sync(lambda: ensure_commpipe_topics(settings))
+    pipeline = create_app(settings)
+    _serve_progress(pipeline.app, settings.topic,
+                    lambda: {"events": pipeline.events_in, "records": pipeline.batch_records,
+                             "batches": pipeline.batches,
+                             "keys": len(pipeline.state)})
+    Worker(pipeline.app, loglevel=settings.worker_loglevel).execute_from_commandline()
+
+
+def run_naive(settings: Settings) -> None:
+    import faust
+    import orjson
+    from faust import Worker
+
+    app = faust.App(
+        settings.app_id, broker=f"kafka://{settings.kafka_bootstrap}", store="memory://",
+        topic_partitions=settings.partitions, datadir=settings.worker_datadir,
+        web_port=settings.metrics_port, web_bind=settings.metrics_host,
+        web_host=settings.metrics_host, consumer_auto_offset_reset="earliest",
+        broker_session_timeout=settings.broker_session_timeout_s,
+        broker_heartbeat_interval=settings.broker_heartbeat_interval_s)
+    events = app.topic(settings.topic, key_type=bytes, value_type=bytes, key_serializer="raw",
+                       value_serializer="raw", partitions=settings.partitions)
+    # acks=True: Faust's default acks=0 changelog breaks aiokafka's connection on Tansu
+    changelog = app.topic(f"{settings.app_id}-naive-changelog", partitions=settings.partitions,
+                          compacting=True, deleting=True, acks=True, internal=True)
+    now = {"ts": 0.0}  # the event being applied: windows in event time, as ours are
+    table = app.Table("naive", default=lambda: None, partitions=settings.partitions,
+                      changelog_topic=changelog).tumbling(
+        settings.window_s, expires=3600.0).relative_to(lambda event: now["ts"])
+    counted = {"events": 0}
+
+    @app.agent(events)
+    async def aggregate(stream: Any) -> None:
+        async for value in stream:
+            batch = orjson.loads(value)
+            for event in batch if type(batch) is list else [batch]:
+                now["ts"] = event["ts"]
+                edge = (event["source_service"], event["target_service"], event["protocol"])
+                key = "\x1f".join(edge)
+                stats = table[key].value() or [0, 0, 0, 0.0]
+                stats[0] += 1
+                if event["kind"] in ("error", "timeout"):
+                    stats[1] += 1
+                if "latency_ms" in event:
+                    stats[2] += 1
+                    stats[3] += event["latency_ms"]
+                table[key] = stats
+                counted["events"] += 1
+
+    _serve_progress(app, settings.topic, lambda: {"events": counted["events"], "records": 0,
+                                                  "keys": len(table.table)})
+    Worker(app, loglevel=settings.worker_loglevel).execute_from_commandline()
+
+
+def _fetch_max_wait(ms: int) -> None:
+    import aiokafka
+
+    original = aiokafka.AIOKafkaConsumer.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        if "fetch_max_wait_ms" in kwargs:
+            kwargs["fetch_max_wait_ms"] = ms
+        original(self, *args, **kwargs)
+
+    aiokafka.AIOKafkaConsumer.__init__ = init  # type: ignore[method-assign]
+
+
+if __name__ == "__main__":
+    if os.environ.get("BENCH_FETCH_MAX_WAIT_MS"):
+        _fetch_max_wait(int(os.environ["BENCH_FETCH_MAX_WAIT_MS"]))
+    kind = sys.argv[1] if len(sys.argv) > 1 else ""
+    runners = {"commpipe": run_commpipe, "naive": run_naive}
+    if kind not in runners:
+        sys.exit(f"usage: python -m bench.workers {'|'.join(runners)}")
+    runners[kind](Settings.from_env())
