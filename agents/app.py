@@ -63,6 +63,23 @@ codecs.register("commpipe_state", _StateCodec())
 codecs.register("commpipe_key", _KeyCodec())
 
 
+def _fetch_wait(ms: int) -> None:
+    """Make the worker's consumer wait ``ms`` for data instead of Faust's fixed 1,500 ms
+    (set on the consumer Faust builds, before it starts)."""
+    from faust.transport.drivers import aiokafka as driver
+
+    cls = driver.AIOKafkaConsumerThread
+    original = getattr(cls, "_commpipe_original", cls._create_worker_consumer)
+
+    def create(self: Any, transport: Any) -> Any:
+        consumer = original(self, transport)
+        consumer._fetch_max_wait_ms = ms  # noqa: SLF001 - read by start(); no public knob
+        return consumer
+
+    cls._commpipe_original = original  # type: ignore[attr-defined]
+    cls._create_worker_consumer = create  # type: ignore[method-assign]
+
+
 class Pipeline:
     """The app and the objects around it that the sink and the exporter read."""
 
@@ -70,6 +87,7 @@ class Pipeline:
         self.settings = settings
         self.config = WindowConfig.from_settings(settings)
         Path(settings.worker_datadir).mkdir(parents=True, exist_ok=True)
+        _fetch_wait(settings.worker_fetch_wait_ms)
         self.app = faust.App(
             settings.app_id,
             broker=[f"kafka://{h.strip()}" for h in settings.kafka_bootstrap.split(",")],

@@ -122,6 +122,10 @@ class Settings:
     """Most records the worker takes per batch (each record carries many events)."""
     worker_batch_within_s: float = 0.1
     """Longest a batch waits to fill up."""
+    worker_fetch_wait_ms: int = 100
+    """How long the worker's fetch waits for data when its partitions have none. Faust
+    fixes 1,500 ms, and aiokafka sends no other fetch meanwhile: a worker catching up
+    on a backlog stalled up to 1.5 s at a time (bench: 54k -> 94k events/s at 100 ms)."""
     worker_datadir: str = ".commpipe/worker"
     broker_session_timeout_s: float = 60.0
     """Kafka consumer session timeout; 6 s makes dev and tests join in seconds."""
