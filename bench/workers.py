@@ -15,17 +15,13 @@ the worker for the benchmark's polling.
   comparison isolates the per-event table write: with one event per record Faust's
   own per-record cost alone caps it at ~8,000 events/s (DESIGN.md).
 
-``BENCH_FETCH_MAX_WAIT_MS`` (diagnostic only, used by the stream case's last row):
-replaces the ``fetch_max_wait_ms=1500`` that Faust hard-codes for its consumer. A
-fetch that holds only partitions with nothing new (Faust's always-empty
-``__assignor-__leader`` partition while the input partitions still have buffered
-records, or partitions read to their end) waits that long at the broker, and
-aiokafka sends no other fetch to that broker meanwhile: the worker idles.
+The naive agent runs with Faust's defaults, its fetch wait of 1.5 s included (the
+commpipe worker sets ``COMMPIPE_WORKER_FETCH_WAIT_MS``, 100 ms); the agent is CPU-bound,
+so the wait costs it little.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any
 
@@ -102,22 +98,7 @@ def run_naive(settings: Settings) -> None:
     Worker(app, loglevel=settings.worker_loglevel).execute_from_commandline()
 
 
-def _fetch_max_wait(ms: int) -> None:
-    import aiokafka
-
-    original = aiokafka.AIOKafkaConsumer.__init__
-
-    def init(self: Any, *args: Any, **kwargs: Any) -> None:
-        if "fetch_max_wait_ms" in kwargs:
-            kwargs["fetch_max_wait_ms"] = ms
-        original(self, *args, **kwargs)
-
-    aiokafka.AIOKafkaConsumer.__init__ = init  # type: ignore[method-assign]
-
-
 if __name__ == "__main__":
-    if os.environ.get("BENCH_FETCH_MAX_WAIT_MS"):
-        _fetch_max_wait(int(os.environ["BENCH_FETCH_MAX_WAIT_MS"]))
     kind = sys.argv[1] if len(sys.argv) > 1 else ""
     runners = {"commpipe": run_commpipe, "naive": run_naive}
     if kind not in runners:
