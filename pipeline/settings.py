@@ -156,6 +156,9 @@ class Settings:
     """Longest wait between retries while a database is away (exponential from 0.5 s)."""
     sink_auto_migrate: bool = True
     """Apply pending migrations when the sink first connects (off: fail until migrated)."""
+    retain_without_sink_s: float = 3_600.0
+    """With no database configured, closed windows leave the worker's table this long
+    (event time) after they close; with one, as soon as every database has stored them."""
     slo_file: str = ""
     """YAML or TOML file of service-level objectives (:mod:`pipeline.slo`); empty: the
     specification's numbers."""

@@ -193,8 +193,11 @@ class Sink:
 
     def __init__(self, rollups: Rollups, targets: Sequence[Target], *, batch_rows: int = 5000,
                  lookback_s: float = 300.0, backoff_max_s: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, retain_s: float = 0.0) -> None:
         self.rollups = rollups
+        self.retain_s = retain_s
+        """Event time a final window stays in the table past its close (no database: the
+        only thing that removes it)."""
         self.status = [TargetStatus(t) for t in targets]
         self.batch_rows = batch_rows
         self.lookback_s = lookback_s
@@ -216,7 +219,7 @@ class Sink:
             key = (r.partition, r.edge)
             newest[key] = max(newest.get(key, -math.inf), r.window_start)
         done = [k for k, r in windows
-                if self.rollups.is_final(r.partition, r.window_end)
+                if self.rollups.is_final(r.partition, r.window_end + self.retain_s)
                 and r.window_start < newest[(r.partition, r.edge)]
                 and all(s.stored.get(k) == r.stats.offset for s in self.status)]
         done += [k for k, _ in details if all(k in s.stored_details for s in self.status)]
@@ -293,8 +296,10 @@ def _chunks(details: list[tuple[str, DetailBatch]], windows: list[tuple[str, Win
     return out
 
 
-def build_sink(settings: Settings, rollups: Rollups) -> Sink | None:
-    """The sink ``settings`` ask for (None when neither database is configured)."""
+def build_sink(settings: Settings, rollups: Rollups) -> Sink:
+    """The sink ``settings`` ask for. With neither database it stores nothing and only
+    drops windows ``retain_without_sink_s`` of event time behind the watermark (and kept
+    events at once), so a metrics-only worker's memory stays bounded."""
     targets: list[Target] = []
     dsn = settings.postgres_conninfo()
     if dsn:
@@ -302,7 +307,10 @@ def build_sink(settings: Settings, rollups: Rollups) -> Sink | None:
     if settings.duckdb_path:
         targets.append(DuckDBTarget(settings.duckdb_path, migrate=settings.sink_auto_migrate))
     if not targets:
-        return None
+        log.warning("sink: no database configured (COMMPIPE_POSTGRES_DSN, "
+                    "COMMPIPE_DUCKDB_PATH): closed windows are dropped %g s after they close",
+                    settings.retain_without_sink_s)
+        return Sink(rollups, [], retain_s=settings.retain_without_sink_s)
     slo = load_config(settings.slo_file)
     for target in targets:
         target.slo = slo

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.aggregate import PartitionBatch, WindowConfig, detail_id, window_id
+from pipeline.aggregate import PartitionBatch, WindowConfig, detail_id, parse_id, window_id
 from pipeline.events import Event, edge_key
 from pipeline.rollups import Rollups, WindowRow
 from pipeline.settings import Settings
@@ -172,8 +172,24 @@ def test_postgres_errors_never_show_the_password(dsn: str) -> None:
 
 def test_build_sink_follows_settings(tmp_path: Any) -> None:
     rollups = Rollups({}, CFG)
-    assert build_sink(Settings.from_env({}, duckdb_path=""), rollups) is None
+    bare = build_sink(Settings.from_env({}, duckdb_path=""), rollups)
+    assert (bare.status, bare.retain_s) == ([], 3_600.0)
     sink = build_sink(Settings.from_env({"COMMPIPE_POSTGRES_DSN": "postgresql://u@h/d"},
                                         duckdb_path=str(tmp_path / "x.duckdb")), rollups)
     assert sink is not None
     assert [s.target.name for s in sink.status] == ["postgres", "duckdb"]
+
+
+def test_without_a_database_windows_leave_after_the_retention() -> None:
+    """No target: nothing is stored, kept events go at once, and a final window leaves only
+    when the watermark is retain_s past its close (each edge's newest closed one stays)."""
+    store: dict[str, Any] = {}
+    feed(store, 1, [ev("error", T0 + 1, 1, error_type="x"), ev("request", T0 + 11, 2),
+                    ev("request", T0 + 41, 3)])
+    rollups = Rollups(store, CFG, idle_close_s=1e9, clock=lambda: 1e12)
+    sink = Sink(rollups, [], retain_s=100.0)
+    done = asyncio.run(sink.flush())
+    assert [parse_id(k)[0] for k in done] == ["d"]  # the kept error event only
+    feed(store, 2, [ev("request", T0 + 10 + 100 + CFG.grace_s, 4)])
+    done = asyncio.run(sink.flush())
+    assert sorted(k for k in done if parse_id(k)[0] == "w") == [wid(T0)]  # T0 + 10 stays
