@@ -21,7 +21,7 @@ import pytest
 
 from pipeline import Emitter, Settings
 from pipeline.embedded import free_port
-from tests.integration.test_metrics import scrape
+from tests.integration.test_metrics import try_scrape
 from tests.integration.workers import wait_until, worker_environment, worker_starter
 
 pytestmark = pytest.mark.soak
@@ -86,14 +86,14 @@ def test_steady_load_keeps_worker_memory_bounded(
     with worker_starter(env, tmp_path) as start:
         worker = start()
         assert worker.proc is not None
-        wait_until(lambda: bool(_try(env)), timeout=60, what="/metrics", logs=worker.log)
+        wait_until(lambda: bool(try_scrape(env)), timeout=60, what="/metrics", logs=worker.log)
         thread = threading.Thread(target=load, daemon=True)
         thread.start()
         t0 = time.monotonic()
         try:
             while time.monotonic() - t0 < DURATION_S:
                 time.sleep(10)
-                metrics = _try(env)
+                metrics = try_scrape(env)
                 keys = {k[1][0][1]: v for k, v in metrics.items()
                         if k[0] == "commpipe_state_keys"}
                 samples.append((time.monotonic() - t0, _rss_mb(worker.proc.pid), keys))
@@ -101,7 +101,7 @@ def test_steady_load_keeps_worker_memory_bounded(
         finally:
             stop.set()
             thread.join(60)
-        consumed = _try(env).get(("commpipe_events_consumed_total", ()), 0)
+        consumed = try_scrape(env).get(("commpipe_events_consumed_total", ()), 0)
     rss = [(t, mb) for t, mb, _ in samples]
     later = [p for p in rss if p[0] >= DURATION_S / 2]
     growth = _slope(later) * 60
@@ -118,9 +118,3 @@ def test_steady_load_keeps_worker_memory_bounded(
     last = [mb for t, mb in rss if t >= DURATION_S * 3 / 4]
     assert statistics.median(last) <= statistics.median(quarter) + 15, report
 
-
-def _try(env: dict[str, str]) -> dict[Any, float]:
-    try:
-        return scrape(env)
-    except OSError:
-        return {}
