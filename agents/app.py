@@ -132,7 +132,8 @@ class Pipeline:
         self.batches = 0
         self.batch_records = 0
         self.app.agent(self.events, name="aggregate")(self._aggregate)
-        self.sink: Sink | None = build_sink(settings, self.rollups)
+        self.slo = load_config(settings.slo_file)
+        self.sink: Sink | None = build_sink(settings, self.rollups, self.slo)
         if self.sink is not None:
             self.app.timer(settings.sink_interval_s, name="sink")(self._flush)
             self.app.on_before_shutdown.connect(self._close_sink)
@@ -159,7 +160,7 @@ class Pipeline:
         registry.register(EdgeCollector(self.rollups, namespace=s.metrics_namespace,
                                         stale_s=s.metrics_stale_s,
                                         max_edges=s.metrics_max_edges,
-                                        slo=load_config(s.slo_file)))
+                                        slo=self.slo))
         registry.register(WorkerCollector(self, namespace=s.metrics_namespace, sink=self.sink))
         return registry
 

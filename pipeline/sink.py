@@ -296,7 +296,7 @@ def _chunks(details: list[tuple[str, DetailBatch]], windows: list[tuple[str, Win
     return out
 
 
-def build_sink(settings: Settings, rollups: Rollups) -> Sink:
+def build_sink(settings: Settings, rollups: Rollups, slo: SloConfig | None = None) -> Sink:
     """The sink ``settings`` ask for. With neither database it stores nothing and only
     drops windows ``retain_without_sink_s`` of event time behind the watermark (and kept
     events at once), so a metrics-only worker's memory stays bounded."""
@@ -311,7 +311,7 @@ def build_sink(settings: Settings, rollups: Rollups) -> Sink:
                     "COMMPIPE_DUCKDB_PATH): closed windows are dropped %g s after they close",
                     settings.retain_without_sink_s)
         return Sink(rollups, [], retain_s=settings.retain_without_sink_s)
-    slo = load_config(settings.slo_file)
+    slo = slo or load_config(settings.slo_file)
     for target in targets:
         target.slo = slo
     return Sink(rollups, targets, batch_rows=settings.sink_batch_rows,
