@@ -230,22 +230,22 @@ def _build_app() -> Any:
             if as_json:
                 print(json.dumps({"ok": all(r.ok for r in reports),
                                   "reports": [r.to_json() for r in reports]}, indent=1))
-            for r in reports if not as_json else ():
-                name = "PostgreSQL" if r.database == "postgres" else "DuckDB"
-                _print_result(out, r.health, "table",
-                              f"{name}: analyze_communication_health()")
-                _print_result(out, r.misses, "table",
-                              f"{name}: objectives missed in the last {since}")
-            gate = fail_under is not None and not all(r.ok for r in reports)
-            if fail_under is not None and not as_json:
+            else:
                 for r in reports:
+                    name = "PostgreSQL" if r.database == "postgres" else "DuckDB"
+                    _print_result(out, r.health, "table",
+                                  f"{name}: analyze_communication_health()")
+                    _print_result(out, r.misses, "table",
+                                  f"{name}: objectives missed in the last {since}")
+                    if fail_under is None:
+                        continue
                     for service, score in r.low:
                         console.print(f"[red]{r.database}: {service} scores {score:g} < "
                                       f"{fail_under:g}[/]")
                     if r.misses.rows:
                         console.print(f"[red]{r.database}: {len(r.misses.rows)} edge "
                                       f"objective(s) missed in the last {since}[/]")
-            if gate:
+            if fail_under is not None and not all(r.ok for r in reports):
                 raise typer.Exit(1)
 
         _guarded(console, run)
