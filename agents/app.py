@@ -1,4 +1,4 @@
-"""The Faust app: wires :mod:`pipeline.aggregate` into a stream job with a changelogged table.
+"""The Faust app: wires :mod:`pipeline.core` into a stream job with a changelogged table.
 
 Run with ``commpipe worker`` (creates the topics first) or
 ``faust -A agents.app worker -l info`` (topics must exist). Settings come from
@@ -7,7 +7,7 @@ Run with ``commpipe worker`` (creates the topics first) or
 One agent reads ``comm.events`` in batches (``take_events``): each record is
 decoded (one event or a batch of one edge's events), bad records and bad events
 go to ``comm.events.dlq`` with their reason, and the good events are applied
-per source partition by :class:`pipeline.aggregate.PartitionBatch`. Each
+per source partition by :class:`pipeline.core.batch.PartitionBatch`. Each
 changed key is written once per batch. Faust picks a table write's changelog
 partition from the stream's current event, which ``take_events`` leaves
 pointing at whichever event came last; we point it at an event of the partition
@@ -29,14 +29,16 @@ from faust.serializers import codecs
 from faust.streams import _current_event
 
 from agents.dead_letters import DeadLetters
-from pipeline.aggregate import PartitionBatch, WindowConfig, decode_state, encode_state, parse_id
-from pipeline.decode import decode_record
+from pipeline.core.batch import PartitionBatch
+from pipeline.core.rollups import Rollups
+from pipeline.core.slo import load_config
+from pipeline.core.store import decode_state, encode_state, parse_id
+from pipeline.core.window import WindowConfig
 from pipeline.errors import EventValidationError
-from pipeline.outbox import PRODUCER_HEADER, SEQ_HEADER
-from pipeline.rollups import Rollups
 from pipeline.settings import Settings
-from pipeline.sink import Sink, build_sink
-from pipeline.slo import load_config
+from pipeline.sink.writer import Sink, build_sink
+from pipeline.wire.decode import decode_record
+from pipeline.wire.headers import PRODUCER_HEADER, SEQ_HEADER
 
 __all__ = ["Pipeline", "create_app"]
 
@@ -153,7 +155,7 @@ class Pipeline:
     def _registry(self) -> Any:
         from prometheus_client import CollectorRegistry
 
-        from pipeline.exporter import EdgeCollector, WorkerCollector
+        from pipeline.export.collectors import EdgeCollector, WorkerCollector
 
         s = self.settings
         registry = CollectorRegistry(auto_describe=False)

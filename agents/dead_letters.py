@@ -24,7 +24,7 @@ import orjson
 from faust.exceptions import ProducerSendError
 
 from pipeline.errors import EventValidationError
-from pipeline.events import Event
+from pipeline.wire.events import Event
 
 __all__ = ["DeadLetters"]
 

@@ -4,7 +4,7 @@
 - :class:`Context`: the run's size (``quick``), a fresh embedded broker per case, one
   embedded PostgreSQL for the run (started on first use), a scratch directory.
 - :func:`make_records`: shim-format records (JSON arrays of one edge's events, encoded by
-  the shim's own :meth:`pipeline.outbox.Outbox.encode`), and :func:`produce` to write them.
+  the shim's own :meth:`pipeline.shim.outbox.Outbox.encode`), and :func:`produce` to write them.
 - :class:`WorkerProcess`: a worker subprocess from :mod:`bench.workers` (the real commpipe
   worker, or the naive agent), its progress page, CPU seconds and RSS from ``/proc``;
   :func:`measure` times workers from the first event they consume to the last.
@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.embedded import free_port, run_sync, terminate_process
-from pipeline.embedded_broker import EmbeddedBroker
-from pipeline.outbox import Outbox
+from pipeline.dev.broker import EmbeddedBroker
+from pipeline.dev.process import free_port, run_sync, terminate_process
+from pipeline.shim.outbox import Outbox
 
 # Dev settings for the embedded broker (see tests/integration/workers.py): quick group
 # joins, and one record per producer batch because Tansu misreports end offsets otherwise.
@@ -97,7 +97,7 @@ class Context:
         import psycopg
         from psycopg.conninfo import make_conninfo
 
-        from pipeline.embedded_postgres import EmbeddedPostgres
+        from pipeline.dev.postgres import EmbeddedPostgres
 
         if self._postgres is None:
             self._postgres = EmbeddedPostgres().start()
@@ -163,7 +163,7 @@ def make_records(events: list[dict[str, Any]], *, edges: int, per_record: int) -
 
 
 def create_topics(bootstrap: str, names: Sequence[str], partitions: int = 4) -> None:
-    from pipeline.topics import ensure_topics
+    from agents.topics import ensure_topics
 
     run_sync(lambda: ensure_topics({n: partitions for n in names},
                                    client_options={"bootstrap_servers": bootstrap}))

@@ -9,7 +9,7 @@ probe: a ``request`` event of the edge ``bench-probe -> fresh``. Probe ``i`` is 
 - in ``/metrics`` once ``commpipe_communication_requests_total`` of that edge is > i
   (scraped every ~10 ms);
 - in SQL once the probe's window is in ``communication_rollups`` with its count
-  (PostgreSQL polled every ~50 ms, DuckDB via ``pipeline.query.query_duckdb`` every
+  (PostgreSQL polled every ~50 ms, DuckDB via ``pipeline.cli.query.query_duckdb`` every
   ~250 ms; the window is written once the watermark passes its end + grace).
 
 Baselines, same run: for ``/metrics`` a bare aiokafka consumer of the same topic
@@ -30,8 +30,9 @@ import urllib.request
 import orjson
 
 from bench.common import Context, Row, create_topics, percentile, wait_ready, worker_env, workers
-from pipeline import Emitter, Settings, migrations
-from pipeline.query import query_duckdb
+from pipeline import Emitter, Settings
+from pipeline.cli.query import query_duckdb
+from pipeline.sink import migrations
 
 NAME = "freshness"
 WINDOW_S, GRACE_S, SINK_S = 2.0, 0.5, 0.5

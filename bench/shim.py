@@ -23,7 +23,7 @@ import orjson
 
 from bench.common import Context, Row
 from pipeline import Emitter, Settings
-from pipeline.embedded_broker import EmbeddedBroker
+from pipeline.dev.broker import EmbeddedBroker
 
 EDGES = [(f"svc{i}", f"svc{(i * 7 + 3) % 20}") for i in range(20)]
 

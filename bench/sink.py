@@ -1,8 +1,8 @@
 """Sink: rollup rows/s into PostgreSQL and into DuckDB, beside a plain ``executemany``.
 
 Closed windows of 1,000 edges are built the way the worker builds them
-(:class:`pipeline.aggregate.PartitionBatch` over requests, responses with latencies
-and retries, read back through :class:`pipeline.rollups.Rollups`), then one
+(:class:`pipeline.core.batch.PartitionBatch` over requests, responses with latencies
+and retries, read back through :class:`pipeline.core.rollups.Rollups`), then one
 :meth:`pipeline.sink.Sink.flush` per database stores them all, as the worker's sink
 does: transactions of ``COMMPIPE_SINK_BATCH_ROWS`` (5,000) windows, each upserting
 the per-partition parts, reading them back, merging them into
@@ -22,13 +22,14 @@ import time
 from typing import Any
 
 from bench.common import Context, Row, edge_names
-from pipeline import migrations
-from pipeline.aggregate import PartitionBatch, WindowConfig
-from pipeline.events import Event
-from pipeline.rollups import Rollups, WindowRow
+from pipeline.core.batch import PartitionBatch
+from pipeline.core.rollups import Rollups, WindowRow
+from pipeline.core.window import WindowConfig
 from pipeline.settings import Settings
-from pipeline.sink import DuckDBTarget, PostgresTarget, Sink, Target
-from pipeline.sink_sql import _ROLLUPS, dialect_sql, rollup_values
+from pipeline.sink import migrations
+from pipeline.sink.sql import _ROLLUPS, dialect_sql, rollup_values
+from pipeline.sink.writer import DuckDBTarget, PostgresTarget, Sink, Target
+from pipeline.wire.events import Event
 
 NAME = "sink"
 EDGES = 1_000

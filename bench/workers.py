@@ -40,8 +40,8 @@ def run_commpipe(settings: Settings) -> None:
     from faust import Worker
 
     from agents.app import create_app
-    from pipeline.embedded import run_sync
-    from pipeline.topics import ensure_commpipe_topics
+    from agents.topics import ensure_commpipe_topics
+    from pipeline.dev.process import run_sync
 
     run_sync(lambda: ensure_commpipe_topics(settings))
     pipeline = create_app(settings)

@@ -160,7 +160,7 @@ class Settings:
     """With no database configured, closed windows leave the worker's table this long
     (event time) after they close; with one, as soon as every database has stored them."""
     slo_file: str = ""
-    """YAML or TOML file of service-level objectives (:mod:`pipeline.slo`); empty: the
+    """YAML or TOML file of service-level objectives (:mod:`pipeline.core.slo`); empty: the
     specification's numbers."""
     patterns_lookback_s: float = 300.0
     """``communication_patterns`` describes each edge over this much recent history."""

@@ -1,6 +1,6 @@
 """Session services for every test directory: Kafka and PostgreSQL, started lazily, once.
 
-Where they come from is decided by :func:`pipeline.embedded.choose_test_services`
+Where they come from is decided by :func:`pipeline.dev.process.choose_test_services`
 from ``COMMPIPE_TEST_SERVICES`` (``auto`` | ``embedded`` | ``containers``):
 testcontainers when a Docker engine answers (or when asked), the embedded
 Tansu broker and PostgreSQL otherwise. Nothing starts unless a test asks for
@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.embedded import (
+from pipeline.dev.process import (
     TEST_SERVICES_ENV,
     TestServices,
     choose_test_services,
@@ -64,7 +64,7 @@ def _kafka_service(test_services: TestServices) -> Iterator[_Service]:
         with KafkaContainer() as kafka:
             yield _Service(kafka.get_bootstrap_server(), None)
         return
-    from pipeline.embedded_broker import EmbeddedBroker
+    from pipeline.dev.broker import EmbeddedBroker
 
     with EmbeddedBroker() as broker:
         yield _Service(broker.bootstrap, broker)
@@ -81,7 +81,7 @@ def _postgres_service(test_services: TestServices) -> Iterator[_Service]:
         with PostgresContainer("postgres:16-alpine", driver=None) as pg:
             yield _Service(pg.get_connection_url(), None)
         return
-    from pipeline.embedded_postgres import EmbeddedPostgres
+    from pipeline.dev.postgres import EmbeddedPostgres
 
     with EmbeddedPostgres() as pg:
         yield _Service(pg.dsn, pg)
@@ -95,7 +95,7 @@ def kafka_bootstrap(_kafka_service: _Service) -> str:
 
 @pytest.fixture
 def broker(_kafka_service: _Service) -> Iterator[Any]:
-    """The session's :class:`~pipeline.embedded_broker.EmbeddedBroker` (embedded services only).
+    """The session's :class:`~pipeline.dev.broker.EmbeddedBroker` (embedded services only).
 
     After the test it is resumed if paused, or started again (same port, no
     topics) if the test stopped it.
@@ -119,7 +119,7 @@ def postgres_dsn(_postgres_service: _Service) -> str:
 
 @pytest.fixture
 def postgres(_postgres_service: _Service) -> Iterator[Any]:
-    """The session's :class:`~pipeline.embedded_postgres.EmbeddedPostgres` (embedded only).
+    """The session's :class:`~pipeline.dev.postgres.EmbeddedPostgres` (embedded only).
 
     Started again after the test (same port and data) if the test stopped it.
     """
@@ -136,11 +136,11 @@ def postgres(_postgres_service: _Service) -> Iterator[Any]:
 def topic_factory(kafka_bootstrap: str, request: pytest.FixtureRequest) -> Callable[..., str]:
     """``make(partitions=4) -> str``: create a new topic named after the test, return its name.
 
-    Topics are created explicitly (:func:`pipeline.topics.ensure_topics`) with
+    Topics are created explicitly (:func:`agents.topics.ensure_topics`) with
     exactly ``partitions`` partitions; names are unique, so tests never share one.
     """
-    from pipeline.embedded import run_sync
-    from pipeline.topics import ensure_topics
+    from agents.topics import ensure_topics
+    from pipeline.dev.process import run_sync
 
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", request.node.name)[:80].strip("-.")
 

@@ -13,8 +13,8 @@ import orjson
 import psycopg
 import pytest
 
-from pipeline.loadgen import ALL_EDGES, EDGES
-from pipeline.query import query_duckdb
+from pipeline.cli.loadgen import ALL_EDGES, EDGES
+from pipeline.cli.query import query_duckdb
 from tests.integration.workers import FAST_JOIN
 
 pytestmark = pytest.mark.integration

@@ -14,11 +14,11 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from pipeline.embedded import free_port, run_sync
-from pipeline.embedded_broker import EmbeddedBroker
-from pipeline.embedded_postgres import EmbeddedPostgres
+from agents.topics import ensure_topics
+from pipeline.dev.broker import EmbeddedBroker
+from pipeline.dev.postgres import EmbeddedPostgres
+from pipeline.dev.process import free_port, run_sync
 from pipeline.errors import ConfigError, ServiceError
-from pipeline.topics import ensure_topics
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

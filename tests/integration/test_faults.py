@@ -20,10 +20,11 @@ from typing import Any
 import pytest
 
 from pipeline import Emitter, Settings
-from pipeline.aggregate import EdgeMeta, parse_id
-from pipeline.decode import decode_record
-from pipeline.events import split_edge_key
-from pipeline.outbox import PRODUCER_HEADER, SEQ_HEADER
+from pipeline.core.edge import EdgeMeta
+from pipeline.core.store import parse_id
+from pipeline.wire.decode import decode_record
+from pipeline.wire.events import split_edge_key
+from pipeline.wire.headers import PRODUCER_HEADER, SEQ_HEADER
 from tests.integration.workers import (
     WorkerProcess,
     read_state,
@@ -263,7 +264,7 @@ async def _produce(bootstrap: str, topic: str, records: list[tuple[bytes | None,
 
 @pytest.fixture
 def sink_env(env: dict[str, str], pg_database: str, tmp_path: Path) -> dict[str, str]:
-    from pipeline.embedded import free_port
+    from pipeline.dev.process import free_port
 
     return {**env, "COMMPIPE_POSTGRES_DSN": pg_database,
             "COMMPIPE_DUCKDB_PATH": str(tmp_path / "commpipe.duckdb"),
@@ -382,7 +383,7 @@ def _listening(port: int) -> set[str]:
 
 def test_secrets_stay_out_of_the_worker_log_and_metrics_bind_loopback(
         env: dict[str, str], tmp_path: Path) -> None:
-    from pipeline.embedded import free_port
+    from pipeline.dev.process import free_port
 
     port, dead_port = free_port(), free_port()
     secret = "Pw-5e3cf1"

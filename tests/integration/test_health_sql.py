@@ -20,7 +20,7 @@ import duckdb
 import psycopg
 import pytest
 
-from pipeline.migrations import migrate_duckdb, migrate_postgres
+from pipeline.sink.migrations import migrate_duckdb, migrate_postgres
 
 pytestmark = pytest.mark.integration
 

@@ -16,8 +16,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline import Emitter, Settings
-from pipeline.embedded import free_port
-from pipeline.sketch import ALPHA
+from pipeline.core.sketch import ALPHA
+from pipeline.dev.process import free_port
 from tests.integration.traffic import (
     GRACE,
     OUTCOME,

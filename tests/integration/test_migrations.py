@@ -1,4 +1,4 @@
-"""pipeline.migrations against the session PostgreSQL and DuckDB files, and the SQL under psql.
+"""pipeline.sink.migrations against the session PostgreSQL and DuckDB files, and the SQL under psql.
 
 Every expected value here is written out by hand from sql/: the object names each
 migration creates, the steps each call takes, and the rows the sink's statements leave.
@@ -23,9 +23,9 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from pipeline import migrations as mig
 from pipeline.errors import ConfigError, ServiceError
-from pipeline.migrations import Step
+from pipeline.sink import migrations as mig
+from pipeline.sink.migrations import Step
 
 pytestmark = pytest.mark.integration
 

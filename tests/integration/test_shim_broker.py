@@ -15,10 +15,10 @@ import tenacity
 from aiokafka import AIOKafkaConsumer
 
 from pipeline import AsyncEmitter, Emitter, Event, Settings, decode_record, edge_key
-from pipeline.adapters.pybreaker import CircuitEvents
-from pipeline.adapters.tenacity import RetryEvents
-from pipeline.embedded import free_port
-from pipeline.embedded_broker import EmbeddedBroker
+from pipeline.dev.broker import EmbeddedBroker
+from pipeline.dev.process import free_port
+from pipeline.shim.adapters.pybreaker import CircuitEvents
+from pipeline.shim.adapters.tenacity import RetryEvents
 
 pytestmark = pytest.mark.integration
 

@@ -25,9 +25,9 @@ import psycopg
 import pytest
 
 from pipeline import Emitter, Settings
+from pipeline.cli.query import query_duckdb
+from pipeline.core.sketch import ALPHA
 from pipeline.errors import CommpipeError
-from pipeline.query import query_duckdb
-from pipeline.sketch import ALPHA
 from tests.integration.traffic import (
     GRACE,
     LEGACY,

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from pipeline import Emitter, Settings
-from pipeline.embedded import free_port
+from pipeline.dev.process import free_port
 from tests.integration.test_cli_sql import commpipe
 from tests.integration.test_metrics import scrape
 from tests.integration.test_sink import Databases, expected_health, expected_patterns

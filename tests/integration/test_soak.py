@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from pipeline import Emitter, Settings
-from pipeline.embedded import free_port
+from pipeline.dev.process import free_port
 from tests.integration.test_metrics import try_scrape
 from tests.integration.workers import wait_until, worker_environment, worker_starter
 

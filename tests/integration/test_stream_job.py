@@ -21,9 +21,9 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from pipeline import Emitter, Settings
-from pipeline.aggregate import WindowConfig
-from pipeline.rollups import Rollups
-from pipeline.sketch import ALPHA
+from pipeline.core.rollups import Rollups
+from pipeline.core.sketch import ALPHA
+from pipeline.core.window import WindowConfig
 from tests.integration.traffic import (
     EDGES,
     GRACE,

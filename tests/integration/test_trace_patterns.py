@@ -28,12 +28,12 @@ import tenacity
 from aiokafka import AIOKafkaProducer
 from psycopg.conninfo import make_conninfo
 
+from agents.topics import ensure_topics
 from pipeline import Emitter, Settings, edge_key
-from pipeline.adapters.tenacity import RetryEvents
-from pipeline.embedded import run_sync
+from pipeline.cli.query import query_duckdb
+from pipeline.dev.process import run_sync
 from pipeline.errors import CommpipeError
-from pipeline.query import query_duckdb
-from pipeline.topics import ensure_topics
+from pipeline.shim.adapters.tenacity import RetryEvents
 from tests.integration.workers import wait_until, worker_environment, worker_starter
 
 pytestmark = pytest.mark.integration

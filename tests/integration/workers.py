@@ -16,7 +16,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from pipeline.aggregate import State, decode_state, parse_id
+from pipeline.core.store import State, decode_state, parse_id
 
 # Dev settings that make a worker join within seconds on the embedded broker.
 FAST_JOIN = {"COMMPIPE_BROKER_SESSION_TIMEOUT_S": "6", "COMMPIPE_BROKER_HEARTBEAT_INTERVAL_S": "1",

@@ -1,0 +1,245 @@
+"""One call's chain across services, from its stored events (``commpipe trace``).
+
+The sink keeps error, timeout and retry events and the responses that end a
+retried call (:func:`pipeline.core.details.keeps_detail`) in
+``communication_events``, with their correlation id, trace id, status code,
+masked ``error_message``, ``attempt`` and ``backoff_ms``. :data:`TRACE_SQL`
+reads the events whose correlation id or W3C trace id is the key asked for;
+:func:`build_chain` (a pure function over those rows) puts them in time order
+and says, per edge and for the whole chain, how many attempts were made, how
+long the caller backed off and how it ended.
+
+Attempts: a ``retry`` event with attempt *n* says attempt *n* failed and the
+caller waits ``backoff_ms`` before attempt *n* + 1, so an edge with retries up
+to *n* made at least *n* + 1 attempts. An error, timeout or response carries
+its attempt when the service sent one (``emitter.call(..., attempt=n)``,
+``RetryEvents.call``); otherwise it belongs to the attempt after the edge's
+last retry. Events of one instant are ordered request, outcome, retry.
+
+Outcome: the last outcome event of the edge (or of the chain): ``succeeded``
+(a response), ``failed`` (an error), ``timed_out``; ``unknown`` when a retry
+comes last, i.e. no outcome was stored after it (the next attempt's response
+carried no attempt number, so it was only counted, or it is not stored yet).
+Times are the services' own clocks.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Final, Literal
+
+from pipeline.errors import ConfigError
+
+__all__ = ["MAX_EVENTS", "TRACE_SQL", "Chain", "EdgeSummary", "Outcome", "Step", "build_chain",
+           "check_key", "render"]
+
+MAX_EVENTS: Final = 10_000
+"""Most events one trace reads (a correlation id reused by mistake can match millions)."""
+
+TRACE_SQL: Final = f"""
+SELECT event_id, correlation_id, extract(epoch FROM occurred_at) AS ts, event_type,
+       source_service, target_service, protocol, method, attempt, backoff_ms, latency_ms,
+       status_code, error_type, error_message, trace_id, span_id
+FROM communication_events
+WHERE correlation_id = %s OR trace_id = %s
+ORDER BY occurred_at, id
+LIMIT {MAX_EVENTS + 1}
+"""
+"""The chain's rows (parameters: the key twice); a schema of version 3 or later."""
+SCHEMA_VERSION: Final = 3
+
+Outcome = Literal["succeeded", "failed", "timed_out", "unknown"]
+_OUTCOMES: Final[dict[str, Outcome]] = {"response": "succeeded", "error": "failed",
+                                        "timeout": "timed_out"}
+_RANK: Final = {"request": 0, "response": 1, "error": 1, "timeout": 1, "retry": 2}
+_KEY = re.compile(r"[!-~]{1,128}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def check_key(key: str) -> str:
+    """``key`` if it can be a correlation id or a trace id (the wire format's rule for
+    correlation ids), else :class:`~pipeline.errors.ConfigError` saying so."""
+    if _KEY.fullmatch(key) is None:
+        raise ConfigError("a correlation id or trace id is 1-128 printable ASCII characters "
+                          f"without spaces; got {len(key)} characters that are not")
+    return key
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One event of the chain; ``attempt`` as stored or, if absent, inferred."""
+
+    ts: float
+    kind: str
+    source_service: str
+    target_service: str
+    protocol: str
+    attempt: int | None
+    backoff_ms: float | None
+    latency_ms: float | None
+    status_code: int | None
+    error_type: str | None
+    error_message: str | None
+    method: str | None
+    event_id: str
+    correlation_id: str
+    trace_id: str | None
+    span_id: str | None
+
+    @property
+    def edge(self) -> tuple[str, str, str]:
+        return self.source_service, self.target_service, self.protocol
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeSummary:
+    source_service: str
+    target_service: str
+    protocol: str
+    attempts: int
+    retries: int
+    backoff_ms: float
+    outcome: Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class Chain:
+    key: str
+    steps: tuple[Step, ...]
+    edges: tuple[EdgeSummary, ...]
+    """In the order each edge first appears."""
+    truncated: bool = False
+    """More than :data:`MAX_EVENTS` events matched; only the first ones are here."""
+
+    @property
+    def attempts(self) -> int:
+        return sum(e.attempts for e in self.edges)
+
+    @property
+    def retries(self) -> int:
+        return sum(e.retries for e in self.edges)
+
+    @property
+    def total_backoff_ms(self) -> float:
+        return math.fsum(s.backoff_ms or 0.0 for s in self.steps if s.kind == "retry")
+
+    @property
+    def outcome(self) -> Outcome:
+        return _outcome(self.steps)
+
+    def to_json(self) -> dict[str, Any]:
+        start = self.steps[0].ts if self.steps else 0.0
+        return {
+            "key": self.key, "outcome": self.outcome, "attempts": self.attempts,
+            "retries": self.retries, "total_backoff_ms": self.total_backoff_ms,
+            "truncated": self.truncated,
+            "edges": [{f: getattr(e, f) for f in e.__slots__} for e in self.edges],
+            "events": [{"time": _iso(s.ts), "offset_ms": round((s.ts - start) * 1000.0, 3),
+                        **{f: getattr(s, f) for f in s.__slots__}} for s in self.steps],
+        }
+
+
+def _num(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _outcome(steps: Iterable[Step]) -> Outcome:
+    last: Outcome = "unknown"
+    for step in steps:
+        last = _OUTCOMES.get(step.kind, "unknown") if step.kind != "request" else last
+    return last
+
+
+def build_chain(key: str, rows: Iterable[Mapping[str, Any]]) -> Chain:
+    """The chain of ``rows`` (``TRACE_SQL``'s columns, values as either database returns
+    them), in time order with attempts numbered; see the module docstring."""
+    rows = list(rows)
+    truncated = len(rows) > MAX_EVENTS
+    ordered = sorted(rows[:MAX_EVENTS], key=lambda r: (
+        float(r["ts"]), r["attempt"] or 0, _RANK.get(r["event_type"], 1), r["event_id"]))
+    next_attempt: dict[tuple[str, str, str], int] = {}
+    steps = []
+    for r in ordered:
+        edge = (r["source_service"], r["target_service"], r["protocol"])
+        kind = r["event_type"]
+        attempt = None if r["attempt"] is None else int(r["attempt"])
+        if kind == "retry":
+            if attempt is not None:
+                next_attempt[edge] = attempt + 1
+        elif attempt is None:
+            attempt = next_attempt.get(edge, 1)
+        else:
+            next_attempt[edge] = attempt
+        steps.append(Step(
+            float(r["ts"]), kind, *edge, attempt, _num(r["backoff_ms"]), _num(r["latency_ms"]),
+            None if r["status_code"] is None else int(r["status_code"]), r["error_type"],
+            r["error_message"], r["method"], r["event_id"], r["correlation_id"],
+            r["trace_id"], r["span_id"]))
+    edges: dict[tuple[str, str, str], list[Step]] = {}
+    for step in steps:
+        edges.setdefault(step.edge, []).append(step)
+    summaries = []
+    for edge, mine in edges.items():
+        retries = [s for s in mine if s.kind == "retry"]
+        attempts = max([s.attempt or 0 for s in mine]
+                       + [(s.attempt or 0) + 1 for s in retries] + [1])
+        summaries.append(EdgeSummary(*edge, attempts, len(retries),
+                                     math.fsum(s.backoff_ms or 0.0 for s in retries),
+                                     _outcome(mine)))
+    return Chain(key, tuple(steps), tuple(summaries), truncated)
+
+
+def _iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="microseconds")
+
+
+def _text(value: Any) -> str:
+    """A value as one printable line (whatever another writer left in the database)."""
+    if value is None:
+        return ""
+    if isinstance(value, float | Decimal):
+        return f"{value:g}"
+    return _CONTROL.sub(" ", str(value))
+
+
+def _edge(source: str, target: str, protocol: str) -> str:
+    return _text(f"{source} → {target} · {protocol}")
+
+
+def _ms(value: float | None) -> str:
+    """Milliseconds to at most two decimals, trailing zeros left out: 9.5 ms, 1,400 ms."""
+    return "" if value is None else f"{value:,.2f}".rstrip("0").rstrip(".") + " ms"
+
+
+def render(chain: Chain) -> str:
+    """The chain as text: a summary line, one line per edge, one line per event."""
+    if not chain.steps:
+        return f"no stored events for {_text(chain.key)}"
+    plural = "s" if len(chain.edges) != 1 else ""
+    lines = [f"chain {_text(chain.key)}: {len(chain.steps)} events, {len(chain.edges)} "
+             f"edge{plural}, {chain.attempts} attempts, {chain.retries} retries, total "
+             f"backoff {_ms(chain.total_backoff_ms)}; outcome: {chain.outcome}"]
+    if chain.truncated:
+        lines.append(f"(more than {MAX_EVENTS} events matched: showing the first {MAX_EVENTS})")
+    for e in chain.edges:
+        lines.append(f"  {_edge(e.source_service, e.target_service, e.protocol)}: "
+                     f"{e.attempts} attempts, {e.retries} retries, backoff {_ms(e.backoff_ms)}"
+                     f", {e.outcome}")
+    start = chain.steps[0].ts
+    table = [("+time", "edge", "event", "attempt", "backoff", "latency", "status", "error")]
+    for s in chain.steps:
+        error = ": ".join(_text(x) for x in (s.error_type, s.error_message) if x)
+        table.append((f"+{s.ts - start:.3f} s", _edge(*s.edge), s.kind, _text(s.attempt),
+                      _ms(s.backoff_ms), _ms(s.latency_ms), _text(s.status_code), error))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
+    lines.append(f"started {_iso(start)} (times are the services' own clocks)")
+    for row in table:
+        cells = [c.rjust(w) if i in (0, 3, 4, 5, 6) else c.ljust(w)
+                 for i, (c, w) in enumerate(zip(row, widths, strict=False))]
+        lines.append("  ".join([*cells, row[-1]]).rstrip())
+    return "\n".join(lines)

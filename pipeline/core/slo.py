@@ -1,0 +1,158 @@
+"""Service-level objectives per edge, judged on every closed window.
+
+The specification's numbers are the defaults; a YAML or TOML file
+(``COMMPIPE_SLO_FILE``) may change them, for all edges or for the edges that
+match a rule (shell-style patterns on source, target and protocol; the last
+matching rule wins, field by field)::
+
+    latency_p95_ms = 100          # synchronous calls (sync_protocols) only
+    latency_max_ms = 200          # every call within this
+    delivery_success = 0.999      # responses / (responses + errors + timeouts) must exceed
+    retry_backoff_ms = 1000       # total backoff of one call (its retry events) at most
+    circuit_reaction_ms = 50      # last failure -> the circuit event reporting open, at most
+    health_score = 90             # every service's analyze_communication_health() score above
+    sync_protocols = ["http", "grpc"]
+
+    [[edges]]
+    target = "bank"
+    latency_p95_ms = 300
+
+:func:`evaluate` turns one window's stats into one :class:`Result` per
+objective that had something to judge (no latency objective in a window
+without outcomes, no backoff objective without retries, ...): what was
+measured, the threshold, whether it held and by how much it missed (0 when it
+held). The sink stores the results (``communication_slo``), the exporter shows
+them for each edge's last closed window, and ``commpipe health`` gates on them.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.config_file import load_data
+from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pipeline.core.window import WindowStats
+
+__all__ = ["OBJECTIVES", "Objectives", "Result", "SloConfig", "evaluate", "load_config"]
+
+OBJECTIVES: Final = ("latency_p95", "latency_max", "delivery_success", "retry_backoff",
+                     "circuit_reaction")
+"""Objective names, as stored and exported (``health_score`` is judged per service)."""
+
+
+class Objectives(BaseModel):
+    """The thresholds for one edge."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    latency_p95_ms: float = Field(100.0, gt=0)
+    latency_max_ms: float = Field(200.0, gt=0)
+    delivery_success: float = Field(0.999, ge=0, le=1)
+    retry_backoff_ms: float = Field(1000.0, ge=0)
+    circuit_reaction_ms: float = Field(50.0, ge=0)
+    health_score: float = Field(90.0, ge=0, le=100)
+    sync_protocols: tuple[str, ...] = ("http", "grpc")
+
+
+class _Rule(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = "*"
+    target: str = "*"
+    protocol: str = "*"
+    latency_p95_ms: float | None = Field(None, gt=0)
+    latency_max_ms: float | None = Field(None, gt=0)
+    delivery_success: float | None = Field(None, ge=0, le=1)
+    retry_backoff_ms: float | None = Field(None, ge=0)
+    circuit_reaction_ms: float | None = Field(None, ge=0)
+    sync_protocols: tuple[str, ...] | None = None
+
+
+class SloConfig(BaseModel):
+    """Defaults plus per-edge rules."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    defaults: Objectives = Objectives()
+    edges: tuple[_Rule, ...] = ()
+
+    def for_edge(self, edge: tuple[str, str, str]) -> Objectives:
+        """The thresholds of ``edge``: the defaults, then every matching rule in order."""
+        changes: dict[str, Any] = {}
+        for rule in self.edges:
+            if all(fnmatchcase(v, pat) for v, pat in zip(
+                    edge, (rule.source, rule.target, rule.protocol), strict=True)):
+                changes |= rule.model_dump(exclude={"source", "target", "protocol"},
+                                           exclude_none=True)
+        return self.defaults.model_copy(update=changes) if changes else self.defaults
+
+
+def load_config(path: str | Path | None) -> SloConfig:
+    """The objectives in ``path`` (YAML or TOML), or the defaults when ``path`` is empty."""
+    if not path:
+        return SloConfig()
+    data = load_data(path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a table of objectives, got {type(data).__name__}")
+    rules = data.pop("edges", ())
+    try:
+        return SloConfig(defaults=Objectives(**data), edges=tuple(
+            _Rule(**rule) if isinstance(rule, dict) else _Rule.model_validate(rule)
+            for rule in rules))
+    except (ValidationError, TypeError) as e:
+        raise ConfigError(f"{path}: {_describe(e)}") from None
+
+
+def _describe(error: ValidationError | TypeError) -> str:
+    if isinstance(error, TypeError):
+        return str(error)
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'file'}: {e['msg']}"
+                     for e in error.errors())
+
+
+class Result(NamedTuple):
+    objective: str
+    threshold: float
+    measured: float
+    ok: bool
+    miss: float
+    """How far past the threshold (same unit as ``measured``; 0 when it held)."""
+
+
+def evaluate(edge: tuple[str, str, str], stats: WindowStats, objectives: Objectives
+             ) -> list[Result]:
+    """Every objective that one (merged) window of ``edge`` gives something to judge."""
+    out: list[Result] = []
+    sketch = stats.latency
+    if sketch.count:
+        if edge[2] in objectives.sync_protocols:
+            p95 = sketch.quantile(0.95)
+            out.append(_at_most("latency_p95", objectives.latency_p95_ms, p95, strict=True))
+        out.append(_at_most("latency_max", objectives.latency_max_ms, sketch.max))
+    failed = stats.error_count + stats.timeouts
+    outcomes = stats.responses + failed
+    if outcomes:
+        success = stats.responses / outcomes
+        held = success > objectives.delivery_success
+        out.append(Result("delivery_success", objectives.delivery_success, success, held,
+                          0.0 if held else objectives.delivery_success - success))
+    if stats.retries:
+        out.append(_at_most("retry_backoff", objectives.retry_backoff_ms,
+                            stats.max_call_backoff_ms))
+    if stats.circuit_reaction_ms is not None:
+        out.append(_at_most("circuit_reaction", objectives.circuit_reaction_ms,
+                            stats.circuit_reaction_ms))
+    return out
+
+
+def _at_most(name: str, threshold: float, measured: float, *, strict: bool = False) -> Result:
+    held = measured < threshold if strict else measured <= threshold
+    return Result(name, threshold, measured, held, 0.0 if held else measured - threshold)

@@ -1,0 +1,229 @@
+"""The producer shim services import: ``Emitter`` (sync, thread-safe) and ``AsyncEmitter``.
+
+``emit()`` and the per-kind helpers only append to a bounded buffer: they never
+wait on the network and never raise into the caller. A background sender
+(:class:`pipeline.shim.outbox.Outbox`) validates, batches by edge and sends; what it
+cannot deliver is counted in :meth:`stats`. Defaults come from ``COMMPIPE_*``
+through :class:`pipeline.settings.Settings`.
+
+::
+
+    from pipeline import Emitter
+
+    emitter = Emitter(bootstrap_servers="localhost:9092")
+    with emitter.call("orders", "payments", protocol="http", method="POST /pay") as call:
+        call.status_code = charge(card)          # response, or error/timeout if it raises
+    emitter.retry(source_service="orders", target_service="payments", protocol="http",
+                  attempt=2, backoff_ms=200, error_type="connection")
+    emitter.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+from pipeline.settings import Settings
+from pipeline.shim.call import Call, error_type_of
+from pipeline.shim.kinds import EventKinds
+from pipeline.shim.outbox import EmitterStats, Outbox
+from pipeline.wire.events import Event
+
+__all__ = ["AsyncEmitter", "Call", "Emitter", "EmitterStats", "error_type_of"]
+
+log = logging.getLogger("commpipe.shim")
+
+def _outbox(settings: Settings, bootstrap_servers: str | None, topic: str | None,
+            buffer_size: int | None) -> Outbox:
+    options = settings.kafka_client_options()
+    if bootstrap_servers is not None:
+        options["bootstrap_servers"] = bootstrap_servers
+    options.update(acks="all", request_timeout_ms=settings.shim_request_timeout_ms,
+                   max_batch_size=256 * 1024, max_request_size=2 * settings.shim_batch_bytes,
+                   client_id="commpipe-shim")
+    return Outbox(topic=topic or settings.topic,
+                  capacity=buffer_size or settings.shim_buffer_size,
+                  batch_events=settings.shim_batch_events,
+                  batch_bytes=settings.shim_batch_bytes,
+                  linger_s=settings.shim_linger_ms / 1000.0,
+                  producer_options=options)
+
+
+def _wire(event: Mapping[str, Any] | Event) -> dict[str, Any]:
+    return event.to_wire() if isinstance(event, Event) else dict(event)
+
+
+class Emitter(EventKinds):
+    """Thread-safe, synchronous emitter; sends from its own background thread.
+
+    ``bootstrap_servers``, ``topic`` and ``buffer_size`` default to the ``COMMPIPE_*``
+    settings (``COMMPIPE_KAFKA_BOOTSTRAP``, ``COMMPIPE_TOPIC``,
+    ``COMMPIPE_SHIM_BUFFER_SIZE``); pass ``settings=`` to use another Settings object.
+    The broker may start after the emitter: events wait in the buffer meanwhile.
+    At interpreter exit an open emitter is closed, waiting up to
+    ``COMMPIPE_SHIM_CLOSE_TIMEOUT_S`` for delivery.
+    """
+
+    def __init__(self, bootstrap_servers: str | None = None, topic: str | None = None, *,
+                 buffer_size: int | None = None, settings: Settings | None = None) -> None:
+        self._settings = settings or Settings.from_env()
+        self._outbox = _outbox(self._settings, bootstrap_servers, topic, buffer_size)
+        self._put = self._outbox.put
+        self._loop = asyncio.new_event_loop()
+        self._stop = asyncio.Event()
+        self._thread = threading.Thread(target=self._serve, name="commpipe-shim", daemon=True)
+        self._closed = False
+        self._thread.start()
+        ref = weakref.ref(self)
+        self._atexit = lambda: (e := ref()) is not None and e.close()
+        atexit.register(self._atexit)
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._outbox.run(self._stop))
+        except Exception:  # the sender must never die silently
+            log.exception("commpipe shim: sender stopped unexpectedly")
+        finally:
+            self._loop.close()
+
+    def emit(self, event: Mapping[str, Any] | Event) -> bool:
+        """Queue one event (a wire dict or an :class:`Event`); False if it was dropped."""
+        return self._put(_wire(event))
+
+    def stats(self) -> EmitterStats:
+        """Counts so far: sent, dropped, failed, invalid, and how many are buffered now."""
+        return self._outbox.stats()
+
+    def _wake(self) -> None:
+        wake = self._outbox.wake
+        if wake is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(wake.set)
+            except RuntimeError:  # loop closed in between
+                pass
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Send everything buffered now; True when all of it left, False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._wake()
+        while self._outbox.pending():
+            if not self._thread.is_alive():
+                return False
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Deliver what is buffered (waiting up to ``timeout`` seconds, default
+        ``COMMPIPE_SHIM_CLOSE_TIMEOUT_S``), then stop; later emits are dropped.
+        Returns True when nothing was left undelivered. Safe to call twice."""
+        if self._closed:
+            return self._outbox.undelivered == 0 and self._outbox.pending() == 0
+        self._closed = True
+        atexit.unregister(self._atexit)
+        timeout = self._settings.shim_close_timeout_s if timeout is None else timeout
+        self._outbox.close()
+        self._outbox.deadline = time.monotonic() + timeout
+        try:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        except RuntimeError:
+            pass
+        self._wake()
+        self._thread.join(timeout + 5.0)
+        return self._outbox.undelivered == 0 and self._outbox.pending() == 0
+
+    def __enter__(self) -> Emitter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncEmitter(EventKinds):
+    """The asyncio twin of :class:`Emitter`: the sender is a task in the running loop.
+
+    The emit methods are plain (non-async) calls, safe inside coroutines; use
+    ``async with AsyncEmitter(...) as emitter:`` or ``await emitter.start()`` /
+    ``await emitter.close()``. Emitting before ``start()`` buffers; the first emit
+    inside a running loop starts the sender.
+    """
+
+    def __init__(self, bootstrap_servers: str | None = None, topic: str | None = None, *,
+                 buffer_size: int | None = None, settings: Settings | None = None) -> None:
+        self._settings = settings or Settings.from_env()
+        self._outbox = _outbox(self._settings, bootstrap_servers, topic, buffer_size)
+        self._task: asyncio.Task[None] | None = None
+        self._stop: asyncio.Event | None = None
+
+    async def start(self) -> AsyncEmitter:
+        """Start the sender task in the running loop (idempotent)."""
+        self._ensure_task()
+        return self
+
+    def _ensure_task(self) -> None:
+        if self._task is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop yet: events wait in the buffer until start()
+        self._stop = asyncio.Event()
+        self._task = loop.create_task(self._outbox.run(self._stop), name="commpipe-shim")
+
+    def _put(self, event: dict[str, Any]) -> bool:
+        if self._task is None:
+            self._ensure_task()
+        return self._outbox.put(event)
+
+    def emit(self, event: Mapping[str, Any] | Event) -> bool:
+        """Queue one event (a wire dict or an :class:`Event`); False if it was dropped."""
+        return self._put(_wire(event))
+
+    def stats(self) -> EmitterStats:
+        """Counts so far: sent, dropped, failed, invalid, and how many are buffered now."""
+        return self._outbox.stats()
+
+    async def flush(self, timeout: float | None = None) -> bool:
+        """Send everything buffered now; True when all of it left, False on timeout."""
+        self._ensure_task()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._outbox.pending():
+            if self._task is None or self._task.done():
+                return False
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            if self._outbox.wake is not None:
+                self._outbox.wake.set()
+            await asyncio.sleep(0.005)
+        return True
+
+    async def close(self, timeout: float | None = None) -> bool:
+        """Deliver what is buffered (up to ``timeout`` s), then stop the sender task."""
+        self._ensure_task()
+        timeout = self._settings.shim_close_timeout_s if timeout is None else timeout
+        self._outbox.close()
+        self._outbox.deadline = time.monotonic() + timeout
+        if self._task is None or self._stop is None:
+            return self._outbox.pending() == 0
+        self._stop.set()
+        if self._outbox.wake is not None:
+            self._outbox.wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout + 5.0)
+        except TimeoutError:
+            self._task.cancel()
+        return self._outbox.undelivered == 0 and self._outbox.pending() == 0
+
+    async def __aenter__(self) -> AsyncEmitter:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,320 @@
+"""The shim's bounded outbox and the asyncio loop that drains it into Kafka.
+
+Both emitters share this: the caller's thread only appends a dict to a deque
+under a lock (never a network call, never an exception); :meth:`Outbox.run`
+(an asyncio task, in the emitter's own thread or in the caller's loop) takes
+everything buffered, masks credentials in ``error_message`` and bounds it
+(:func:`pipeline.wire.redact.safe_message`), validates it with the same rules the worker applies,
+groups it by edge, and sends one record per edge per round: a JSON array of at
+most ``batch_events`` events and ``batch_bytes`` bytes, keyed by the edge.
+
+Accounting: every event handed to :meth:`Outbox.put` ends in exactly one of
+``sent``, ``dropped`` (buffer full, emitter closed, or undelivered at close),
+``failed`` (the broker refused it for good) or ``invalid`` (it breaks wire
+format v1; the reason is logged). While the broker is away, records that
+failed with a retriable error are kept and sent again with backoff; they count
+against the buffer bound, so memory stays bounded.
+
+Duplicates: a record whose send timed out may still have been written (the
+broker got it, its answer did not come back), and sending it again writes it
+twice. Every record therefore carries two headers, ``commpipe-producer`` (a
+random id of this outbox) and ``commpipe-seq`` (its number among this
+producer's records of the same edge, fixed when it is first encoded and kept
+on every retry); the worker applies each (producer, edge, seq) once
+(:mod:`pipeline.core.batch`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from pipeline.errors import EventValidationError
+from pipeline.wire.decode import validate_event
+from pipeline.wire.events import edge_key
+from pipeline.wire.headers import PRODUCER_HEADER, SEQ_HEADER
+from pipeline.wire.redact import safe_message
+
+if TYPE_CHECKING:
+    from aiokafka import AIOKafkaProducer
+
+__all__ = ["EmitterStats", "Outbox"]
+
+log = logging.getLogger("commpipe.shim")
+
+_BACKOFF_MIN_S = 0.1
+_BACKOFF_MAX_S = 5.0
+_LOG_EVERY_S = 10.0  # at most one log line per this many seconds for repeating problems
+
+
+@dataclass(frozen=True, slots=True)
+class EmitterStats:
+    """Counts since the emitter was created. ``buffered`` = waiting or being retried now."""
+
+    sent: int
+    dropped: int
+    failed: int
+    invalid: int
+    buffered: int
+
+
+@dataclass(slots=True)
+class _Record:
+    key: bytes
+    value: bytes
+    events: int
+    headers: list[tuple[str, bytes]]
+
+
+class Outbox:
+    """A bounded buffer of event dicts plus the coroutine that sends them."""
+
+    def __init__(
+        self,
+        *,
+        topic: str,
+        capacity: int,
+        batch_events: int,
+        batch_bytes: int,
+        linger_s: float,
+        producer_options: dict[str, Any],
+    ) -> None:
+        self.topic = topic
+        self._capacity = capacity
+        self._batch_events = batch_events
+        self._batch_bytes = batch_bytes
+        self._linger_s = linger_s
+        self._producer_options = producer_options
+        self._lock = threading.Lock()
+        self._buffer: deque[dict[str, Any]] = deque()
+        self._inflight = 0  # events taken from the buffer and not yet sent, failed or dropped
+        self._retry: list[_Record] = []
+        self._closed = False
+        self._burst = 0  # drops since the sender last made room; > 0 means "dropping now"
+        self._sent = self._dropped = self._failed = self._invalid = 0
+        self._last_log: dict[str, float] = {}
+        self.wake: asyncio.Event | None = None  # created inside the sender's loop
+        self.deadline: float | None = None  # monotonic; set when closing with a timeout
+        self.undelivered = 0  # events dropped because the sender stopped before sending them
+        self.producer_id = os.urandom(8).hex()
+        self._seq: dict[bytes, int] = {}  # edge key -> last record number given
+
+    # ---- caller side (any thread) -------------------------------------------------------
+
+    def put(self, event: dict[str, Any]) -> bool:
+        """Buffer one event; False (and counted as dropped) when full or closed. Never raises."""
+        with self._lock:
+            if not self._closed and len(self._buffer) + self._inflight < self._capacity:
+                self._buffer.append(event)
+                return True
+            self._dropped += 1
+            self._burst += 1
+            first = self._burst == 1
+        if first:
+            log.warning("commpipe shim: %s; dropping events until there is room (counted in "
+                        "stats().dropped)",
+                        "emitter is closed" if self._closed else
+                        f"buffer full ({self._capacity} events)")
+        return False
+
+    def stats(self) -> EmitterStats:
+        with self._lock:
+            return EmitterStats(self._sent, self._dropped, self._failed, self._invalid,
+                                len(self._buffer) + self._inflight)
+
+    def pending(self) -> int:
+        """Events not yet sent, failed or dropped."""
+        with self._lock:
+            return len(self._buffer) + self._inflight
+
+    def close(self) -> None:
+        """Refuse new events from now on (they count as dropped)."""
+        with self._lock:
+            self._closed = True
+
+    # ---- sender side (one asyncio task) ----------------------------------------------------
+
+    def _take(self) -> list[dict[str, Any]]:
+        with self._lock:
+            taken = self._buffer
+            self._buffer = deque()
+            self._inflight += len(taken)
+        return list(taken)
+
+    def _settle(self, *, sent: int = 0, failed: int = 0, invalid: int = 0) -> None:
+        with self._lock:
+            self._sent += sent
+            self._failed += failed
+            self._invalid += invalid
+            self._inflight -= sent + failed + invalid
+            burst, self._burst = self._burst, 0
+        if burst:
+            log.warning("commpipe shim: dropped %d events in the last burst", burst)
+
+    def _log_limited(self, what: str, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last_log.get(what, -_LOG_EVERY_S) >= _LOG_EVERY_S:
+            self._last_log[what] = now
+            log.warning(msg, *args)
+
+    def encode(self, events: list[dict[str, Any]]) -> list[_Record]:
+        """Validate, group by edge and encode; invalid events are counted and logged."""
+        ids = os.urandom(16 * len(events)).hex()
+        by_edge: dict[str, list[dict[str, Any]]] = {}
+        invalid = 0
+        for i, event in enumerate(events):
+            event["event_id"] = ids[32 * i: 32 * i + 32]
+            event.setdefault("correlation_id", event["event_id"])
+            message = event.get("error_message")
+            if message is not None:  # masked and bounded before it leaves the service
+                message = safe_message(message)
+                if message is None:
+                    del event["error_message"]
+                else:
+                    event["error_message"] = message
+            try:
+                validate_event(event)
+            except EventValidationError as e:
+                invalid += 1
+                self._log_limited("invalid", "commpipe shim: invalid %s event not sent: %s",
+                                  event.get("kind"), e)
+                continue
+            key = edge_key(event["source_service"], event["target_service"], event["protocol"])
+            by_edge.setdefault(key, []).append(event)
+        if invalid:
+            self._settle(invalid=invalid)
+        records: list[_Record] = []
+        for key, edge_events in by_edge.items():
+            kb = key.encode()
+            for start in range(0, len(edge_events), self._batch_events):
+                self._chunk(kb, edge_events[start: start + self._batch_events], records)
+        return records
+
+    def _chunk(self, key: bytes, events: list[dict[str, Any]], out: list[_Record]) -> None:
+        value = orjson.dumps(events)
+        if len(value) > self._batch_bytes and len(events) > 1:
+            half = len(events) // 2
+            self._chunk(key, events[:half], out)
+            self._chunk(key, events[half:], out)
+        else:
+            seq = self._seq[key] = self._seq.get(key, 0) + 1
+            out.append(_Record(key, value, len(events), [
+                (PRODUCER_HEADER, self.producer_id.encode()), (SEQ_HEADER, str(seq).encode())]))
+
+    async def _send(self, producer: AIOKafkaProducer, records: list[_Record]) -> bool:
+        """Send records; keep retriable failures for the next round. True if all went."""
+        from aiokafka.errors import KafkaError
+
+        async def one(record: _Record) -> None:
+            fut = await producer.send(self.topic, record.value, key=record.key,
+                                      headers=record.headers)
+            await fut
+
+        results = await asyncio.gather(*(one(r) for r in records), return_exceptions=True)
+        sent = failed = 0
+        for record, result in zip(records, results, strict=True):
+            if result is None:
+                sent += record.events
+            elif (isinstance(result, KafkaError) and getattr(result, "retriable", False)) or \
+                    isinstance(result, (asyncio.TimeoutError, OSError)):
+                self._retry.append(record)
+                self._log_limited("retry", "commpipe shim: Kafka send failed (%s); keeping %d "
+                                  "events to retry", type(result).__name__, record.events)
+            elif isinstance(result, Exception):
+                failed += record.events
+                self._log_limited("failed", "commpipe shim: Kafka refused a record of %d "
+                                  "events for good: %r", record.events, result)
+            else:  # cancellation and the like: not ours to swallow
+                raise result
+        self._settle(sent=sent, failed=failed)
+        return not self._retry
+
+    async def _start_producer(self) -> AIOKafkaProducer | None:
+        from aiokafka import AIOKafkaProducer
+        from aiokafka.errors import KafkaError
+
+        producer = AIOKafkaProducer(**self._producer_options)
+        try:
+            await producer.start()
+        except (KafkaError, OSError) as e:
+            self._log_limited("connect", "commpipe shim: cannot reach Kafka at %s (%s); "
+                              "buffering up to %d events and retrying",
+                              self._producer_options.get("bootstrap_servers"),
+                              type(e).__name__, self._capacity)
+            await producer.stop()
+            return None
+        log.info("commpipe shim: connected to Kafka at %s",
+                 self._producer_options.get("bootstrap_servers"))
+        return producer
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Drain the outbox until ``stop`` is set and everything is delivered.
+
+        After ``stop`` is set the loop keeps delivering until :attr:`deadline`
+        (monotonic seconds, ``None`` = no limit); whatever is left then is dropped
+        and counted, so the stats always add up.
+        """
+        self.wake = asyncio.Event()
+        producer: AIOKafkaProducer | None = None
+        backoff = _BACKOFF_MIN_S
+        try:
+            while True:
+                if not stop.is_set():
+                    try:
+                        await asyncio.wait_for(self.wake.wait(), self._linger_s)
+                    except TimeoutError:
+                        pass
+                    self.wake.clear()
+                if stop.is_set() and (self.pending() == 0 or self._past_deadline()):
+                    return
+                if producer is None:
+                    producer = await self._start_producer()
+                if producer is not None:
+                    if not self._retry:
+                        self._retry = self.encode(self._take())
+                    records, self._retry = self._retry, []
+                    if await self._send(producer, records):
+                        backoff = _BACKOFF_MIN_S
+                        continue
+                await self._pause(stop, backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX_S)
+        finally:
+            if producer is not None:
+                await producer.stop()
+            self._drop_all()
+
+    def _past_deadline(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    async def _pause(self, stop: asyncio.Event, seconds: float) -> None:
+        """Back off before the next try; while stopping, never past the deadline."""
+        if stop.is_set():
+            if self.deadline is not None:
+                seconds = max(0.0, min(seconds, self.deadline - time.monotonic()))
+            await asyncio.sleep(seconds)
+            return
+        try:
+            await asyncio.wait_for(stop.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    def _drop_all(self) -> None:
+        self._retry = []
+        with self._lock:
+            left = len(self._buffer) + self._inflight
+            self._dropped += left
+            self._inflight = 0
+            self._buffer.clear()
+            self._closed = True
+        self.undelivered += left
+        if left:
+            log.warning("commpipe shim: closed with %d events undelivered (counted as dropped)",
+                        left)
