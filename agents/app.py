@@ -249,8 +249,8 @@ class Pipeline:
             if decoded.errors:
                 await self.dead_letters.send_events(message, decoded.errors)
             copies = work.duplicates
-            refused = work.apply(message.offset, decoded.events, now=now,
-                                 producer=_producer(message.headers))
+            refused = work.apply(message.offset, decoded.events, record_ts=message.timestamp,
+                                 now=now, producer=_producer(message.headers))
             for event, reason in refused:
                 await self.dead_letters.send_refused(message, event, reason)
             self.events_in += len(decoded.events) - len(refused) - (work.duplicates - copies)

@@ -54,7 +54,7 @@ def closed_windows(rows: int, seed_offset: int = 0) -> Rollups:
                             attempt=1 if kind == "retry" else None,
                             backoff_ms=50.0 if kind == "retry" else None)
                       for i, kind in enumerate(KINDS)]
-            batch.apply(offset, events, now=t0 + 1e6)
+            batch.apply(offset, events, record_ts=t0 + 1e6, now=t0 + 1e6)
         store.update(batch.changes())
     rollups = Rollups(store, CONFIG, idle_close_s=1e12, clock=lambda: t0)
     assert len(rollups.closed_windows()) == rows // EDGES * EDGES

@@ -112,7 +112,7 @@ class Settings:
     grace_s: float = 10.0
     """How long after its end a window still accepts events; later ones count as late."""
     max_future_s: float = 300.0
-    """Events stamped further ahead of the worker's clock are dead-lettered."""
+    """Events stamped further ahead of their Kafka record's timestamp are dead-lettered."""
     idle_close_s: float = 30.0
     """A partition silent this long (worker clock) closes its open windows."""
     breaker_failure_threshold: int = 3

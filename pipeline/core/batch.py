@@ -131,19 +131,30 @@ class PartitionBatch:
         self._fresh.add(id(value))
         return False
 
-    def apply(self, offset: int, events: Sequence[Event], *, now: float,
-              producer: tuple[str, int] | None = None) -> list[tuple[Event, str]]:
+    def apply(self, offset: int, events: Sequence[Event], *, record_ts: float | None,
+              now: float, producer: tuple[str, int] | None = None) -> list[tuple[Event, str]]:
         """Apply one record's valid events; returns ``(event, reason)`` for each refused one
         (stamped too far in the future). ``producer`` = ``(producer id, seq)`` from the
-        record's shim headers: a second copy of a record of one edge is skipped."""
+        record's shim headers: a second copy of a record of one edge is skipped.
+
+        Every decision comes from the record, so that a replay decides as the first run
+        did: the future horizon and the producers' horizon are measured from
+        ``record_ts``, the record's Kafka timestamp (epoch seconds; for a record without
+        one, the newest seen in the partition before it). ``now``, the worker's clock,
+        only stamps ``last_seen`` (idle closing and staleness, which count nothing)."""
         meta = self.meta
         if offset <= meta.offset:  # the whole batch holding this record persisted
             self.skipped += len(events)
             return []
+        if record_ts is not None and record_ts > 0:
+            if meta.record_ts is None or record_ts > meta.record_ts:
+                meta.record_ts = record_ts
+        else:
+            record_ts = meta.record_ts
         refused: list[tuple[Event, str]] = []
         config = self.config
         size = config.size_s
-        limit = now + config.max_future_s
+        limit = math.inf if record_ts is None else record_ts + config.max_future_s
         self._fresh.clear()
         touched: list[WindowStats | EdgeMeta] = []
         if producer is not None and events:
@@ -152,7 +163,8 @@ class PartitionBatch:
                 duplicate = offset in edge_meta.dup_offsets  # a replay: as decided before
             else:
                 touched.append(edge_meta)
-                duplicate = not edge_meta.first_time(producer[0], producer[1], now)
+                seen = events[0].ts if record_ts is None else record_ts
+                duplicate = not edge_meta.first_time(producer[0], producer[1], seen)
                 if duplicate:
                     edge_meta.duplicates += len(events)
                     edge_meta.dup_offsets.append(offset)
@@ -172,8 +184,9 @@ class PartitionBatch:
         for event in events:
             ts = event.ts
             if ts > limit:
-                refused.append((event, f"ts: {ts - now:.0f} s ahead of the worker's clock "
-                                       f"(at most {config.max_future_s:g} s accepted)"))
+                refused.append((event, f"ts: {ts - limit + config.max_future_s:.0f} s ahead "
+                                       f"of its record's timestamp (at most "
+                                       f"{config.max_future_s:g} s accepted)"))
                 continue
             if keeps_detail(event):
                 wire = detail_of(event)

@@ -23,8 +23,9 @@ MAX_DUP_OFFSETS: Final = 512
 MAX_PRODUCERS: Final = 256
 """Most producers an edge remembers: the ones seen most recently are kept."""
 PRODUCER_HORIZON_S: Final = 3_600.0
-"""A producer not heard from on an edge for this long (worker clock) is forgotten: a copy
-arriving later than that would count twice."""
+"""A producer not heard from on an edge for this long (in record time: the Kafka
+timestamps of its records, so that a replay forgets the same producers) is forgotten: a
+copy arriving later than that would count twice."""
 
 
 @dataclass(slots=True)
@@ -49,17 +50,18 @@ class ProducerSeqs:
         return False
 
 
-def first_time(producers: dict[str, ProducerSeqs], producer: str, seq: int, now: float
+def first_time(producers: dict[str, ProducerSeqs], producer: str, seq: int, at: float
                ) -> bool:
     """Record ``producer``'s record ``seq`` in ``producers`` (one edge's); False when it was
-    applied already. Producers silent for :data:`PRODUCER_HORIZON_S` are forgotten, and at
-    most :data:`MAX_PRODUCERS` are kept (the most recently seen)."""
+    applied already (``at``: the record's timestamp). Producers silent for
+    :data:`PRODUCER_HORIZON_S` are forgotten, and at most :data:`MAX_PRODUCERS` are kept
+    (the most recently seen)."""
     seqs = producers.get(producer)
     if seqs is None:
-        for gone in [p for p, s in producers.items() if s.last_seen < now - PRODUCER_HORIZON_S]:
+        for gone in [p for p, s in producers.items() if s.last_seen < at - PRODUCER_HORIZON_S]:
             del producers[gone]
         if len(producers) >= MAX_PRODUCERS:
             del producers[min(producers, key=lambda p: producers[p].last_seen)]
         seqs = producers[producer] = ProducerSeqs()
-    seqs.last_seen = now
+    seqs.last_seen = at
     return seqs.first_time(seq)

@@ -52,9 +52,10 @@ class EdgeMeta:
         entry[1] = max(entry[1], ts)
         return entry[0]
 
-    def first_time(self, producer: str, seq: int, now: float) -> bool:
-        """False when ``producer``'s record ``seq`` of this edge was applied already."""
-        return first_time(self.producers, producer, seq, now)
+    def first_time(self, producer: str, seq: int, at: float) -> bool:
+        """False when ``producer``'s record ``seq`` of this edge was applied already
+        (``at``: the record's timestamp)."""
+        return first_time(self.producers, producer, seq, at)
 
     def to_json(self) -> dict[str, Any]:
         return {"reported": self.reported.to_json() if self.reported else None,
@@ -84,14 +85,20 @@ class PartitionMeta:
 
     watermark: float = -math.inf
     last_seen: float | None = None
-    """Worker clock when this partition last delivered an event (for idle closing)."""
+    """Worker clock when this partition last delivered an event (for idle closing only:
+    nothing that is counted depends on it)."""
     offset: int = -1
+    record_ts: float | None = None
+    """Newest Kafka record timestamp seen here (epoch seconds): the horizon of a record
+    that carries none."""
 
     def to_json(self) -> dict[str, Any]:
         return {"watermark": None if self.watermark == -math.inf else self.watermark,
-                "last_seen": self.last_seen, "offset": self.offset}
+                "last_seen": self.last_seen, "offset": self.offset,
+                "record_ts": self.record_ts}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PartitionMeta:
         wm = data["watermark"]
-        return cls(-math.inf if wm is None else wm, data["last_seen"], data["offset"])
+        return cls(-math.inf if wm is None else wm, data["last_seen"], data["offset"],
+                   data.get("record_ts"))

@@ -29,7 +29,8 @@ class WindowConfig:
     grace_s: float = 10.0
     """How long after its end a window still accepts events."""
     max_future_s: float = 300.0
-    """Events stamped further than this ahead of the worker's clock are refused."""
+    """Events stamped further than this ahead of their record's Kafka timestamp are refused
+    (the record's, not the worker's clock: a replay must decide as the first run did)."""
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
 
     @classmethod

@@ -32,7 +32,10 @@ CFG = WindowConfig(size_s=10.0, grace_s=5.0, max_future_s=300.0)
 SIZE, GRACE, FUTURE = 10.0, 5.0, 300.0
 T0 = 1_700_000_000.0  # a multiple of the window size
 EDGES = [("api", "db", "grpc"), ("api", "cache", "http"), ("web", "api", "http")]
-Record = tuple[int, list[Event], float]  # (offset, events, now)
+Record = tuple[int, list[Event], float]  # (offset, events, the record's Kafka timestamp)
+REPLAY_LATER_S = 7_200.0
+"""How much later than the first run a replay runs (worker clock): longer than every
+horizon, so that a decision taken from the clock instead of the record would differ."""
 
 
 def ev(kind: str, ts: float, edge: tuple[str, str, str] = EDGES[0], n: int = 0,
@@ -53,26 +56,31 @@ def persist(store: dict[str, Any], changes: Sequence[tuple[str, Any]], *, copy: 
 
 
 def run(records: Sequence[Record], store: dict[str, Any], *,
-        batch_sizes: Sequence[int] | None = None, partition: int = 0, copy: bool = False
-        ) -> list[tuple[Event, str]]:
-    """Apply records in batches (one PartitionBatch each), persisting every batch's changes."""
+        batch_sizes: Sequence[int] | None = None, partition: int = 0, copy: bool = False,
+        late_by: float = 0.0) -> list[tuple[Event, str]]:
+    """Apply records in batches (one PartitionBatch each), persisting every batch's changes;
+    the worker's clock reads ``late_by`` seconds after each record's timestamp."""
     refused: list[tuple[Event, str]] = []
     sizes = list(batch_sizes or [len(records)])
     i = 0
     while i < len(records):
         n = sizes.pop(0) if sizes else len(records) - i
         batch = PartitionBatch(partition, CFG, store)
-        for offset, events, now in records[i:i + n]:
-            refused += batch.apply(offset, events, now=now)
+        for offset, events, ts in records[i:i + n]:
+            refused += batch.apply(offset, events, record_ts=ts, now=ts + late_by)
         persist(store, batch.changes(), copy=copy)
         i += n
     return refused
 
 
-def dump(store: dict[str, Any]) -> dict[str, Any]:
+def dump(store: dict[str, Any], *, clock: bool = True) -> dict[str, Any]:
     """The aggregates, and the set of kept detail events: which batch key holds a detail
-    event depends on batch boundaries and replays, and need not be the same."""
+    event depends on batch boundaries and replays, and need not be the same. Without
+    ``clock``, the one field the worker's clock sets (``last_seen``, which counts nothing)
+    is left out, to compare a replay run later with the first run."""
     out: dict[str, Any] = {k: v.to_json() for k, v in store.items() if parse_id(k)[0] != "d"}
+    if not clock:
+        out = {k: {f: x for f, x in v.items() if f != "last_seen"} for k, v in out.items()}
     out["details"] = sorted({orjson.dumps(e, option=orjson.OPT_SORT_KEYS).decode()
                              for k, v in store.items() if parse_id(k)[0] == "d"
                              for e in v.events})
@@ -458,7 +466,7 @@ def test_late_event_of_other_edge_creates_its_watermark_window() -> None:
                (2, [ev("response", T0 + 3.0, EDGES[1], latency_ms=1.0)], T0)]
     batch = PartitionBatch(0, CFG, store)
     for off, events, now in records:
-        batch.apply(off, events, now=now)
+        batch.apply(off, events, record_ts=now, now=now)
     assert batch.late == 1
     persist(store, batch.changes(), copy=False)
     w = store[window_id(0, e1, T0 + 40)]
@@ -476,7 +484,7 @@ def test_future_events_refused_and_not_counted() -> None:
     at_limit = ev("request", now + FUTURE, n=2)
     normal = ev("response", now, n=3, latency_ms=1.0)
     batch = PartitionBatch(0, CFG, store)
-    refused = batch.apply(7, [too_far, normal, at_limit], now=now)
+    refused = batch.apply(7, [too_far, normal, at_limit], record_ts=now, now=now)
     assert [e for e, _ in refused] == [too_far]
     reason = refused[0][1]
     assert reason.startswith("ts:")
@@ -491,11 +499,31 @@ def test_future_events_refused_and_not_counted() -> None:
     assert store[edge_id(0, e0)].last_ts == now + FUTURE
 
 
+def test_the_horizon_is_the_records_timestamp_not_the_clock() -> None:
+    """A worker running an hour behind (or a replay) refuses what the first run refused,
+    and a record without a timestamp is measured from the newest one seen before it."""
+    sent = T0 + 50.0
+    ahead = ev("request", sent + FUTURE + 3.0, n=1)
+    near = ev("request", sent + FUTURE - 3.0, n=2)
+    for clock in (sent, sent + 3_600.0, sent - 3_600.0):
+        batch = PartitionBatch(0, CFG, {})
+        refused = batch.apply(1, [ahead, near], record_ts=sent, now=clock)
+        assert [e for e, _ in refused] == [ahead]
+        assert refused[0][1] == "ts: 303 s ahead of its record's timestamp (at most 300 s accepted)"
+        # no timestamp (-1 from an old client, or None): the partition's newest so far
+        assert [e for e, _ in batch.apply(2, [ahead, near], record_ts=-0.001, now=clock)
+                ] == [ahead]
+        assert [e for e, _ in batch.apply(3, [ahead], record_ts=None, now=clock)] == [ahead]
+        assert batch.meta.record_ts == sent
+    # a partition that never saw a timestamp has no horizon to measure from
+    assert PartitionBatch(0, CFG, {}).apply(1, [ahead], record_ts=None, now=sent) == []
+
+
 def test_record_of_only_future_events_advances_offset_only() -> None:
     store: dict[str, Any] = {}
     now = T0
     batch = PartitionBatch(2, CFG, store)
-    refused = batch.apply(3, [ev("request", now + 1000.0)], now=now)
+    refused = batch.apply(3, [ev("request", now + 1000.0)], record_ts=now, now=now)
     assert len(refused) == 1 and refused[0][1].startswith("ts:")
     persist(store, batch.changes(), copy=False)
     assert set(store) == {partition_id(2)}
@@ -561,7 +589,7 @@ def test_reapplying_persisted_records_changes_nothing(seed: int) -> None:
     batch = PartitionBatch(0, CFG, store)
     replay = records[-60:]
     for off, events, now in replay:
-        assert batch.apply(off, events, now=now + 999.0) == []
+        assert batch.apply(off, events, record_ts=now + 999.0, now=now + 999.0) == []
     assert batch.skipped == sum(len(events) for _, events, _ in replay)
     assert (batch.applied, batch.late) == (0, 0)
     assert [k for k, _ in batch.changes()] == [partition_id(0)]
@@ -587,23 +615,30 @@ def test_crash_after_any_prefix_of_changes_replays_exactly(seed: int) -> None:
         want = {k: _copy(v) for k, v in base.items()}
         run(crashed, want, copy=True)
         run(after, want, copy=True)
-        want_json = dump(want)
 
         work = {k: _copy(v) for k, v in base.items()}
         batch = PartitionBatch(0, CFG, work)
         for off, events, now in crashed:
-            batch.apply(off, events, now=now)
+            batch.apply(off, events, record_ts=now, now=now)
         changes = batch.changes()
         kinds = [parse_id(k)[0] for k, _ in changes]
         # windows, edges, details, partition meta last
         assert kinds == sorted(kinds, key="wedp".index)
         persisted = [(k, _copy(v)) for k, v in changes]  # what each write would have been
+        want_counts = dump(want, clock=False)
         for cut in range(len(persisted) + 1):
             store = {k: _copy(v) for k, v in base.items()}
             persist(store, persisted[:cut], copy=True)
-            run(crashed, store, copy=True)
-            run(after, store, copy=True)
-            assert dump(store) == want_json, (start, cut, len(persisted))
+            # the replay runs later (a restart, or a worker behind): it must decide from
+            # the records, as the first run did, not from the clock
+            refused = run(crashed, store, copy=True, late_by=REPLAY_LATER_S)
+            refused += run(after, store, copy=True, late_by=REPLAY_LATER_S)
+            assert dump(store, clock=False) == want_counts, (start, cut, len(persisted))
+            # every future event of the records replayed is refused again (a persisted
+            # partition meta means the crashed batch is skipped whole)
+            replayed = (crashed if cut < len(persisted) else []) + after
+            assert sorted(e.event_id for e, _ in refused) == sorted(
+                e.event_id for _, evs, ts in replayed for e in evs if e.ts > ts + FUTURE)
         check_against_model(want, records)
 
 
@@ -631,10 +666,10 @@ def test_replay_of_one_record_inside_a_batch_is_skipped_per_key() -> None:
     batch = PartitionBatch(0, CFG, store2)
     duplicated = 0
     for i, (off, events, now) in enumerate(records):
-        batch.apply(off, events, now=now)
+        batch.apply(off, events, record_ts=now, now=now)
         if i % 5 == 4:
             for off2, events2, now2 in records[i - 3:i + 1]:
-                assert batch.apply(off2, events2, now=now2) == []
+                assert batch.apply(off2, events2, record_ts=now2, now=now2) == []
                 duplicated += len(events2)
     assert batch.skipped == duplicated
     persist(store2, batch.changes(), copy=True)
@@ -717,7 +752,7 @@ def test_int_window_size_gives_canonical_window_keys() -> None:
     int_cfg = WindowConfig(size_s=10, grace_s=5, max_future_s=300)
     store: dict[str, Any] = {}
     batch = PartitionBatch(0, int_cfg, store)
-    batch.apply(0, [ev("request", T0 + 3.5)], now=T0)
+    batch.apply(0, [ev("request", T0 + 3.5)], record_ts=T0, now=T0)
     keys = [k for k, v in batch.changes() if isinstance(v, WindowStats)]
     assert len(keys) == 1
     (key,) = keys
@@ -740,7 +775,7 @@ def test_detail_events_split_into_values_under_a_changelog_record() -> None:
     for offset, count, fields in ((5, 1_000, small), (6, 10, small), (9, 450, big)):
         events = [Event("error", f"{offset}x{i}", "c" * 128, "s" * 100, "t" * 100,
                         "p" * 32, T0, **fields) for i in range(count)]  # type: ignore[arg-type]
-        batch.apply(offset, events, now=T0)
+        batch.apply(offset, events, record_ts=T0, now=T0)
         sent += [e.event_id for e in events]
     kept = [(k, v) for k, v in batch.changes() if parse_id(k)[0] == "d"]
     assert [e["event_id"] for _, v in kept for e in v.events] == sent

@@ -58,7 +58,7 @@ def test_worker_masks_what_a_non_shim_producer_sent() -> None:
     assert errors == []
     store: dict[str, Any] = {}
     batch = PartitionBatch(2, WindowConfig(), store)
-    assert batch.apply(7, events, now=TS) == []
+    assert batch.apply(7, events, record_ts=TS, now=TS) == []
     kept = [v for k, v in batch.changes() if parse_id(k)[0] == "d"]
     assert len(kept) == 1 and isinstance(kept[0], DetailBatch)
     # what goes to the changelog is already masked

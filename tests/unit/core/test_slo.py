@@ -129,7 +129,7 @@ def test_worker_records_call_backoff_and_circuit_reaction() -> None:
     ]
     for offset, events in enumerate(records):
         batch = PartitionBatch(0, config, store)
-        batch.apply(offset, events, now=T0 + 20)
+        batch.apply(offset, events, record_ts=T0 + 20, now=T0 + 20)
         store.update(batch.changes())
     edge = "\x1f".join(EDGE)
     first, second = store[window_id(0, edge, T0)], store[window_id(0, edge, T0 + 10)]

@@ -28,7 +28,7 @@ def feed(store: dict[str, Any], partition: int, offset: int, events: list[Event]
          now: float) -> None:
     """``now``: seconds of worker clock after the events' own time."""
     batch = PartitionBatch(partition, CFG, store)
-    assert batch.apply(offset, events, now=T0 + now) == []
+    assert batch.apply(offset, events, record_ts=T0 + now, now=T0 + now) == []
     store.update(batch.changes())
 
 

@@ -52,7 +52,7 @@ class Clock:
 
 def feed(store: dict[str, Any], offset: int, events: list[Event], partition: int = 0) -> None:
     batch = PartitionBatch(partition, CFG, store)
-    batch.apply(offset, events, now=1e12)
+    batch.apply(offset, events, record_ts=1e12, now=1e12)
     store.update(batch.changes())
 
 
@@ -195,3 +195,4 @@ def test_without_a_database_windows_leave_after_the_retention() -> None:
     feed(store, 2, [ev("request", T0 + 10 + 100 + CFG.grace_s, 4)])
     done = asyncio.run(sink.flush())
     assert sorted(k for k in done if parse_id(k)[0] == "w") == [wid(T0)]  # T0 + 10 stays
+
