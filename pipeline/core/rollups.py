@@ -84,6 +84,11 @@ class Rollups:
         owned = self._owned
         return [(k, v) for k, v in items if owned(parse_id(k)[1])]
 
+    def offset_of(self, key: str) -> int | None:
+        """The source offset of the version the store holds now under ``key`` (None: none)."""
+        value = self._store.get(key)
+        return None if value is None else value.offset
+
     def partition_meta(self, partition: int) -> PartitionMeta | None:
         return self._store.get(partition_id(partition))
 

@@ -207,7 +207,8 @@ class Sink:
 
     async def flush(self) -> list[str]:
         """One round for every target not waiting out a failure; returns the table keys
-        every target has stored that can no longer change (for the worker to delete)."""
+        every target has stored that can no longer change (for the worker to delete at once,
+        before it awaits anything: the answer holds for the table as it is on return)."""
         windows = [(window_id(r.partition, edge_key(*r.edge), r.window_start), r)
                    for r in self.rollups.closed_windows()]
         details = self.rollups.details()
@@ -219,8 +220,12 @@ class Sink:
         for _, r in windows:
             key = (r.partition, r.edge)
             newest[key] = max(newest.get(key, -math.inf), r.window_start)
+        # Judged on the table as it is now, after the last await: the agent kept applying
+        # records while the databases wrote, so a window may hold a newer version than the
+        # one stored (the caller deletes these keys before it awaits anything).
         done = [k for k, r in windows
-                if self.rollups.is_final(r.partition, r.window_end + self.retain_s)
+                if self.rollups.offset_of(k) == r.stats.offset
+                and self.rollups.is_final(r.partition, r.window_end + self.retain_s)
                 and r.window_start < newest[(r.partition, r.edge)]
                 and all(s.stored.get(k) == r.stats.offset for s in self.status)]
         done += [k for k, _ in details if all(k in s.stored_details for s in self.status)]

@@ -196,3 +196,47 @@ def test_without_a_database_windows_leave_after_the_retention() -> None:
     done = asyncio.run(sink.flush())
     assert sorted(k for k in done if parse_id(k)[0] == "w") == [wid(T0)]  # T0 + 10 stays
 
+
+def test_a_window_changed_during_the_write_does_not_leave_the_table() -> None:
+    """The write runs in a thread while the agent keeps applying records: a window closed
+    for idleness gets a late-but-within-grace event, then the watermark passes it. The
+    version the databases got is not the table's any more, so it must not be deleted."""
+    store: dict[str, Any] = {}
+    gate = asyncio.Event()
+    blocking = [True]
+
+    class Slow(Recorder):
+        def write(self, windows: Sequence[WindowRow], events: Sequence[dict[str, Any]], *,
+                  lookback_s: float) -> int:
+            n = super().write(windows, events, lookback_s=lookback_s)
+            if blocking[0]:
+                asyncio.run_coroutine_threadsafe(gate.wait(), loop).result(5)
+            return n
+
+    slow = Slow("slow")
+    rollups = Rollups(store, CFG, idle_close_s=0.0, clock=lambda: 1e12)
+    sink = Sink(rollups, [slow], backoff_max_s=4.0, clock=Clock())
+    # W0 and W1, idle-closed at once; W1 is the edge's newest (it stays for the exporter)
+    feed(store, 1, [ev("request", T0 + 1, 1), ev("request", T0 + 11, 4)])
+
+    async def scenario() -> list[str]:
+        flushing = asyncio.create_task(sink.flush())
+        while not slow.batches:  # the write of W0 (offset 1) is under way
+            await asyncio.sleep(0.001)
+        feed(store, 2, [ev("request", T0 + 2, 2)])   # W0 changes (within grace)
+        feed(store, 3, [ev("request", T0 + 45, 3)])  # the watermark passes W0 for good
+        gate.set()
+        return await flushing
+
+    loop = asyncio.new_event_loop()
+    try:
+        done = loop.run_until_complete(scenario())
+    finally:
+        loop.close()
+    assert slow.batches[0][0] == [(0, T0, 1), (0, T0 + 10, 1)]
+    assert store[wid(T0)].requests == 2 and store[wid(T0)].offset == 2
+    assert wid(T0) not in done
+    # the next round stores the version the table holds, and only then may it leave
+    blocking[0] = False
+    assert wid(T0) in asyncio.run(sink.flush())
+    assert slow.batches[1][0][0] == (0, T0, 2)
