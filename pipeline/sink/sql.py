@@ -15,7 +15,8 @@ DuckDB against ~200 rows/s for its ``executemany``, and as fast as
    replay inserts nothing twice); ``recovered_at`` of unhealthy checks of the
    services just checked is recomputed (the first later healthy check);
 2. each window's per-partition part -> ``communication_rollup_parts``
-   (upsert: the owner's replay overwrites its own row);
+   (upsert: the owner's replay overwrites its own row, never with an older version:
+   ``source_offset`` decides);
 3. every part of the touched (window, edge) keys is read back and merged
    (counts added, sketches merged) into ``communication_rollups``;
 4. each merged window's service-level objectives (:mod:`pipeline.core.slo`) ->
@@ -127,14 +128,21 @@ def _insert(table: str, columns: Sequence[tuple[str, str, str]], conflict: str, 
     return f"INSERT INTO {table} ({names}) {select} ON CONFLICT {conflict}"
 
 
-def _upsert(table: str, columns: Sequence[tuple[str, str, str]], key: Sequence[str]) -> str:
+def _upsert(table: str, columns: Sequence[tuple[str, str, str]], key: Sequence[str], *,
+            newer: str | None = None) -> str:
+    """``INSERT ... ON CONFLICT (key) DO UPDATE``; with ``newer`` (a column), a row is only
+    replaced by one whose ``newer`` is at least its own."""
     sets = ", ".join(f"{c} = excluded.{c}" for c in
                      ("updated_at", *(c[0] for c in columns if c[0] not in key)))
-    return _insert(table, columns, f"({', '.join(key)}) DO UPDATE SET {sets}", stamp=True)
+    where = f" WHERE {table}.{newer} <= excluded.{newer}" if newer else ""
+    return _insert(table, columns, f"({', '.join(key)}) DO UPDATE SET {sets}{where}", stamp=True)
 
 
 _KEY = ("window_start", "source_service", "target_service", "protocol")
-UPSERT_PARTS = _upsert("communication_rollup_parts", _PARTS, (*_KEY, "source_partition"))
+# A part is replaced only by a version at least as new: after a restart, windows restored
+# from the changelog can be older than what the sink stored before the crash.
+UPSERT_PARTS = _upsert("communication_rollup_parts", _PARTS, (*_KEY, "source_partition"),
+                       newer="source_offset")
 UPSERT_ROLLUPS = _upsert("communication_rollups", _ROLLUPS, _KEY)
 UPSERT_SLO = _upsert("communication_slo", _SLO, (*_KEY, "objective"))
 UPSERT_PATTERNS = _upsert("communication_patterns", _PATTERNS,
