@@ -17,9 +17,14 @@ from typing import Any, Literal, get_args, get_type_hints
 
 from pipeline.errors import ConfigError
 
-__all__ = ["Secret", "Settings", "redact_dsn", "scrub_dsn"]
+__all__ = ["MAX_WORKER_BATCH_RECORDS", "Secret", "Settings", "redact_dsn", "scrub_dsn"]
 
 PREFIX = "COMMPIPE_"
+
+MAX_WORKER_BATCH_RECORDS = 512
+"""Most records the worker takes per batch: an edge remembers the offsets of this many
+records it skipped as copies (:data:`pipeline.core.dedup.MAX_DUP_OFFSETS`), so that a
+replay of one batch decides as the first run did."""
 
 
 class Secret:
@@ -119,7 +124,8 @@ class Settings:
     breaker_recovery_timeout_s: float = 1.0
     breaker_half_open_probes: int = 1
     worker_batch_records: int = 500
-    """Most records the worker takes per batch (each record carries many events)."""
+    """Most records the worker takes per batch (each record carries many events; at most
+    :data:`MAX_WORKER_BATCH_RECORDS`)."""
     worker_batch_within_s: float = 0.1
     """Longest a batch waits to fill up."""
     worker_fetch_wait_ms: int = 100
@@ -241,6 +247,11 @@ class Settings:
                      "idle_close_s", "breaker_recovery_timeout_s", "worker_batch_within_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be >= 0, got {getattr(self, name)}")
+        if self.worker_batch_records > MAX_WORKER_BATCH_RECORDS:
+            raise ConfigError(
+                f"{PREFIX}WORKER_BATCH_RECORDS must be at most {MAX_WORKER_BATCH_RECORDS} (an "
+                f"edge remembers the offsets of up to {MAX_WORKER_BATCH_RECORDS} skipped copies, "
+                f"for replays of one batch), got {self.worker_batch_records}")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"{PREFIX}METRICS_PORT must be 0-65535, got {self.metrics_port}")
         if not re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", self.metrics_namespace):

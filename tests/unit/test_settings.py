@@ -36,7 +36,10 @@ def test_overrides_win_over_environment() -> None:
      ({"COMMPIPE_KAFKA_SECURITY_PROTOCOL": "TLS"},
       "COMMPIPE_KAFKA_SECURITY_PROTOCOL must be one of PLAINTEXT, SSL, SASL_PLAINTEXT, "
       "SASL_SSL; got 'TLS'"),
-     ({"COMMPIPE_KAFKA_BOOTSTRAP": " "}, "COMMPIPE_KAFKA_BOOTSTRAP is empty")],
+     ({"COMMPIPE_KAFKA_BOOTSTRAP": " "}, "COMMPIPE_KAFKA_BOOTSTRAP is empty"),
+     ({"COMMPIPE_WORKER_BATCH_RECORDS": "513"},
+      "COMMPIPE_WORKER_BATCH_RECORDS must be at most 512 (an edge remembers the offsets of "
+      "up to 512 skipped copies, for replays of one batch), got 513")],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError) as info:
