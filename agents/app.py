@@ -17,17 +17,19 @@ partition its records came from, whatever partitioner their producer used.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-import weakref
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import faust
 from faust.serializers import codecs
-from faust.streams import _current_event
 
+from agents.acks import Acks
+from agents.consumer import ReadyPartitions, patch_consumers, set_fetch_wait
 from agents.dead_letters import DeadLetters
 from pipeline.core.batch import PartitionBatch
 from pipeline.core.rollups import Rollups
@@ -65,21 +67,18 @@ codecs.register("commpipe_state", _StateCodec())
 codecs.register("commpipe_key", _KeyCodec())
 
 
-def _fetch_wait(ms: int) -> None:
-    """Make the worker's consumer wait ``ms`` for data instead of Faust's fixed 1,500 ms
-    (set on the consumer Faust builds, before it starts)."""
-    from faust.transport.drivers import aiokafka as driver
+class _App(faust.App):
+    """Faust's app, with two hooks: ``setup_consumer`` (the worker's aiokafka consumer,
+    before it starts) and ``ready`` (no record reaches a stream during an assignment until
+    the table is recovered: agents/consumer.py)."""
 
-    cls = driver.AIOKafkaConsumerThread
-    original = getattr(cls, "_commpipe_original", cls._create_worker_consumer)
+    setup_consumer: Callable[[Any], None] | None = None
+    ready: ReadyPartitions | None = None
 
-    def create(self: Any, transport: Any) -> Any:
-        consumer = original(self, transport)
-        consumer._fetch_max_wait_ms = ms  # noqa: SLF001 - read by start(); no public knob
-        return consumer
-
-    cls._commpipe_original = original  # type: ignore[attr-defined]
-    cls._create_worker_consumer = create  # type: ignore[method-assign]
+    async def _on_partitions_assigned(self, assigned: Any, generation_id: int = 0) -> None:
+        if self.ready is not None:
+            self.ready.assigning(self.consumer)
+        await super()._on_partitions_assigned(assigned, generation_id)
 
 
 class Pipeline:
@@ -89,8 +88,8 @@ class Pipeline:
         self.settings = settings
         self.config = WindowConfig.from_settings(settings)
         Path(settings.worker_datadir).mkdir(parents=True, exist_ok=True)
-        _fetch_wait(settings.worker_fetch_wait_ms)
-        self.app = faust.App(
+        patch_consumers()
+        self.app = _App(
             settings.app_id,
             broker=[f"kafka://{h.strip()}" for h in settings.kafka_bootstrap.split(",")],
             broker_credentials=_credentials(settings),
@@ -107,15 +106,19 @@ class Pipeline:
             topic_allow_declare=True,
             table_cleanup_interval=3600.0,
             producer_max_batch_size=settings.worker_producer_batch_bytes,
+            producer_acks=-1,  # all in-sync replicas: the changelog and dead letters
         )
+        self.app.setup_consumer = self._setup_consumer
+        self.ready = self.app.ready = ReadyPartitions(settings.topic)
+        self.acks = Acks(lambda: self.app.consumer, self._stop)
         self.events = self.app.topic(settings.topic, key_type=bytes, value_type=bytes,
                                      key_serializer="raw", value_serializer="raw",
                                      partitions=settings.partitions)
         self.dlq = self.app.topic(settings.dlq_topic, key_serializer="raw",
                                   value_serializer="raw", partitions=settings.partitions)
-        # Our own changelog topic: Faust's default sends changelog records with acks=0
-        # (fire and forget), which our exactness cannot rest on (and which Tansu answers,
-        # against the protocol, breaking aiokafka's connection).
+        # Our own changelog topic, with our codecs and the input's partition count (Faust
+        # requires them equal). ``acks=True`` is Faust's consumer-side acknowledgement of a
+        # topic's records, not the producer's; producer acks are ``producer_acks`` above.
         changelog = self.app.topic(
             f"{settings.app_id}-state-changelog", partitions=settings.partitions,
             key_serializer="commpipe_key", value_serializer="commpipe_state",
@@ -123,9 +126,13 @@ class Pipeline:
         self.state = self.app.Table("state", default=None, partitions=settings.partitions,
                                     changelog_topic=changelog)
         # Faust takes a table's serializers from a Record type's options, else JSON; our
-        # values are plain classes with their own codec.
+        # values are plain classes with their own codec. The worker writes the table's data
+        # and its changelog itself (_write): the changelog partition is the source
+        # partition's, and each write's delivery decides when its records are acknowledged.
         self.state.key_serializer = "commpipe_key"
         self.state.value_serializer = "commpipe_state"
+        self.state.on_recover(self._recovered)
+        self.app.on_partitions_revoked.connect(self._revoked)
         self.rollups = Rollups(self.state, self.config, idle_close_s=settings.idle_close_s,
                                owned=self.owns)
         self.dead_letters = DeadLetters(self.dlq)
@@ -151,6 +158,20 @@ class Pipeline:
                                   content_type="text/plain; version=0.0.4")
 
             self.app.page("/metrics")(metrics)
+
+    async def _recovered(self) -> None:
+        self.ready.recovered(self.app.consumer.assignment())
+
+    async def _revoked(self, sender: Any, revoked: Any, **_: Any) -> None:
+        self.ready.revoked()
+
+    def _setup_consumer(self, consumer: Any) -> None:
+        """The worker's aiokafka consumer, before it starts (agents/consumer.py)."""
+        set_fetch_wait(consumer, self.settings.worker_fetch_wait_ms)
+
+    async def _stop(self, exc: BaseException) -> None:
+        """Stop the worker (exit 1): its restart reads every unacknowledged record again."""
+        await self.app.crash(exc)
 
     def _registry(self) -> Any:
         from prometheus_client import CollectorRegistry
@@ -209,34 +230,55 @@ class Pipeline:
 
     def delete(self, keys: list[str]) -> None:
         """Delete table keys (tombstones in their partition's changelog)."""
-        by_partition: dict[int, list[str]] = defaultdict(list)
+        data = self.state.data
         for key in keys:
-            by_partition[parse_id(key)[1]].append(key)
-        for partition, group in by_partition.items():
-            event = _PartitionEvent(self.settings.topic, partition)
-            token = _current_event.set(weakref.ref(event))
-            try:
-                for key in group:
-                    if key in self.state:
-                        del self.state[key]
-            finally:
-                _current_event.reset(token)
+            if key in data:
+                del data[key]
+                self.state.send_changelog(parse_id(key)[1], key, None,
+                                          value_serializer="raw")
         if self.sink is not None:
             self.sink.forget(keys)
+
+    def _write(self, partition: int, changes: list[tuple[str, Any]]) -> list[Any]:
+        """Set ``changes`` in the table and its changelog partition ``partition`` (the
+        source partition's, whatever partitioner the records' producer used, so a restart
+        recovers them on the worker that owns them); returns their delivery futures."""
+        data = self.state.data
+        send = self.state.send_changelog
+        futures = []
+        for key, value in changes:
+            data[key] = value
+            futures.append(send(partition, key, value))
+        return futures
 
     async def _aggregate(self, stream: Any) -> None:
         settings = self.settings
         async for batch in stream.take_events(settings.worker_batch_records,
                                               within=settings.worker_batch_within_s):
-            self.batches += 1
-            self.batch_records += len(batch)
-            by_partition: dict[int, list[Any]] = defaultdict(list)
-            for event in batch:
-                by_partition[event.message.partition].append(event)
-            for partition, records in by_partition.items():
-                await self._apply(partition, records)
+            self.acks.hold(batch)  # acknowledged once its writes are delivered (acks.py)
+            try:
+                await self._batch(batch)
+            except Exception as exc:  # noqa: BLE001 - bad input never gets here
+                # A restarted agent would go on past this batch, and its records would
+                # never be applied: stop the worker; restarted, it reads them again.
+                log.critical("worker: a batch failed (%s: %s); stopping, so that a restart "
+                             "reads it again", type(exc).__name__, exc, exc_info=exc)
+                await self._stop(exc)
+                await asyncio.Event().wait()  # never take another batch in this process
+
+    async def _batch(self, batch: list[Any]) -> None:
+        self.batches += 1
+        self.batch_records += len(batch)
+        by_partition: dict[int, list[Any]] = defaultdict(list)
+        for event in batch:
+            by_partition[event.message.partition].append(event)
+        for partition, records in by_partition.items():
+            await self._apply(partition, records)
 
     async def _apply(self, partition: int, records: list[Any]) -> None:
+        if partition not in self.ready:
+            raise RuntimeError(f"records of partition {partition} reached the stream before "
+                               "its table was recovered")
         work = PartitionBatch(partition, self.config, self.state)
         now = time.time()
         for record in records:
@@ -255,29 +297,9 @@ class Pipeline:
                 await self.dead_letters.send_refused(message, event, reason)
             self.events_in += len(decoded.events) - len(refused) - (work.duplicates - copies)
         self.duplicates += work.duplicates
-        token = _current_event.set(weakref.ref(records[-1]))
-        try:
-            for key, value in work.changes():
-                self.state[key] = value
-        finally:
-            _current_event.reset(token)
-
-
-class _Message:
-    __slots__ = ("partition", "topic")
-
-    def __init__(self, topic: str, partition: int) -> None:
-        self.topic = topic
-        self.partition = partition
-
-
-class _PartitionEvent:
-    """Stands in for a stream event where Faust needs one to pick a changelog partition."""
-
-    __slots__ = ("__weakref__", "message")
-
-    def __init__(self, topic: str, partition: int) -> None:
-        self.message = _Message(topic, partition)
+        writes = self._write(partition, work.changes())
+        letters = self.dead_letters.take_pending()
+        self.acks.release_when(records, writes, lambda: self.dead_letters.settle(letters))
 
 
 def _producer(headers: Any) -> tuple[str, int] | None:

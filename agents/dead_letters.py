@@ -12,10 +12,18 @@ is here) keeps only its first bytes, with ``commpipe-truncated`` giving the
 original size: the worker's own producer could not send it whole, and a dead
 letter must never stop the worker. A dead letter the broker refuses for good
 is logged and counted under ``unsendable``.
+
+A record is acknowledged only once its dead letters are delivered (the worker
+awaits :meth:`DeadLetters.settle` on what :meth:`DeadLetters.take_pending`
+returned for its batch), so none is lost to a crash. A record read again after a
+crash sends its dead letters again: ``commpipe-dlq-id``
+(``topic/partition/offset`` of the source record, ``/index`` for one event of a
+batch) is the same on every copy, so a consumer can drop the copies.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from typing import Any
@@ -41,14 +49,16 @@ class DeadLetters:
         self._topic = topic
         self.counts: Counter[str] = Counter()
         """Dead letters per category: ``record`` (whole record) or the field at fault."""
+        self._pending: list[tuple[str, Any]] = []  # (dead-letter id, delivery future)
 
     async def send(self, message: Any, original: bytes | None, reason: str, *,
                    field: str | None = None, index: int | None = None) -> None:
         category = field or "record"
         self.counts[category] += 1
-        headers = [("commpipe-reason", reason.encode()),
-                   ("commpipe-source",
-                    f"{message.topic}/{message.partition}/{message.offset}".encode())]
+        source = f"{message.topic}/{message.partition}/{message.offset}"
+        dlq_id = source if index is None else f"{source}/{index}"
+        headers = [("commpipe-reason", reason.encode()), ("commpipe-source", source.encode()),
+                   ("commpipe-dlq-id", dlq_id.encode())]
         if field is not None:
             headers.append(("commpipe-field", field.encode()))
         if index is not None:
@@ -58,13 +68,33 @@ class DeadLetters:
             headers.append(("commpipe-truncated", str(len(value)).encode()))
             value = value[:MAX_VALUE_BYTES]
         try:
-            await self._topic.send(key=message.key, value=value, headers=headers)
+            delivery = await self._topic.send(key=message.key, value=value, headers=headers)
         except ProducerSendError as e:
-            self.counts["unsendable"] += 1
-            log.error("dead letter (%s) from %s/%s/%s could not be sent: %s", category,
-                      message.topic, message.partition, message.offset, e)
+            self._unsendable(dlq_id, e)
+        else:
+            self._pending.append((dlq_id, delivery))
         if sum(self.counts.values()) % 1000 == 1:
             log.warning("dead letter (%s): %s", category, reason)
+
+    def take_pending(self) -> list[tuple[str, Any]]:
+        """The dead letters sent since the last call, as ``(id, delivery future)``."""
+        pending, self._pending = self._pending, []
+        return pending
+
+    async def settle(self, pending: list[tuple[str, Any]]) -> None:
+        """Wait until ``pending`` is delivered; count and log what the broker refused."""
+        if not pending:
+            return
+        results = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
+        for (dlq_id, _), result in zip(pending, results, strict=True):
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            if isinstance(result, BaseException):
+                self._unsendable(dlq_id, result)
+
+    def _unsendable(self, dlq_id: str, exc: BaseException) -> None:
+        self.counts["unsendable"] += 1
+        log.error("dead letter %s could not be sent: %s: %s", dlq_id, type(exc).__name__, exc)
 
     async def send_events(self, message: Any, errors: list[EventValidationError]) -> None:
         """The bad events of one batch record, each re-encoded from the record (parsed once)."""

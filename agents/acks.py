@@ -1,0 +1,77 @@
+"""Input records are acknowledged only once everything they changed is in Kafka.
+
+Faust commits the input offsets of the records its streams acknowledged, and a
+``take_events`` stream acknowledges each batch whatever happened to it (the acks
+are in a ``finally``: an exception or a cancellation inside the agent acks the
+whole batch), and before a commit Faust flushes its producer for at most 0.1 s
+without progress. Either way a committed offset could pass records whose changelog
+writes never landed, and a crash then lost them.
+
+So the worker holds a reference to each record's message while it works on it
+(:meth:`Acks.hold`), writes the changelog itself with one delivery future per
+value, and drops the reference only when every future of the batch has
+succeeded (:meth:`Acks.release_when`). Until then no commit can pass the record;
+after a crash it is read again and skipped per key by the offsets the state
+holds. A changelog write that fails for good stops the worker (``on_failure``):
+a restart reads the records again from the last commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+__all__ = ["Acks"]
+
+log = logging.getLogger("commpipe.worker")
+
+
+class Acks:
+    """Holds records back from Faust's commits until their writes are delivered."""
+
+    def __init__(self, consumer: Callable[[], Any],
+                 on_failure: Callable[[BaseException], Awaitable[None]]) -> None:
+        self._consumer = consumer
+        self._on_failure = on_failure
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.held = 0
+        """Records held now (their writes not yet delivered)."""
+
+    def hold(self, records: Sequence[Any]) -> None:
+        """Keep ``records`` (stream events) unacknowledged past the stream's own ack."""
+        for record in records:
+            record.message.incref()
+        self.held += len(records)
+
+    def release_when(self, records: Sequence[Any], writes: Sequence[Awaitable[Any]],
+                     then: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Acknowledge ``records`` once every one of ``writes`` succeeded (and ``then``,
+        e.g. the dead letters' delivery, has run); without blocking the caller."""
+        task = asyncio.ensure_future(self._release(records, list(writes), then))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _release(self, records: Sequence[Any], writes: list[Awaitable[Any]],
+                       then: Callable[[], Awaitable[None]] | None) -> None:
+        results = await asyncio.gather(*writes, return_exceptions=True)
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is not None:
+            if isinstance(failed, asyncio.CancelledError):
+                raise failed
+            log.critical("worker: a changelog write failed (%s: %s); stopping, so that a "
+                         "restart reads its records again", type(failed).__name__, failed)
+            await self._on_failure(failed)
+            return
+        if then is not None:
+            await then()
+        consumer = self._consumer()
+        for record in records:
+            record.message.ack(consumer)
+        self.held -= len(records)
+
+    async def drain(self) -> None:
+        """Wait for every release under way (tests, and a clean stop)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

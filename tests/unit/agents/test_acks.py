@@ -1,0 +1,117 @@
+"""A taken batch stays uncommittable until its changelog writes are delivered.
+
+Faust acknowledges a ``take_events`` batch in a ``finally`` (whatever happened inside
+the agent), through ``Message.ack(consumer)``; the consumer commits what reached it.
+These tests use Faust's own message class and an event loop, with a consumer that
+records what it was given to commit (Faust's consumer would commit exactly those)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from faust.types.tuples import ConsumerMessage
+
+from agents.acks import Acks
+
+
+class Committable:
+    """What Faust's consumer does with a final ack: the offset may be committed."""
+
+    def __init__(self) -> None:
+        self.offsets: list[int] = []
+
+    def ack(self, message: Any) -> bool:
+        self.offsets.append(message.offset)
+        return True
+
+
+class Event:
+    def __init__(self, offset: int) -> None:
+        self.message = ConsumerMessage("t", 0, offset, 0.0, 0, [], b"k", b"v", None)
+        self.message.incref()  # the conductor's reference, for the one stream
+
+
+def stream_ack(events: list[Event], consumer: Committable) -> None:
+    """What take_events' ``finally`` does to every event of the batch."""
+    for event in events:
+        event.message.ack(consumer)
+
+
+def test_the_streams_own_ack_commits_nothing_until_the_writes_land() -> None:
+    async def scenario() -> tuple[list[int], list[int], list[int]]:
+        consumer = Committable()
+        failures: list[BaseException] = []
+
+        async def stop(exc: BaseException) -> None:
+            failures.append(exc)
+
+        acks = Acks(lambda: consumer, stop)
+        batch = [Event(7), Event(8)]
+        acks.hold(batch)
+        write: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        acks.release_when(batch, [write])
+        stream_ack(batch, consumer)      # the agent's batch ended (or raised)
+        await asyncio.sleep(0.01)
+        before = list(consumer.offsets)  # nothing may be committed yet
+        write.set_result(None)           # the changelog write is delivered
+        await acks.drain()
+        after = list(consumer.offsets)
+        assert failures == [] and acks.held == 0
+        return before, after, [e.message.refcount for e in batch]
+
+    before, after, refs = asyncio.run(scenario())
+    assert before == []
+    assert after == [7, 8]
+    assert refs == [0, 0]
+
+
+def test_a_failed_write_commits_nothing_and_stops_the_worker() -> None:
+    async def scenario() -> tuple[list[int], list[str], int]:
+        consumer = Committable()
+        failures: list[str] = []
+
+        async def stop(exc: BaseException) -> None:
+            failures.append(str(exc))
+
+        acks = Acks(lambda: consumer, stop)
+        batch = [Event(3)]
+        acks.hold(batch)
+        ok: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        bad: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        ok.set_result(None)
+        bad.set_exception(ConnectionError("changelog partition away"))
+        acks.release_when(batch, [ok, bad])
+        stream_ack(batch, consumer)
+        await acks.drain()
+        return consumer.offsets, failures, acks.held
+
+    offsets, failures, held = asyncio.run(scenario())
+    assert offsets == []
+    assert failures == ["changelog partition away"]
+    assert held == 1
+
+
+def test_dead_letters_are_delivered_before_the_records_are_acknowledged() -> None:
+    async def scenario() -> list[str]:
+        consumer = Committable()
+        order: list[str] = []
+
+        async def stop(exc: BaseException) -> None:
+            raise AssertionError(exc)
+
+        async def dead_letters() -> None:
+            order.append(f"dead letters, committed so far {consumer.offsets}")
+
+        acks = Acks(lambda: consumer, stop)
+        batch = [Event(1)]
+        acks.hold(batch)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        acks.release_when(batch, [done], dead_letters)
+        stream_ack(batch, consumer)
+        await acks.drain()
+        order.append(f"committed {consumer.offsets}")
+        return order
+
+    assert asyncio.run(scenario()) == ["dead letters, committed so far []", "committed [1]"]
