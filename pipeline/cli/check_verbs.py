@@ -82,6 +82,8 @@ def add_commands(app: Any, console: Any, out: Any) -> None:
         coverage, cascade failure rate, dead letters, latency SLA, delivery, health score.
 
         Exit 0 when every gate passes, 1 otherwise (a gate with nothing to judge fails)."""
+        import time
+
         from pipeline.cli import check as c
         from pipeline.cli import query as q
         from pipeline.cli.check_config import read_config
@@ -98,7 +100,7 @@ def add_commands(app: Any, console: Any, out: Any) -> None:
             since_s = parse_duration(since)
             cfg = read_config(config)
             settings = Settings.from_env()
-            since_ts = __import__("time").time() - since_s
+            since_ts = time.time() - since_s
             if postgres:
                 data = c.gather(lambda s: q.execute_postgres(
                     settings, s, min_version=c.SCHEMA_VERSION), since_ts)
