@@ -1,17 +1,26 @@
 """Deterministic synthetic traffic on a small service graph, emitted through the real shim:
 ``LoadGen(emitter, rate=200, seed=1).run(60.0)`` returns a printable :class:`LoadStats`.
 
-A user request walks gateway->orders, then orders->payments (->bank) and orders->inventory
-(->db). Latencies are drawn (per-edge lognormal; a parent's includes its children's), never
-slept. orders->payments is retried by tenacity (no-op sleep, jitter from the seeded RNG,
-``RetryEvents``); payments->bank goes through a pybreaker breaker (``CircuitEvents``). While
-it is open nothing is emitted on payments->bank and payments answers orders with an
-``error`` of type ``circuit_open``. Every 5 s gateway health-checks its three neighbours.
+A user request walks gateway->orders, then orders->payments (->bank, then ->ledger) and
+orders->inventory (->db). Latencies are drawn (per-edge lognormal; a parent's includes its
+children's), never slept. orders->payments is retried by tenacity (no-op sleep, jitter from
+the seeded RNG, ``RetryEvents``); payments->bank goes through a pybreaker breaker
+(``CircuitEvents``). While it is open nothing is emitted on payments->bank and payments
+answers orders with an ``error`` of type ``circuit_open``. Every 5 s gateway health-checks
+its three neighbours.
+
+What makes each gate of ``commpipe check`` fire: every call is a span (its own span id,
+its caller's as ``parent_span_id``, one trace per user request), and a failure fails every
+call above it, so the bank's bursts cascade up payments, orders and the gateway; the legacy
+ledger is called over ``soap`` (no approved list has it) and, like orders->inventory and
+inventory->db, without retries or a breaker (unprotected); inventory->db sometimes
+dead-letters a message (``error_type`` ``dead_letter`` on a kafka edge).
 
 Every decision comes from ``random.Random(seed)`` and the *simulated* clock
 ``user_index / rate`` (bursts, health checks, the breaker's reset_timeout), so seed and rate
 fix the events on any machine; only ``ts`` and the retry events' correlation ids (uuid4 from
-``RetryEvents``) vary. Needs the ``tenacity`` and ``pybreaker`` extras.
+``RetryEvents``) vary. Trace and span ids come from a second generator seeded from ``seed``,
+so they leave the decisions as they were. Needs the ``tenacity`` and ``pybreaker`` extras.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ EDGES: tuple[tuple[str, str, str], ...] = (
     ("orders", "inventory", "http"),
     ("payments", "bank", "amqp"),
     ("inventory", "db", "kafka"),
+    ("payments", "ledger", "soap"),
 )
 PROTOCOL = {(s, t): p for s, t, p in EDGES}
 HEALTH_EVERY_S = 5.0
@@ -63,7 +73,8 @@ MODEL: dict[tuple[str, str], EdgeModel] = {
     ("orders", "payments"): EdgeModel(20.0, 0.6, 2500.0, 0.01, ("rejected", "unavailable"), 1e-3),
     ("orders", "inventory"): EdgeModel(12.0, 0.5, 1000.0, 0.01, ("http_5xx", "rejected"), 1e-3),
     ("payments", "bank"): EdgeModel(80.0, 0.7, 2000.0, 0.005, ("connection",), 0.002),
-    ("inventory", "db"): EdgeModel(5.0, 0.4, 500.0, 0.003, ("rejected",), 0.001),
+    ("inventory", "db"): EdgeModel(5.0, 0.4, 500.0, 0.003, ("rejected", "dead_letter"), 0.001),
+    ("payments", "ledger"): EdgeModel(15.0, 0.5, 1500.0, 0.004, ("http_5xx",), 0.0005),
 }
 
 KINDS = ("request", "response", "error", "timeout", "retry", "circuit", "health")
@@ -170,6 +181,7 @@ class LoadGen:
             raise ValueError("rate must be > 0")
         self.rate, self.seed = rate, seed
         self._rng = random.Random(seed)
+        self._ids = random.Random(seed ^ 0x7472616365)  # trace and span ids only
         self._em = _Counting(emitter, self)
         self._stats = LoadStats()
         self._user = 0  # index of the next user; the simulated clock is _user / rate
@@ -197,18 +209,24 @@ class LoadGen:
         u = self._user
         return u >= self._burst_period and u % self._burst_period < self._burst_users
 
-    def _edge(self, src: str, dst: str, cid: str, children: Any = None,
-              fail_p: float | None = None) -> float:
-        """Emit one call src->dst: request, children (a callable returning their latency or
-        raising _Failed), then the outcome. Returns the latency or raises the failure."""
+    def _span(self) -> str:
+        return f"{self._ids.getrandbits(64) | 1 << 60:016x}"
+
+    def _edge(self, src: str, dst: str, cid: str, trace: tuple[str, str | None],
+              children: Any = None, fail_p: float | None = None) -> float:
+        """Emit one call src->dst in ``trace`` (trace id, caller's span): request, children (a
+        callable taking this call's (trace id, span) and returning their latency or raising
+        _Failed), then the outcome. Returns the latency or raises the failure."""
         m, proto = MODEL[src, dst], PROTOCOL[src, dst]
-        ids = dict(source_service=src, target_service=dst, protocol=proto, correlation_id=cid)
+        span = self._span()
+        ids = dict(source_service=src, target_service=dst, protocol=proto, correlation_id=cid,
+                   trace_id=trace[0], span_id=span, parent_span_id=trace[1])
         self._em.request(**ids, ts=time.time())
         latency = round(self._rng.lognormvariate(math.log(m.median_ms), m.sigma), 3)
         error_type = None
         if children is not None:
             try:
-                latency += children()
+                latency += children((trace[0], span))
             except _Failed as exc:
                 latency += exc.latency_ms
                 error_type = exc.error_type
@@ -228,10 +246,11 @@ class LoadGen:
                           status_code=200 if http else None, ts=time.time())
         return latency
 
-    def _payments_children(self, cid: str) -> float:
+    def _payments_children(self, cid: str, trace: tuple[str, str | None]) -> float:
         fail_p = BURST_FAIL_P if self.in_burst() else None
         try:
-            return self._breaker.call(self._edge, "payments", "bank", cid, fail_p=fail_p)
+            latency = self._breaker.call(self._edge, "payments", "bank", cid, trace,
+                                         fail_p=fail_p)
         except pybreaker.CircuitBreakerError as exc:  # open (bank not called), or just tripped
             called = exc.__context__
             if not isinstance(called, _Failed):
@@ -239,16 +258,26 @@ class LoadGen:
             raise _Failed("unavailable", called.latency_ms) from None
         except _Failed as exc:
             raise _Failed("unavailable", exc.latency_ms) from None
+        try:  # the legacy ledger: soap, no retries, no breaker
+            return latency + self._edge("payments", "ledger", cid, trace)
+        except _Failed as exc:
+            raise _Failed("unavailable", latency + exc.latency_ms) from None
 
-    def _orders_children(self, cid: str) -> float:
+    def _inventory_children(self, cid: str, trace: tuple[str, str | None]) -> float:
+        try:
+            return self._edge("inventory", "db", cid, trace)
+        except _Failed as exc:  # inventory cannot answer without its store
+            raise _Failed("unavailable", exc.latency_ms) from None
+
+    def _orders_children(self, cid: str, trace: tuple[str, str | None]) -> float:
         total = 0.0
         try:
             for attempt in self._retrying:
                 with attempt:
-                    total += self._edge("orders", "payments", cid,
-                                        children=lambda: self._payments_children(cid))
-            total += self._edge("orders", "inventory", cid,
-                       children=lambda: self._edge("inventory", "db", cid))
+                    total += self._edge("orders", "payments", cid, trace,
+                                        children=lambda t: self._payments_children(cid, t))
+            total += self._edge("orders", "inventory", cid, trace,
+                                children=lambda t: self._inventory_children(cid, t))
         except _Failed as exc:
             raise _Failed("http_5xx", total + exc.latency_ms) from None
         return total
@@ -269,7 +298,9 @@ class LoadGen:
             self._health()
         cid = f"{self.seed & 0xFFFFFFFF:08x}{self._user:024x}"
         try:
-            self._edge("gateway", "orders", cid, children=lambda: self._orders_children(cid))
+            trace = (f"{self._ids.getrandbits(128) | 1 << 124:032x}", None)
+            self._edge("gateway", "orders", cid, trace,
+                       children=lambda t: self._orders_children(cid, t))
         except _Failed:
             pass  # already emitted as error/timeout
         self._user += 1

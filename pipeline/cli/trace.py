@@ -21,6 +21,12 @@ Outcome: the last outcome event of the edge (or of the chain): ``succeeded``
 comes last, i.e. no outcome was stored after it (the next attempt's response
 carried no attempt number, so it was only counted, or it is not stored yet).
 Times are the services' own clocks.
+
+Where a failed operation started: :data:`CASCADES_SQL` reads the cascade links of the
+chain's traces from ``communication_cascades`` (migration 0006; README "Cascade
+failures": a failed call whose failure followed a failed call its callee made for it).
+:attr:`Chain.cascades` follows them from each failure that no other failure followed,
+down to the failure that followed none: the one the operation's failure started from.
 """
 
 from __future__ import annotations
@@ -35,8 +41,8 @@ from typing import Any, Final, Literal
 
 from pipeline.errors import ConfigError
 
-__all__ = ["MAX_EVENTS", "TRACE_SQL", "Chain", "EdgeSummary", "Outcome", "Step", "build_chain",
-           "check_key", "render"]
+__all__ = ["CASCADES_SQL", "MAX_EVENTS", "TRACE_SQL", "Chain", "EdgeSummary", "Outcome", "Step",
+           "build_chain", "check_key", "render"]
 
 MAX_EVENTS: Final = 10_000
 """Most events one trace reads (a correlation id reused by mistake can match millions)."""
@@ -44,14 +50,25 @@ MAX_EVENTS: Final = 10_000
 TRACE_SQL: Final = f"""
 SELECT event_id, correlation_id, extract(epoch FROM occurred_at) AS ts, event_type,
        source_service, target_service, protocol, method, attempt, backoff_ms, latency_ms,
-       status_code, error_type, error_message, trace_id, span_id
+       status_code, error_type, error_message, trace_id, span_id, parent_span_id
 FROM communication_events
 WHERE correlation_id = %s OR trace_id = %s
 ORDER BY occurred_at, id
 LIMIT {MAX_EVENTS + 1}
 """
-"""The chain's rows (parameters: the key twice); a schema of version 3 or later."""
-SCHEMA_VERSION: Final = 3
+"""The chain's rows (parameters: the key twice)."""
+CASCADES_SQL: Final = f"""
+SELECT event_id, downstream_event_id
+FROM communication_cascades
+WHERE trace_id IN (SELECT trace_id FROM communication_events
+                   WHERE (correlation_id = %s OR trace_id = %s) AND trace_id IS NOT NULL)
+ORDER BY occurred_at, event_id
+LIMIT {MAX_EVENTS}
+"""
+"""The cascade links of the chain's traces (parameters: the key twice): each cascade
+failure's event and the downstream failure it followed."""
+SCHEMA_VERSION: Final = 6
+"""``parent_span_id`` and ``communication_cascades`` (migration 0006)."""
 
 Outcome = Literal["succeeded", "failed", "timed_out", "unknown"]
 _OUTCOMES: Final[dict[str, Outcome]] = {"response": "succeeded", "error": "failed",
@@ -90,6 +107,7 @@ class Step:
     correlation_id: str
     trace_id: str | None
     span_id: str | None
+    parent_span_id: str | None = None
 
     @property
     def edge(self) -> tuple[str, str, str]:
@@ -115,6 +133,14 @@ class Chain:
     """In the order each edge first appears."""
     truncated: bool = False
     """More than :data:`MAX_EVENTS` events matched; only the first ones are here."""
+    cascades: tuple[tuple[Step, ...], ...] = ()
+    """Each failure that cascaded, as the path of failed calls from it (the top, which no
+    stored failure followed) down to the failure it started from (the origin, last)."""
+
+    @property
+    def origins(self) -> tuple[Step, ...]:
+        """The failures the chain's cascades started from, one per cascade."""
+        return tuple(path[-1] for path in self.cascades)
 
     @property
     def attempts(self) -> int:
@@ -138,6 +164,10 @@ class Chain:
             "key": self.key, "outcome": self.outcome, "attempts": self.attempts,
             "retries": self.retries, "total_backoff_ms": self.total_backoff_ms,
             "truncated": self.truncated,
+            "cascades": [{"top": path[0].event_id, "origin": path[-1].event_id,
+                          "origin_edge": list(path[-1].edge), "origin_kind": path[-1].kind,
+                          "origin_error_type": path[-1].error_type,
+                          "path": [s.event_id for s in path]} for path in self.cascades],
             "edges": [{f: getattr(e, f) for f in e.__slots__} for e in self.edges],
             "events": [{"time": _iso(s.ts), "offset_ms": round((s.ts - start) * 1000.0, 3),
                         **{f: getattr(s, f) for f in s.__slots__}} for s in self.steps],
@@ -155,9 +185,28 @@ def _outcome(steps: Iterable[Step]) -> Outcome:
     return last
 
 
-def build_chain(key: str, rows: Iterable[Mapping[str, Any]]) -> Chain:
+def _cascade_paths(steps: Iterable[Step], links: Iterable[tuple[str, str]]
+                   ) -> tuple[tuple[Step, ...], ...]:
+    by_id = {s.event_id: s for s in steps}
+    down = {up: d for up, d in links if up in by_id and d in by_id}
+    followed = set(down.values())
+    paths = []
+    for top in sorted((u for u in down if u not in followed),
+                      key=lambda u: (by_id[u].ts, u)):
+        path, seen = [by_id[top]], {top}
+        while path[-1].event_id in down and down[path[-1].event_id] not in seen:
+            seen.add(down[path[-1].event_id])
+            path.append(by_id[down[path[-1].event_id]])
+        paths.append(tuple(path))
+    return tuple(paths)
+
+
+def build_chain(key: str, rows: Iterable[Mapping[str, Any]],
+                links: Iterable[tuple[str, str]] = ()) -> Chain:
     """The chain of ``rows`` (``TRACE_SQL``'s columns, values as either database returns
-    them), in time order with attempts numbered; see the module docstring."""
+    them), in time order with attempts numbered; ``links`` (``CASCADES_SQL``'s rows: a
+    cascade failure's event id and the downstream failure's) give :attr:`Chain.cascades`.
+    See the module docstring."""
     rows = list(rows)
     truncated = len(rows) > MAX_EVENTS
     ordered = sorted(rows[:MAX_EVENTS], key=lambda r: (
@@ -179,7 +228,7 @@ def build_chain(key: str, rows: Iterable[Mapping[str, Any]]) -> Chain:
             float(r["ts"]), kind, *edge, attempt, _num(r["backoff_ms"]), _num(r["latency_ms"]),
             None if r["status_code"] is None else int(r["status_code"]), r["error_type"],
             r["error_message"], r["method"], r["event_id"], r["correlation_id"],
-            r["trace_id"], r["span_id"]))
+            r["trace_id"], r["span_id"], r.get("parent_span_id")))
     edges: dict[tuple[str, str, str], list[Step]] = {}
     for step in steps:
         edges.setdefault(step.edge, []).append(step)
@@ -191,7 +240,8 @@ def build_chain(key: str, rows: Iterable[Mapping[str, Any]]) -> Chain:
         summaries.append(EdgeSummary(*edge, attempts, len(retries),
                                      math.fsum(s.backoff_ms or 0.0 for s in retries),
                                      _outcome(mine)))
-    return Chain(key, tuple(steps), tuple(summaries), truncated)
+    return Chain(key, tuple(steps), tuple(summaries), truncated,
+                 _cascade_paths(steps, [(str(u), str(d)) for u, d in links]))
 
 
 def _iso(ts: float) -> str:
@@ -231,6 +281,15 @@ def render(chain: Chain) -> str:
                      f"{e.attempts} attempts, {e.retries} retries, backoff {_ms(e.backoff_ms)}"
                      f", {e.outcome}")
     start = chain.steps[0].ts
+
+    def failure(step: Step) -> str:
+        what = step.kind + (f" {_text(step.error_type)}" if step.error_type
+                            and step.kind == "error" else "")
+        return f"{_edge(*step.edge)} ({what}, +{step.ts - start:.3f} s)"
+
+    for n, path in enumerate(chain.cascades, start=1):
+        up = ", then ".join(failure(s) for s in reversed(path[:-1]))
+        lines.append(f"  cascade {n}: started at {failure(path[-1])}; failed in turn: {up}")
     table = [("+time", "edge", "event", "attempt", "backoff", "latency", "status", "error")]
     for s in chain.steps:
         error = ": ".join(_text(x) for x in (s.error_type, s.error_message) if x)

@@ -28,7 +28,8 @@ def add_commands(app: Any, console: Any) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="Print the chain as JSON.")
                            ] = False,
     ) -> None:
-        """Print one call's chain across services: edges, attempts, backoffs, outcome.
+        """Print one call's chain across services: edges, attempts, backoffs, outcome, and
+        where a failure that cascaded up the chain started.
 
         Events in time order, from the DuckDB file (or PostgreSQL); exit 1 when nothing is
         stored for the id."""
@@ -40,12 +41,14 @@ def add_commands(app: Any, console: Any) -> None:
             settings = Settings.from_env()
             wanted = t.check_key(key)
             params = (wanted, wanted)
-            result = (q.query_postgres(settings, t.TRACE_SQL, params,
-                                       min_version=t.SCHEMA_VERSION) if postgres
-                      else q.query_duckdb(settings.duckdb_path, t.TRACE_SQL, params,
-                                          min_version=t.SCHEMA_VERSION))
+            statements = [(t.TRACE_SQL, params), (t.CASCADES_SQL, params)]
+            result, links = (
+                q.execute_postgres(settings, statements, min_version=t.SCHEMA_VERSION)
+                if postgres else q.execute_duckdb(settings.duckdb_path, statements,
+                                                  min_version=t.SCHEMA_VERSION))
             chain = t.build_chain(wanted, (dict(zip(result.columns, row, strict=True))
-                                           for row in result.rows))
+                                           for row in result.rows),
+                                  [(row[0], row[1]) for row in links.rows])
             if as_json:
                 print(json.dumps(chain.to_json(), indent=1, ensure_ascii=False))
             elif chain.steps:

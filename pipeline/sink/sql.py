@@ -73,7 +73,8 @@ _EVENTS = [("event_id", "text", ""), ("correlation_id", "text", ""),
            ("status_code", "bigint", ""), ("error_type", "text", ""),
            ("error_message", "text", ""), ("attempt", "bigint", ""),
            ("backoff_ms", "double precision", ""), ("trace_id", "text", ""),
-           ("span_id", "text", ""), ("occurred_at", "double precision", "ts")]
+           ("span_id", "text", ""), ("parent_span_id", "text", ""),
+           ("occurred_at", "double precision", "ts")]
 _CHECKS = [("event_id", "text", ""), ("service_name", "text", ""), ("checked_by", "text", ""),
            ("endpoint", "text", ""), ("check_type", "text", ""), ("status", "text", ""),
            ("response_time_ms", "double precision", ""), ("error_details", "text", ""),
@@ -239,7 +240,7 @@ def _event_row(e: dict[str, Any]) -> tuple[Any, ...]:
             e["kind"], e["protocol"], e.get("method"), e.get("payload_size"),
             e.get("latency_ms"), e.get("status_code"), e.get("error_type"),
             e.get("error_message"), e.get("attempt"), e.get("backoff_ms"), e.get("trace_id"),
-            e.get("span_id"), e["ts"])
+            e.get("span_id"), e.get("parent_span_id"), e["ts"])
 
 
 def _check_row(e: dict[str, Any]) -> tuple[Any, ...]:

@@ -19,7 +19,8 @@ Field rules (DESIGN.md, "The event"):
 ``event_id``       ``[A-Za-z0-9_-]{1,64}``
 ``correlation_id`` 1-128 printable ASCII characters, no spaces
 ``trace_id``       32 lower-case hex, not all zero (W3C trace context)
-``span_id``        16 lower-case hex, not all zero
+``span_id``        16 lower-case hex, not all zero (same for ``parent_span_id``,
+                   optional: v1 readers before it ignore it as an unknown field)
 ``source_service`` ``[A-Za-z0-9._:-]{1,100}`` (same for ``target_service``,
                    ``error_type`` and ``check_type``)
 ``protocol``       ``[a-z][a-z0-9._-]{0,31}``
@@ -227,6 +228,7 @@ _check_kind = _one_of(KINDS)
 _OPTIONAL: Final[tuple[tuple[str, Callable[[Any], Any]], ...]] = (
     ("trace_id", _hex_id(_TRACE_ID, 32)),
     ("span_id", _hex_id(_SPAN_ID, 16)),
+    ("parent_span_id", _hex_id(_SPAN_ID, 16)),
     # a printable string has no control characters
     ("method", _checker(_METHOD, "1-200 characters, no control characters",
                         fast=lambda v: 0 < len(v) <= 200 and v.isprintable())),

@@ -73,6 +73,9 @@ class Event(NamedTuple):
     """Event time, epoch seconds; windows use it."""
     trace_id: str | None = None
     span_id: str | None = None
+    parent_span_id: str | None = None
+    """The span of the call this one was made within (W3C parent-id); absent for a root.
+    Optional in v1: readers that do not know it ignore it."""
     method: str | None = None
     latency_ms: float | None = None
     status_code: int | None = None

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 import psycopg
@@ -15,6 +17,7 @@ import pytest
 
 from pipeline.cli.loadgen import ALL_EDGES, EDGES
 from pipeline.cli.query import query_duckdb
+from tests.integration.cascade_traffic import expected_cascades
 from tests.integration.workers import FAST_JOIN
 
 pytestmark = pytest.mark.integration
@@ -63,3 +66,60 @@ def test_demo_runs_to_the_end_and_leaves_rollups_for_every_edge(
         if 'commpipe query "' in line:
             query = line.split('commpipe query "', 1)[1].rsplit('"', 1)[0]
             assert query_duckdb(duckdb_file, query).columns
+
+    check_gates_fire(env, tmp_path, duckdb_file, pg_database)
+
+
+FAILURES = """SELECT event_type, source_service, target_service, protocol, trace_id, span_id,
+parent_span_id, extract(epoch FROM occurred_at) FROM communication_events
+WHERE event_type IN ('error', 'timeout')"""
+WINDOWS = """SELECT source_service, target_service, protocol, extract(epoch FROM window_start),
+extract(epoch FROM window_end) FROM communication_rollups"""
+
+
+def check_gates_fire(env: dict[str, str], tmp_path: Path, duckdb_file: Path,
+                     pg_database: str) -> None:
+    """After the demo, only http and grpc approved: check exits 1 and names the unapproved
+    protocols, the unprotected edges and the edges failures cascaded up, as the stored
+    events say (the cascade definition applied here by plain loops)."""
+    config = tmp_path / ".communication.yml"
+    config.write_text("approved_protocols: [http, grpc]\n")
+    keys = ("kind", "source_service", "target_service", "protocol", "trace_id", "span_id",
+            "parent_span_id", "ts")
+    failures = [dict(zip(keys, (*r[:7], float(r[7])), strict=True))
+                for r in query_duckdb(duckdb_file, FAILURES).rows]
+    windows: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
+    for s, t, p, start, end in query_duckdb(duckdb_file, WINDOWS).rows:
+        windows.setdefault((s, t, p), []).append((float(start), float(end)))
+    cascades = expected_cascades(failures)
+    cascaded = {c["edge"] for c in cascades.values()
+                if any(a <= c["ts"] < b for a, b in windows[c["edge"]])}
+    assert {("gateway", "orders", "http"), ("orders", "payments", "grpc")} <= cascaded
+    retried = query_duckdb(duckdb_file, "SELECT sum(retries) FROM communication_rollups WHERE "
+                           "source_service = 'orders' AND target_service = 'payments'").rows
+    assert retried[0][0] > 0
+    protected = {("orders", "payments", "grpc"), ("payments", "bank", "amqp")}
+    for flag in ((), ("--postgres",)):
+        report_path = tmp_path / "protocol-report.json"
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "check", "--config", str(config), "--since",
+             "1h", "--report", str(report_path), *flag], cwd=tmp_path, capture_output=True,
+            text=True, timeout=120, env={**env, "COMMPIPE_DUCKDB_PATH": str(duckdb_file)})
+        assert done.returncode == 1, done.stdout + done.stderr
+        report = json.loads(report_path.read_text())
+        gates = {g["name"]: g for g in report["gates"]}
+
+        def edges(name: str, gates: dict[str, Any] = gates) -> set[tuple[str, str, str]]:
+            return {(o["source_service"], o["target_service"], o["protocol"])
+                    for o in gates[name]["offenders"]}
+
+        assert edges("approved_protocols") == {e for e in ALL_EDGES
+                                               if e[2] not in ("http", "grpc")}
+        assert {o["protocol"] for o in gates["approved_protocols"]["offenders"]} == {
+            "amqp", "kafka", "soap"}
+        assert edges("resilience_coverage") == set(EDGES) - protected
+        assert edges("cascade_failure_rate") == cascaded
+        assert not any(gates[n]["passed"] for n in ("approved_protocols",
+                                                    "resilience_coverage",
+                                                    "cascade_failure_rate"))
+        assert gates["dead_letter_ratio"]["passed"] is False

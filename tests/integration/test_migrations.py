@@ -33,10 +33,12 @@ UP1 = Step(1, "communication_monitoring", "up")
 UP2 = Step(2, "rollups", "up")
 UP3 = Step(3, "call_chains", "up")
 UP4 = Step(4, "slo", "up")
+UP6 = Step(6, "cascades", "up")
 DOWN1 = Step(1, "communication_monitoring", "down")
 DOWN2 = Step(2, "rollups", "down")
 DOWN3 = Step(3, "call_chains", "down")
 DOWN4 = Step(4, "slo", "down")
+DOWN6 = Step(6, "cascades", "down")
 
 TRACKING = {"commpipe_schema_migrations"}
 TABLES_1 = {"communication_patterns", "communication_events", "communication_health_checks",
@@ -58,6 +60,10 @@ EVENT_COLUMNS_1 = {"id", "event_id", "correlation_id", "source_service", "target
                    "event_type", "protocol", "method", "payload_size", "latency_ms", "status_code",
                    "error_type", "error_message", "trace_id", "span_id", "occurred_at"}
 EVENT_COLUMNS_3 = {"attempt", "backoff_ms"}
+EVENT_COLUMNS_6 = {"parent_span_id"}
+VIEWS_6 = {"communication_cascades", "communication_cascade_windows",
+           "communication_cascade_services"}
+INDEXES_6 = {"idx_communication_events_parent"}  # PostgreSQL only: see sql/duckdb/0006
 
 
 class Db:
@@ -93,7 +99,9 @@ class Db:
         if self.dialect == "postgres":
             queries = {
                 "tables": "SELECT table_name FROM information_schema.tables "
-                          "WHERE table_schema = 'public'",
+                          "WHERE table_schema = 'public' AND table_type = 'BASE TABLE'",
+                "views": "SELECT table_name FROM information_schema.views "
+                         "WHERE table_schema = 'public'",
                 "functions": "SELECT p.proname FROM pg_proc p JOIN pg_namespace n "
                              "ON n.oid = p.pronamespace WHERE n.nspname = 'public'",
                 "sequences": "SELECT sequence_name FROM information_schema.sequences "
@@ -103,6 +111,7 @@ class Db:
         else:
             queries = {
                 "tables": "SELECT table_name FROM duckdb_tables()",
+                "views": "SELECT view_name FROM duckdb_views() WHERE NOT internal",
                 "functions": "SELECT function_name FROM duckdb_functions() WHERE NOT internal",
                 "sequences": "SELECT sequence_name FROM duckdb_sequences()",
                 "indexes": "SELECT index_name FROM duckdb_indexes()",
@@ -116,6 +125,7 @@ class Db:
 
 def expected_objects(dialect: str, version: int) -> dict[str, set[str]]:
     tables, functions, sequences, indexes = set(TRACKING), set(), set(), set()
+    views: set[str] = set()
     columns: set[str] = set()
     if version >= 1:
         tables |= TABLES_1
@@ -132,8 +142,12 @@ def expected_objects(dialect: str, version: int) -> dict[str, set[str]]:
     if version >= 4:
         tables |= {"communication_slo"}
         indexes |= {"idx_communication_slo_window_end"}
-    return {"tables": tables, "functions": functions, "sequences": sequences, "indexes": indexes,
-            "event_columns": columns}
+    if version >= 6:
+        views |= VIEWS_6
+        indexes |= INDEXES_6 if dialect == "postgres" else set()
+        columns |= EVENT_COLUMNS_6
+    return {"tables": tables, "views": views, "functions": functions, "sequences": sequences,
+            "indexes": indexes, "event_columns": columns}
 
 
 @pytest.fixture(params=["postgres", "duckdb"])
@@ -158,35 +172,38 @@ def test_migration_files() -> None:
             (2, "rollups", "0002_rollups.up.sql", "0002_rollups.down.sql"),
             (3, "call_chains", "0003_call_chains.up.sql", "0003_call_chains.down.sql"),
             (4, "slo", "0004_slo.up.sql", "0004_slo.down.sql"),
+            (6, "cascades", "0006_cascades.up.sql", "0006_cascades.down.sql"),
         ]
         assert found[0].up.parent == Path(__file__).resolve().parents[2] / "sql" / dialect
-        assert mig.latest(dialect) == 4
+        assert mig.latest(dialect) == 6
 
 
 def test_up_down_up(db: Db) -> None:
     assert db.current() == 0
-    assert db.migrate() == [UP1, UP2, UP3, UP4]
-    assert db.current() == 4
-    assert db.objects() == expected_objects(db.dialect, 4)
+    assert db.migrate() == [UP1, UP2, UP3, UP4, UP6]
+    assert db.current() == 6
+    assert db.objects() == expected_objects(db.dialect, 6)
     rows = tracking_rows(db)
     assert [(v, n) for v, n, _ in rows] == [(1, "communication_monitoring"), (2, "rollups"),
-                                            (3, "call_chains"), (4, "slo")]
+                                            (3, "call_chains"), (4, "slo"), (6, "cascades")]
     assert all(isinstance(at, datetime) and at.tzinfo is not None for _, _, at in rows)
 
     assert db.migrate() == []  # at the target: nothing to do
-    assert db.migrate(to=4) == []
+    assert db.migrate(to=6) == []
     assert tracking_rows(db) == rows
 
+    assert db.migrate(to=4) == [DOWN6]
+    assert db.objects() == expected_objects(db.dialect, 4)
     assert db.migrate(to=0) == [DOWN4, DOWN3, DOWN2, DOWN1]
     assert db.current() == 0
     assert db.objects() == expected_objects(db.dialect, 0)
     assert tracking_rows(db) == []
 
-    assert db.migrate() == [UP1, UP2, UP3, UP4]
-    assert db.objects() == expected_objects(db.dialect, 4)
+    assert db.migrate() == [UP1, UP2, UP3, UP4, UP6]
+    assert db.objects() == expected_objects(db.dialect, 6)
     assert [(v, n) for v, n, _ in tracking_rows(db)] == [(1, "communication_monitoring"),
                                                          (2, "rollups"), (3, "call_chains"),
-                                                         (4, "slo")]
+                                                         (4, "slo"), (6, "cascades")]
 
 
 def test_partial_targets(db: Db) -> None:
@@ -199,8 +216,8 @@ def test_partial_targets(db: Db) -> None:
     assert db.current() == 1
     assert db.objects() == expected_objects(db.dialect, 1)
     assert db.migrate(to=1) == []
-    with pytest.raises(ConfigError, match="versions are 0..4"):
-        db.migrate(to=5)
+    with pytest.raises(ConfigError, match="versions are 0..6"):
+        db.migrate(to=7)
 
 
 def test_0003_down_keeps_the_events_and_their_indexes(db: Db) -> None:
@@ -213,14 +230,14 @@ def test_0003_down_keeps_the_events_and_their_indexes(db: Db) -> None:
     db.run(insert, ["r1", "c1", "orders", "payments", "retry", "http", 2, Decimal("400.00")])
     assert db.run("SELECT attempt, backoff_ms FROM communication_events") == [
         (2, Decimal("400.00"))]
-    assert db.migrate(to=2) == [DOWN4, DOWN3]
+    assert db.migrate(to=2) == [DOWN6, DOWN4, DOWN3]
     assert db.objects() == expected_objects(db.dialect, 2)
     assert db.run("SELECT event_id, event_type FROM communication_events") == [("r1", "retry")]
     with pytest.raises((psycopg.Error, duckdb.Error)):
         db.run("INSERT INTO communication_events (event_id, correlation_id, source_service, "
                "target_service, event_type, protocol) VALUES ('r1', 'c2', 'a', 'b', 'error', "
                "'http')")
-    assert db.migrate() == [UP3, UP4]
+    assert db.migrate() == [UP3, UP4, UP6]
     assert db.run("SELECT attempt, backoff_ms FROM communication_events") == [(None, None)]
 
 
@@ -239,6 +256,8 @@ def test_postgres_files_run_under_psql(pg_database: str) -> None:
                 ("0002_rollups.up.sql", 2),
                 ("0003_call_chains.up.sql", 3),
                 ("0004_slo.up.sql", 4),
+                ("0006_cascades.up.sql", 6),
+                ("0006_cascades.down.sql", 4),
                 ("0004_slo.down.sql", 3),
                 ("0003_call_chains.down.sql", 2),
                 ("0002_rollups.down.sql", 1),
@@ -401,7 +420,7 @@ def test_postgres_advisory_lock_serialises_migrations(pg_database: str) -> None:
     for w in workers:
         w.join(timeout=60)
     assert errors == []
-    assert sorted(results, key=len) == [[], [UP1, UP2, UP3, UP4]]
+    assert sorted(results, key=len) == [[], [UP1, UP2, UP3, UP4, UP6]]
 
 
 def _free_port() -> int:
@@ -460,7 +479,7 @@ def test_duckdb_file_held_by_another_process(duckdb_path: str) -> None:
     finally:
         holder.kill()
         holder.wait(timeout=10)
-    assert mig.migrate_duckdb(duckdb_path) == [UP1, UP2, UP3, UP4]
+    assert mig.migrate_duckdb(duckdb_path) == [UP1, UP2, UP3, UP4, UP6]
 
 
 @pytest.mark.parametrize(("files", "error"), [

@@ -3,6 +3,7 @@ the breaker's cycle through a burst, and real-time pacing."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from typing import Any
@@ -24,41 +25,47 @@ class FakeEmitter:
                 method: str | None = None, correlation_id: str | None = None,
                 payload_size: int | None = None, trace_id: str | None = None,
                 span_id: str | None = None, attempt: int | None = None,
-                ts: float | None = None) -> bool:
+                ts: float | None = None, parent_span_id: str | None = None) -> bool:
         return self._record("request", source_service=source_service,
                             target_service=target_service, protocol=protocol,
-                            correlation_id=correlation_id, ts=ts)
+                            correlation_id=correlation_id, ts=ts, trace_id=trace_id,
+                            span_id=span_id, parent_span_id=parent_span_id)
 
     def response(self, *, source_service: str, target_service: str, latency_ms: float,
                  protocol: str = "http", status_code: int | None = None,
                  method: str | None = None, correlation_id: str | None = None,
                  payload_size: int | None = None, trace_id: str | None = None,
                  span_id: str | None = None, attempt: int | None = None,
-                 ts: float | None = None) -> bool:
+                 ts: float | None = None, parent_span_id: str | None = None) -> bool:
         return self._record("response", source_service=source_service,
                             target_service=target_service, protocol=protocol,
                             latency_ms=latency_ms, status_code=status_code,
-                            correlation_id=correlation_id, ts=ts)
+                            correlation_id=correlation_id, ts=ts, trace_id=trace_id,
+                            span_id=span_id, parent_span_id=parent_span_id)
 
     def error(self, *, source_service: str, target_service: str, error_type: str,
               protocol: str = "http", latency_ms: float | None = None,
               status_code: int | None = None, method: str | None = None,
               correlation_id: str | None = None, trace_id: str | None = None,
               span_id: str | None = None, error_message: str | None = None,
-              attempt: int | None = None, ts: float | None = None) -> bool:
+              attempt: int | None = None, ts: float | None = None,
+              parent_span_id: str | None = None) -> bool:
         return self._record("error", source_service=source_service,
                             target_service=target_service, protocol=protocol,
                             error_type=error_type, latency_ms=latency_ms,
-                            status_code=status_code, correlation_id=correlation_id, ts=ts)
+                            status_code=status_code, correlation_id=correlation_id, ts=ts,
+                            trace_id=trace_id, span_id=span_id, parent_span_id=parent_span_id)
 
     def timeout(self, *, source_service: str, target_service: str, latency_ms: float,
                 protocol: str = "http", method: str | None = None,
                 correlation_id: str | None = None, trace_id: str | None = None,
                 span_id: str | None = None, error_message: str | None = None,
-                attempt: int | None = None, ts: float | None = None) -> bool:
+                attempt: int | None = None, ts: float | None = None,
+                parent_span_id: str | None = None) -> bool:
         return self._record("timeout", source_service=source_service,
                             target_service=target_service, protocol=protocol,
-                            latency_ms=latency_ms, correlation_id=correlation_id, ts=ts)
+                            latency_ms=latency_ms, correlation_id=correlation_id, ts=ts,
+                            trace_id=trace_id, span_id=span_id, parent_span_id=parent_span_id)
 
     def retry(self, *, source_service: str, target_service: str, attempt: int,
               protocol: str = "http", backoff_ms: float | None = None,
@@ -189,3 +196,41 @@ def test_run_stops_when_asked() -> None:
     stats = LoadGen(FakeEmitter(), rate=100.0).run(None, stop)
     assert time.monotonic() - started < 1.0
     assert 10 <= stats.users <= 40
+
+
+def test_every_call_is_a_span_under_its_caller_one_trace_per_user() -> None:
+    fake, _ = simulate(4, users=300)
+    calls = [kw for kind, kw in fake.calls if kind == "request"]
+    by_span = {kw["span_id"]: kw for kw in calls}
+    assert len(by_span) == len(calls)  # each call its own span
+    for kw in calls:
+        assert re.fullmatch(r"[0-9a-f]{16}", kw["span_id"])
+        assert re.fullmatch(r"[0-9a-f]{32}", kw["trace_id"])
+        if kw["source_service"] == "gateway":
+            assert kw["parent_span_id"] is None
+            continue
+        parent = by_span[kw["parent_span_id"]]
+        assert parent["target_service"] == kw["source_service"]  # made by the callee
+        assert parent["trace_id"] == kw["trace_id"]
+    assert len({kw["trace_id"] for kw in calls}) == 300
+    # the outcome of a call carries the ids of its request
+    for kind, kw in fake.calls:
+        if kind in ("response", "error", "timeout"):
+            assert by_span[kw["span_id"]]["parent_span_id"] == kw["parent_span_id"]
+
+
+def test_what_makes_each_gate_fire() -> None:
+    fake, stats = simulate(6)
+    edges = {(kw["source_service"], kw["target_service"], kw["protocol"])
+             for kind, kw in fake.calls if kind == "request"}
+    assert ("payments", "ledger", "soap") in edges  # an unapproved protocol
+    assert stats.error_types["dead_letter"] > 0  # on inventory -> db (kafka)
+    assert all(kw["target_service"] == "db" for kind, kw in fake.calls
+               if kind == "error" and kw["error_type"] == "dead_letter")
+    # cascades: a failed call whose callee's own call failed before it, in the same trace
+    failed = {kw["span_id"]: kw for kind, kw in fake.calls if kind in ("error", "timeout")}
+    cascaded = {(failed[kw["parent_span_id"]]["source_service"],
+                 failed[kw["parent_span_id"]]["target_service"])
+                for kw in failed.values() if kw["parent_span_id"] in failed
+                and kw["ts"] <= failed[kw["parent_span_id"]]["ts"]}
+    assert {("gateway", "orders"), ("orders", "payments")} <= cascaded

@@ -147,3 +147,31 @@ def test_bad_keys_are_refused_clearly(key: str) -> None:
     with pytest.raises(ConfigError, match="1-128 printable ASCII characters without spaces"):
         check_key(key)
     assert check_key("4bf92f3577b34da6a3ce929d0e0e4736") == "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+def test_cascades_follow_the_links_down_to_where_the_failure_started() -> None:
+    pb, bk = ("payments", "bank", "amqp"), ("bank", "ledger", "grpc")
+    rows = [row(1, "error", T0 + 0.050, GO, error_type="http_5xx", span_id="a" * 16),
+            row(2, "timeout", T0 + 0.040, OP, span_id="b" * 16, parent_span_id="a" * 16),
+            row(3, "error", T0 + 0.030, pb, error_type="unavailable", span_id="c" * 16,
+                parent_span_id="b" * 16),
+            row(4, "error", T0 + 0.010, bk, error_type="connection", span_id="d" * 16,
+                parent_span_id="c" * 16),
+            row(5, "error", T0 + 0.020, bk, error_type="rejected", span_id="e" * 16)]
+    links = [("e01", "e02"), ("e02", "e03"), ("e03", "e04"),
+             ("x99", "e01")]  # a link to an event this chain does not hold is left out
+    chain = build_chain("chain-1", rows, links)
+    assert [[s.event_id for s in path] for path in chain.cascades] == [
+        ["e01", "e02", "e03", "e04"]]
+    assert [s.event_id for s in chain.origins] == ["e04"]
+    assert {s.event_id: s.parent_span_id for s in chain.steps}["e04"] == "c" * 16
+    out = chain.to_json()
+    assert out["cascades"] == [{"top": "e01", "origin": "e04", "origin_edge": list(bk),
+                                "origin_kind": "error", "origin_error_type": "connection",
+                                "path": ["e01", "e02", "e03", "e04"]}]
+    text = render(chain)
+    assert ("  cascade 1: started at bank → ledger · grpc (error connection, +0.000 s); "
+            "failed in turn: payments → bank · amqp (error unavailable, +0.020 s), then "
+            "orders → payments · grpc (timeout, +0.030 s), then gateway → orders · http "
+            "(error http_5xx, +0.040 s)") in text.splitlines()
+    assert build_chain("chain-1", rows).cascades == ()
