@@ -9,6 +9,16 @@ count raises :class:`~pipeline.errors.ConfigError` naming both counts.
 Partition counts of existing topics are read only after ``CreateTopics``
 answered "already exists": a metadata request for an unknown topic makes some
 brokers (Tansu among them) auto-create it with their default count.
+
+:func:`ensure_commpipe_topics` creates every topic the worker uses, each with explicit
+configs rather than the broker's defaults: the input (``cleanup.policy=delete``,
+``retention.ms`` = ``COMMPIPE_TOPIC_RETENTION_MS``), the dead letters (the same with
+``COMMPIPE_DLQ_RETENTION_MS``), the worker's changelog (``cleanup.policy=compact``: the
+latest value of every key is the table; never deleted by age) and Faust's leader topic,
+all with ``COMMPIPE_TOPIC_REPLICATION_FACTOR`` replicas and, when set,
+``COMMPIPE_TOPIC_MIN_INSYNC_REPLICAS``. Faust would create the last two itself, with one
+replica; created here first, it finds them and leaves them alone. Configs of topics
+that already exist are not changed.
 """
 
 from __future__ import annotations
@@ -20,7 +30,8 @@ from typing import Any
 from pipeline.errors import ConfigError, ServiceError
 from pipeline.settings import Settings
 
-__all__ = ["ensure_commpipe_topics", "ensure_topics"]
+__all__ = ["changelog_topic", "commpipe_topics", "ensure_commpipe_topics", "ensure_topics",
+           "leader_topic"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +43,7 @@ async def ensure_topics(
     *,
     client_options: Mapping[str, Any],
     replication_factor: int = 1,
+    configs: Mapping[str, Mapping[str, str]] | None = None,
     timeout_ms: int = 10_000,
 ) -> dict[str, bool]:
     """Make sure each ``name -> partitions`` topic exists with exactly that many partitions.
@@ -39,7 +51,9 @@ async def ensure_topics(
     ``client_options`` are aiokafka client keyword arguments, at least
     ``bootstrap_servers`` (see :meth:`Settings.kafka_client_options`).
     ``replication_factor`` applies to topics created here (default 1, fine for
-    one dev broker). Returns ``{name: True if created now, False if it existed}``.
+    one dev broker); ``configs`` maps a topic name to the topic configs it is created
+    with (``{"cleanup.policy": "compact"}``). Returns ``{name: True if created now,
+    False if it existed}``.
 
     Raises :class:`ConfigError` for a partition count below 1 or an existing
     topic with a different count, and :class:`ServiceError` when the broker
@@ -58,8 +72,8 @@ async def ensure_topics(
     try:
         await admin.start()
         response = await admin.create_topics(
-            [NewTopic(n, p, replication_factor) for n, p in topics.items()], timeout_ms=timeout_ms
-        )
+            [NewTopic(n, p, replication_factor, topic_configs=dict((configs or {}).get(n, {})))
+             for n, p in topics.items()], timeout_ms=timeout_ms)
         created: dict[str, bool] = {}
         existing: list[str] = []
         for name, code, message in _topic_errors(response):
@@ -90,14 +104,39 @@ async def ensure_topics(
     return created
 
 
-async def ensure_commpipe_topics(
-    settings: Settings, *, replication_factor: int = 1
-) -> dict[str, bool]:
-    """Create ``settings.topic`` and ``settings.dlq_topic`` with ``settings.partitions`` each."""
+def changelog_topic(settings: Settings) -> str:
+    """The worker's changelog topic (the name ``agents.app`` gives its table's changelog)."""
+    return f"{settings.app_id}-state-changelog"
+
+
+def leader_topic(settings: Settings) -> str:
+    """Faust's leader-election topic of the app (``faust.assignor.LeaderAssignor``)."""
+    return f"{settings.app_id}-__assignor-__leader"
+
+
+def commpipe_topics(settings: Settings) -> dict[str, tuple[int, dict[str, str]]]:
+    """``{name: (partitions, configs)}`` of every topic the worker uses (module docstring)."""
+    replicas = ({"min.insync.replicas": str(settings.topic_min_insync_replicas)}
+                if settings.topic_min_insync_replicas else {})
+    n = settings.partitions
+    return {
+        settings.topic: (n, {"cleanup.policy": "delete",
+                             "retention.ms": str(settings.topic_retention_ms), **replicas}),
+        settings.dlq_topic: (n, {"cleanup.policy": "delete",
+                                 "retention.ms": str(settings.dlq_retention_ms), **replicas}),
+        changelog_topic(settings): (n, {"cleanup.policy": "compact", **replicas}),
+        leader_topic(settings): (1, {**replicas}),
+    }
+
+
+async def ensure_commpipe_topics(settings: Settings) -> dict[str, bool]:
+    """Create every topic of :func:`commpipe_topics` that does not exist yet."""
+    topics = commpipe_topics(settings)
     return await ensure_topics(
-        {settings.topic: settings.partitions, settings.dlq_topic: settings.partitions},
+        {name: n for name, (n, _) in topics.items()},
         client_options=settings.kafka_client_options(),
-        replication_factor=replication_factor,
+        replication_factor=settings.topic_replication_factor,
+        configs={name: configs for name, (_, configs) in topics.items()},
     )
 
 
