@@ -50,6 +50,22 @@ from pipeline.dev.process import (
 )
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``kafka`` run Apache Kafka themselves (a cluster, the ``commpipe broker
+    --engine kafka`` command): they run in a session on Apache Kafka (``COMMPIPE_TEST_BROKER
+    =kafka``) or when ``-m`` names them, and are deselected (not skipped) in a Tansu session,
+    whose run must pass without Java. ``.ci/run`` runs both sessions."""
+    if "kafka" in (config.option.markexpr or ""):
+        return
+    services = choose_test_services(os.environ.get(TEST_SERVICES_ENV), docker_available)
+    if choose_test_broker(os.environ.get(TEST_BROKER_ENV), services) == "kafka":
+        return
+    chosen = [item for item in items if item.get_closest_marker("kafka")]
+    if chosen:
+        config.hook.pytest_deselected(items=chosen)
+        items[:] = [item for item in items if not item.get_closest_marker("kafka")]
+
+
 @dataclass
 class _Service:
     """A started session service: its address, and the object that controls it (an
