@@ -188,7 +188,9 @@ class Pipeline:
         return registry
 
     def lag(self) -> dict[int, int]:
-        """Records between each owned input partition's read position and its end."""
+        """Kafka's consumer lag of each owned input partition, as ``kafka-consumer-groups
+        --describe`` reports it: the partition's end offset (the high watermark of the
+        latest fetch) minus the group's committed offset there (0 before any commit)."""
         out: dict[int, int] = {}
         consumer = self.app.consumer
         for tp in self.app.assignor.assigned_actives():
@@ -198,9 +200,11 @@ class Pipeline:
                 high = consumer.highwater(tp)
             except Exception:  # noqa: BLE001 - not known yet (before the first fetch)
                 continue
-            read = consumer._read_offset.get(tp)  # noqa: SLF001 - Faust keeps no public one
+            # what this worker last committed for tp (Kafka's meaning: the next offset to
+            # read), or read back from Kafka at assignment; Faust keeps no public one
+            committed = consumer._committed_offset.get(tp)  # noqa: SLF001
             if high is not None:
-                out[tp.partition] = max(high - (read + 1 if read is not None else 0), 0)
+                out[tp.partition] = max(high - (committed or 0), 0)
         return out
 
     def state_keys(self) -> dict[str, int]:
