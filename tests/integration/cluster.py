@@ -186,8 +186,9 @@ def wait_for(check: Callable[[], bool], *, timeout: float, what: str,
 
 def dump_for_reproduction(path: Path, bootstrap: str, app_id: str, topic: str,
                           emitted: list[dict[str, Any]]) -> Path:
-    """Everything needed to find where a count went wrong, as JSON lines in ``path``: the
-    events emitted, the input topic's records (partition, offset, timestamp, shim headers,
+    """Everything needed to find where a count went wrong, as JSON lines in ``path`` (field
+    ``what``): the events emitted, the input topic's records (partition, offset, timestamp,
+    shim headers,
     events' correlation ids), every changelog record of an edge key (partition, offset,
     source offset applied, totals) and the group's committed offsets."""
     from aiokafka import TopicPartition
@@ -199,8 +200,8 @@ def dump_for_reproduction(path: Path, bootstrap: str, app_id: str, topic: str,
     from tests.integration.workers import read_topic
 
     with open(path, "wb") as out:
-        def line(kind: str, **data: Any) -> None:
-            out.write(orjson.dumps({"kind": kind, **data}) + b"\n")
+        def line(what: str, **data: Any) -> None:
+            out.write(orjson.dumps({"what": what, **data}) + b"\n")
 
         for e in emitted:
             line("emitted", **e)

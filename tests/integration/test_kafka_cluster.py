@@ -22,7 +22,7 @@ import re
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,51 +121,62 @@ def finish_load(load: Load, emitter: Emitter) -> None:
 
 
 def check_exact(cluster: KafkaCluster, app_id: str, topic: str, load: Load, db: Databases,
-                logs: Any) -> None:
-    """The table and both databases hold exactly the events emitted, each once (what went
-    wrong, if not, is written beside the DuckDB file: :func:`dump_for_reproduction`)."""
-    db_dir = Path(db.duckdb_path).parent
+                logs: Any, *, metrics_port: int | None = None) -> None:
+    """The table, both databases and (``metrics_port``) a worker's ``/metrics`` hold exactly
+    the events emitted, each once. All are looked at before failing, so the message says
+    which of them is wrong; the records, changelog and offsets are then written beside the
+    DuckDB file (:func:`dump_for_reproduction`)."""
     want = expected_edge_totals(load.emitted)
-    got: dict[Any, Any] = {}
+    rows = expected_windows(load.emitted)
+    got: dict[str, Any] = {}
+    problems: list[str] = []
 
     def table_done() -> bool:
-        got.update(table=table_totals(cluster.bootstrap, app_id))
-        return got["table"] == want
+        got["table"] = table_totals(cluster.bootstrap, app_id)
+        return bool(got["table"] == want)
 
-    try:
-        wait_for(table_done, timeout=120, what="the table", logs=logs)
-    except AssertionError as e:
-        dump = dump_for_reproduction(db_dir / "reproduction.jsonl", cluster.bootstrap, app_id,
-                                     topic, load.emitted)
-        raise AssertionError(f"{e}\n{_edge_diff(got.get('table', {}), want)}\n"
-                             f"records, changelog and offsets in {dump}") from None
-    rows = expected_windows(load.emitted)
-    for which in ("pg", "duck"):
-        read = db.pg if which == "pg" else db.duck
-
-        def stored(read: Any = read, which: str = which) -> bool:
-            try:
-                got[which] = rollup_rows(read(ROLLUPS_SQL))
-            except Exception:  # noqa: BLE001 - not migrated yet, or the file is being written
-                return False
-            return got[which] == rows
-
+    def stored(which: str) -> bool:
         try:
-            wait_for(stored, timeout=120, what=f"{len(rows)} exact rollup rows in {which}",
-                     logs=logs)
-        except AssertionError as e:
-            have, need = set(map(repr, got.get(which, []))), set(map(repr, rows))
-            raise AssertionError(f"{e}\nmissing or different: {sorted(need - have)[:10]}\n"
-                                 f"unexpected: {sorted(have - need)[:10]}") from None
+            got[which] = rollup_rows((db.pg if which == "pg" else db.duck)(ROLLUPS_SQL))
+        except Exception:  # noqa: BLE001 - not migrated yet, or the file is being written
+            return False
+        return bool(got[which] == rows)
+
+    def metrics_done() -> bool:
+        assert metrics_port is not None
+        got["metrics"] = _reported_totals(metrics_port)
+        return bool(got["metrics"] == want)
+
+    checks: list[tuple[str, Callable[[], bool]]] = [
+        ("table", table_done), ("pg", lambda: stored("pg")), ("duck", lambda: stored("duck"))]
+    if metrics_port is not None:
+        checks.append(("metrics", metrics_done))
+    timeout = 120.0
+    for name, check in checks:
+        try:
+            wait_for(check, timeout=timeout, what=name)
+        except AssertionError:
+            timeout = 20.0  # the others have had their time already
+            if name in ("table", "metrics"):
+                problems.append(f"{name}: {_edge_diff(got.get(name, {}), want)}")
+            else:
+                have, need = set(map(repr, got.get(name, []))), set(map(repr, rows))
+                problems.append(f"{name}: missing or different rows {sorted(need - have)[:6]}; "
+                                f"unexpected rows {sorted(have - need)[:6]}")
+    if problems:
+        dump = dump_for_reproduction(Path(db.duckdb_path).parent / "reproduction.jsonl",
+                                     cluster.bootstrap, app_id, topic, load.emitted)
+        raise AssertionError("\n".join(problems) + f"\nrecords, changelog and offsets in "
+                             f"{dump}\n{logs()[-3000:]}")
 
 
 def _edge_diff(got: dict[Any, Counter[str]], want: dict[Any, Counter[str]]) -> str:
     """The edges whose counts differ: what the table holds beside what was emitted."""
-    lines = [f"table holds {sum(sum(c.values()) for c in got.values())} events, "
+    lines = [f"holds {sum(sum(c.values()) for c in got.values())} events, "
              f"{sum(sum(c.values()) for c in want.values())} were emitted"]
     for edge in sorted(set(got) | set(want)):
         if got.get(edge) != want.get(edge):
-            lines.append(f"  {edge}: table {dict(got.get(edge, {}))}, emitted "
+            lines.append(f"  {edge}: holds {dict(got.get(edge, {}))}, emitted "
                          f"{dict(want.get(edge, {}))}")
     return "\n".join(lines)
 
@@ -334,14 +345,12 @@ def test_workers_join_leave_and_crash_under_load_totals_stay_exact(
     load = Load(emitter, rate=400, seed=seed)
     try:
         code = _scale_out_and_in(first, second, third, load, emitter, split_between, logs)
-        check_exact(cluster, app_id, topic, load, db, logs)
-        reported = _reported_totals(port)
+        # the first worker's /metrics too: it reports every edge from its own table, so the
+        # state of the partitions it took over came with them (from their changelogs)
+        check_exact(cluster, app_id, topic, load, db, logs, metrics_port=port)
     finally:
         for w in everyone:
             w.stop(timeout=20)
-    # the first worker reported every edge from its own table: the state of the partitions
-    # it took over came with them (recovered from their changelog partitions)
-    assert reported == expected_edge_totals(load.emitted)
     print(f"seed {seed}: {len(load.emitted)} events; the second worker's exit code after "
           f"SIGTERM: {code} (None: hard-killed after 30 s)")
 
