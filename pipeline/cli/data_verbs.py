@@ -2,11 +2,23 @@
 command line, which only wires library pieces together)."""
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
-from pipeline.cli.output import guarded, print_result, steps
+from pipeline.cli.cells import Kind
+from pipeline.cli.output import Hint, guarded, print_result, steps
 
 __all__ = ["add_commands"]
+
+
+def _objective_unit(row: Mapping[str, Any]) -> Kind:
+    """An objective's threshold and miss are a 0-1 ratio (delivery_success) or ms."""
+    return "ratio" if row.get("objective") == "delivery_success" else "ms"
+
+
+HEALTH_KINDS: dict[str, Hint] = {"avg_latency": "ms"}  # the specification's name, no unit
+MISSES_KINDS: dict[str, Hint] = {"threshold": _objective_unit, "worst_miss": _objective_unit,
+                                 "last_window_end": "epoch"}
 
 
 def add_commands(app: Any, console: Any, out: Any) -> None:
@@ -100,9 +112,11 @@ def add_commands(app: Any, console: Any, out: Any) -> None:
                 for r in reports:
                     name = "PostgreSQL" if r.database == "postgres" else "DuckDB"
                     print_result(out, r.health, "table",
-                                  f"{name}: analyze_communication_health()")
+                                 f"{name}: analyze_communication_health()",
+                                 kinds=HEALTH_KINDS)
                     print_result(out, r.misses, "table",
-                                  f"{name}: objectives missed in the last {since}")
+                                 f"{name}: objectives missed in the last {since}",
+                                 kinds=MISSES_KINDS)
                     if fail_under is None:
                         continue
                     for service, score in r.low:
