@@ -13,12 +13,14 @@ Commands:
   PostgreSQL) and print the result; ``commpipe health``: the health analysis of both.
 * ``commpipe trace ID``: one call's chain across services.
 * ``commpipe patterns load FILE`` / ``check``: the message_patterns catalogue.
+* ``commpipe graph``: the service graph from the rollups (SVG, HTML or DOT).
 * ``commpipe bench``: the benchmarks (``python -m bench``, same options).
 
 Each ``*_verbs`` module adds its verbs to the app (:mod:`~pipeline.cli.run_verbs`,
 :mod:`~pipeline.cli.data_verbs`, :mod:`~pipeline.cli.trace_verbs`,
-:mod:`~pipeline.cli.patterns_verbs`); the other modules here are the library
-pieces only the command line uses (queries, reports, the demo, the load generator).
+:mod:`~pipeline.cli.patterns_verbs`, :mod:`~pipeline.cli.graph_verbs`); the other
+modules here are the library pieces only the command line uses (queries, reports, the
+graph, the demo, the load generator).
 
 The command line needs the ``server`` extra (typer, rich); without it
 :func:`main` says so and exits with code 1.
@@ -47,7 +49,7 @@ def _build_app() -> Any:
     import typer
     from rich.console import Console
 
-    from pipeline.cli import data_verbs, patterns_verbs, run_verbs, trace_verbs
+    from pipeline.cli import data_verbs, graph_verbs, patterns_verbs, run_verbs, trace_verbs
 
     app = typer.Typer(help="commpipe: inter-service communication telemetry.",
                       no_args_is_help=True, add_completion=False,
@@ -58,6 +60,7 @@ def _build_app() -> Any:
     data_verbs.add_commands(app, console, out)
     trace_verbs.add_commands(app, console)
     patterns_verbs.add_commands(app, console)
+    graph_verbs.add_commands(app, console)
     return app
 
 

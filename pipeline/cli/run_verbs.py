@@ -135,6 +135,13 @@ def add_commands(app: Any, console: Any, out: Any) -> None:
                 out.print(f"  [dim]# {what}[/]", highlight=False)
                 out.print(f'  {env}commpipe query "{sql}"', highlight=False, soft_wrap=True,
                           markup=False)
+            if result.graphs:
+                out.print("The service graph: " + " and ".join(map(str, result.graphs))
+                          + f" (again: {env}commpipe graph --since "
+                          f"{max(round(result.lookback_s / 60), 1)}m)",
+                          highlight=False, soft_wrap=True, markup=False)
+            if result.graph_note:
+                console.print(result.graph_note, highlight=False, markup=False)
 
         guarded(console, run)
 
