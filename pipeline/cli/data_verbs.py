@@ -16,6 +16,17 @@ def _objective_unit(row: Mapping[str, Any]) -> Kind:
     return "ratio" if row.get("objective") == "delivery_success" else "ms"
 
 
+def one_edge_column(result: Any) -> Any:
+    """``result`` with its first three columns (source, target, protocol) shown as one
+    ``edge`` column, ``orders → payments · grpc``: a table for people that fits 80 columns."""
+    from pipeline.cli.query import Result
+
+    if result.columns[:3] != ["source_service", "target_service", "protocol"]:
+        return result
+    return Result(["edge", *result.columns[3:]],
+                  [(f"{r[0]} → {r[1]} · {r[2]}", *r[3:]) for r in result.rows])
+
+
 HEALTH_KINDS: dict[str, Hint] = {"avg_latency": "ms"}  # the specification's name, no unit
 MISSES_KINDS: dict[str, Hint] = {"threshold": _objective_unit, "worst_miss": _objective_unit,
                                  "last_window_end": "epoch"}
@@ -114,7 +125,7 @@ def add_commands(app: Any, console: Any, out: Any) -> None:
                     print_result(out, r.health, "table",
                                  f"{name}: analyze_communication_health()",
                                  kinds=HEALTH_KINDS)
-                    print_result(out, r.misses, "table",
+                    print_result(out, one_edge_column(r.misses), "table",
                                  f"{name}: objectives missed in the last {since}",
                                  kinds=MISSES_KINDS)
                     if fail_under is None:

@@ -48,6 +48,13 @@ td.n { text-align: right; font-variant-numeric: tabular-nums; }
 """
 
 
+def _duration(seconds: float) -> str:
+    """``90`` -> ``1 min 30 s``, ``3600`` -> ``1 h``."""
+    s = round(seconds)
+    parts = [(s // 86400, "d"), (s % 86400 // 3600, "h"), (s % 3600 // 60, "min"), (s % 60, "s")]
+    return " ".join(f"{n} {unit}" for n, unit in parts if n) or "0 s"
+
+
 def _svg_element(svg: str) -> str:
     """The ``<svg>`` element alone (no XML declaration or doctype inside HTML)."""
     return svg[svg.index("<svg"):]
@@ -73,7 +80,8 @@ def render_html(graph: Graph) -> str:
             f'<td class="n">{e.opened}</td>'
             f"<td>{escape('; '.join(edge_lines(graph, e)))}</td></tr>")
     period = (f"{cell(graph.start, 'epoch')} to {cell(graph.end, 'epoch')} (UTC), "
-              f"{graph.period_s:,.0f} s of windows within the last {graph.since_s:,.0f} s; "
+              f"{_duration(graph.period_s)} of windows within the last "
+              f"{_duration(graph.since_s)}; "
               "rates are requests per second over that period, p95 and error ratio over "
               "all of it, the circuit as of its last window")
     return f"""<!DOCTYPE html>

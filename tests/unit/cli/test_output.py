@@ -14,7 +14,7 @@ import pytest
 from rich.console import Console
 
 from pipeline.cli.cells import cell, csv_text, kind_of, plain
-from pipeline.cli.data_verbs import HEALTH_KINDS, MISSES_KINDS
+from pipeline.cli.data_verbs import HEALTH_KINDS, MISSES_KINDS, one_edge_column
 from pipeline.cli.output import print_result
 from pipeline.cli.query import Result
 from pipeline.cli.tables import fit_widths, wrap
@@ -161,3 +161,16 @@ def test_wrap_and_widths() -> None:
     assert fit_widths(["a", "b"], [["1", "two words"]], [True, False], 80) == [1, 9]
     assert fit_widths(["a", "b"], [["1", "two words"]], [True, False], 8) == [1, 5]
     assert fit_widths(["a", "b"], [["12345678", "two"]], [True, False], 8) is None
+
+
+def test_health_shows_the_missed_objectives_edge_in_one_column_to_fit_80() -> None:
+    assert one_edge_column(MISSES).columns[0] == "edge"
+    lines = printed(one_edge_column(MISSES), 80, kinds=MISSES_KINDS)
+    assert max(len(line) for line in lines) <= 80
+    assert not any(line.startswith("-[ row") for line in lines)  # a table, not blocks
+    rows = [line.split() for line in lines if "2026-11-30T03:58:50Z" in line]
+    assert rows[0][rows[0].index("latency_p95"):] == [
+        "latency_p95", "12", "100.0", "233.7", "2026-11-30T03:58:50Z"]
+    assert rows[1][rows[1].index("delivery_success"):] == [
+        "delivery_success", "3", "99.9", "%", "1.2", "%", "2026-11-30T03:58:50Z"]
+    assert rows[0][0] == "orders" and rows[1][0] == "payments"
