@@ -2,11 +2,34 @@
 command line, which only wires library pieces together)."""
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
-from pipeline.cli.output import guarded, print_result, steps
+from pipeline.cli.cells import Kind
+from pipeline.cli.output import Hint, guarded, print_result, steps
 
 __all__ = ["add_commands"]
+
+
+def _objective_unit(row: Mapping[str, Any]) -> Kind:
+    """An objective's threshold and miss are a 0-1 ratio (delivery_success) or ms."""
+    return "ratio" if row.get("objective") == "delivery_success" else "ms"
+
+
+def one_edge_column(result: Any) -> Any:
+    """``result`` with its first three columns (source, target, protocol) shown as one
+    ``edge`` column, ``orders → payments · grpc``: a table for people that fits 80 columns."""
+    from pipeline.cli.query import Result
+
+    if result.columns[:3] != ["source_service", "target_service", "protocol"]:
+        return result
+    return Result(["edge", *result.columns[3:]],
+                  [(f"{r[0]} → {r[1]} · {r[2]}", *r[3:]) for r in result.rows])
+
+
+HEALTH_KINDS: dict[str, Hint] = {"avg_latency": "ms"}  # the specification's name, no unit
+MISSES_KINDS: dict[str, Hint] = {"threshold": _objective_unit, "worst_miss": _objective_unit,
+                                 "last_window_end": "epoch"}
 
 
 def add_commands(app: Any, console: Any, out: Any) -> None:
@@ -100,9 +123,11 @@ def add_commands(app: Any, console: Any, out: Any) -> None:
                 for r in reports:
                     name = "PostgreSQL" if r.database == "postgres" else "DuckDB"
                     print_result(out, r.health, "table",
-                                  f"{name}: analyze_communication_health()")
-                    print_result(out, r.misses, "table",
-                                  f"{name}: objectives missed in the last {since}")
+                                 f"{name}: analyze_communication_health()",
+                                 kinds=HEALTH_KINDS)
+                    print_result(out, one_edge_column(r.misses), "table",
+                                 f"{name}: objectives missed in the last {since}",
+                                 kinds=MISSES_KINDS)
                     if fail_under is None:
                         continue
                     for service, score in r.low:
