@@ -55,8 +55,20 @@ def _outbox(settings: Settings, bootstrap_servers: str | None, topic: str | None
                   producer_options=options)
 
 
-def _wire(event: Mapping[str, Any] | Event) -> dict[str, Any]:
-    return event.to_wire() if isinstance(event, Event) else dict(event)
+def _wire(event: Any, outbox: Outbox) -> dict[str, Any] | None:
+    """A fresh wire dict of what ``emit`` got; ``None`` (counted as invalid and logged)
+    when it is neither an :class:`Event` nor a mapping, or reading it raised."""
+    try:
+        if isinstance(event, Event):
+            return event.to_wire()
+        if isinstance(event, Mapping):
+            return dict(event)
+        reason = f"emit() takes a mapping or an Event, got {type(event).__name__}"
+    except Exception as e:  # noqa: BLE001 - a broken mapping must not reach the caller
+        reason = (f"emit() got a {type(event).__name__} that cannot be read as a mapping "
+                  f"({type(e).__name__})")
+    outbox.reject(reason)
+    return None
 
 
 class Emitter(EventKinds):
@@ -94,8 +106,10 @@ class Emitter(EventKinds):
             self._loop.close()
 
     def emit(self, event: Mapping[str, Any] | Event) -> bool:
-        """Queue one event (a wire dict or an :class:`Event`); False if it was dropped."""
-        return self._put(_wire(event))
+        """Queue one event (a wire dict or an :class:`Event`); False if it was dropped or is
+        not an event at all (counted in ``stats().invalid``). Never raises."""
+        wire = _wire(event, self._outbox)
+        return False if wire is None else self._put(wire)
 
     def stats(self) -> EmitterStats:
         """Counts so far: sent, dropped, failed, invalid, and how many are buffered now."""
@@ -184,8 +198,10 @@ class AsyncEmitter(EventKinds):
         return self._outbox.put(event)
 
     def emit(self, event: Mapping[str, Any] | Event) -> bool:
-        """Queue one event (a wire dict or an :class:`Event`); False if it was dropped."""
-        return self._put(_wire(event))
+        """Queue one event (a wire dict or an :class:`Event`); False if it was dropped or is
+        not an event at all (counted in ``stats().invalid``). Never raises."""
+        wire = _wire(event, self._outbox)
+        return False if wire is None else self._put(wire)
 
     def stats(self) -> EmitterStats:
         """Counts so far: sent, dropped, failed, invalid, and how many are buffered now."""
@@ -220,6 +236,8 @@ class AsyncEmitter(EventKinds):
             await asyncio.wait_for(asyncio.shield(self._task), timeout + 5.0)
         except TimeoutError:
             self._task.cancel()
+        except Exception:  # noqa: BLE001 - close() never raises into the caller
+            log.exception("commpipe shim: sender stopped unexpectedly")
         return self._outbox.undelivered == 0 and self._outbox.pending() == 0
 
     async def __aenter__(self) -> AsyncEmitter:

@@ -39,7 +39,6 @@ import orjson
 
 from pipeline.errors import EventValidationError
 from pipeline.wire.decode import validate_event
-from pipeline.wire.events import edge_key
 from pipeline.wire.headers import PRODUCER_HEADER, SEQ_HEADER
 from pipeline.wire.redact import safe_message
 
@@ -74,6 +73,32 @@ class _Record:
     headers: list[tuple[str, bytes]]
 
 
+def _plain_float(value: Any) -> Any:
+    """orjson's fallback: a float subclass (``numpy.float64``) as the float it holds."""
+    if isinstance(value, float):
+        return float.__float__(value)
+    raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
+
+
+def _kind_of(event: Any) -> str:
+    kind = event.get("kind") if isinstance(event, dict) else None
+    return kind if type(kind) is str and kind.isidentifier() and len(kind) <= 20 else "an"
+
+
+def _unencodable(event: dict[str, Any], error: Exception) -> str:
+    """Which field keeps ``event`` from being JSON, and why; values are never shown (they may
+    hold secrets), only names and types."""
+    for name, value in event.items():
+        if type(name) is not str:
+            return (f"a field name is a {type(name).__name__}, not a string; "
+                    "cannot be encoded as JSON")
+        try:
+            orjson.dumps(value, default=_plain_float)
+        except Exception as e:  # noqa: BLE001 - described, not raised
+            return f"field {name[:40]!r} ({type(value).__name__}) cannot be encoded as JSON: {e}"
+    return f"cannot be encoded as JSON: {type(error).__name__}: {error}"[:300]
+
+
 class Outbox:
     """A bounded buffer of event dicts plus the coroutine that sends them."""
 
@@ -100,7 +125,7 @@ class Outbox:
         self._closed = False
         self._burst = 0  # drops since the sender last made room; > 0 means "dropping now"
         self._sent = self._dropped = self._failed = self._invalid = 0
-        self._last_log: dict[str, float] = {}
+        self._last_log: dict[str, tuple[float, int]] = {}  # what -> (logged at, quiet since)
         self.wake: asyncio.Event | None = None  # created inside the sender's loop
         self.deadline: float | None = None  # monotonic; set when closing with a timeout
         self.undelivered = 0  # events dropped because the sender stopped before sending them
@@ -110,7 +135,13 @@ class Outbox:
     # ---- caller side (any thread) -------------------------------------------------------
 
     def put(self, event: dict[str, Any]) -> bool:
-        """Buffer one event; False (and counted as dropped) when full or closed. Never raises."""
+        """Buffer one event; False when it cannot be encoded as JSON (counted as invalid) or
+        the buffer is full or closed (counted as dropped). Never raises."""
+        try:
+            orjson.dumps(event, default=_plain_float)
+        except Exception as e:  # noqa: BLE001 - JSONEncodeError, or whatever a value raises
+            self.reject(f"invalid {_kind_of(event)} event not sent: {_unencodable(event, e)}")
+            return False
         with self._lock:
             if not self._closed and len(self._buffer) + self._inflight < self._capacity:
                 self._buffer.append(event)
@@ -124,6 +155,12 @@ class Outbox:
                         "emitter is closed" if self._closed else
                         f"buffer full ({self._capacity} events)")
         return False
+
+    def reject(self, reason: str) -> None:
+        """Count one event as invalid without buffering it, and log ``reason`` (rate-limited)."""
+        with self._lock:
+            self._invalid += 1
+        self._log_limited("invalid", "commpipe shim: %s", reason)
 
     def stats(self) -> EmitterStats:
         with self._lock:
@@ -160,54 +197,79 @@ class Outbox:
             log.warning("commpipe shim: dropped %d events in the last burst", burst)
 
     def _log_limited(self, what: str, msg: str, *args: Any) -> None:
+        """Log at most once per ``_LOG_EVERY_S`` per kind of problem, saying how many like it
+        were not logged in between (they are all counted in the stats)."""
         now = time.monotonic()
-        if now - self._last_log.get(what, -_LOG_EVERY_S) >= _LOG_EVERY_S:
-            self._last_log[what] = now
+        last, quiet = self._last_log.get(what, (-_LOG_EVERY_S, 0))
+        if now - last < _LOG_EVERY_S:
+            self._last_log[what] = (last, quiet + 1)
+            return
+        self._last_log[what] = (now, 0)
+        if quiet:
+            log.warning(msg + " (and %d more like it in the last %.0f s, not logged)",
+                        *args, quiet, now - last)
+        else:
             log.warning(msg, *args)
 
     def encode(self, events: list[dict[str, Any]]) -> list[_Record]:
-        """Validate, group by edge and encode; invalid events are counted and logged."""
+        """Validate, group by edge and encode; invalid events are counted and logged.
+
+        Each event is checked and encoded on its own, so one that breaks the format (or
+        that a caller changed after ``emit`` into something JSON cannot hold) costs only
+        itself: the others of the round are still sent.
+        """
         ids = os.urandom(16 * len(events)).hex()
-        by_edge: dict[str, list[dict[str, Any]]] = {}
+        by_edge: dict[str, list[bytes]] = {}
         invalid = 0
         for i, event in enumerate(events):
-            event["event_id"] = ids[32 * i: 32 * i + 32]
-            event.setdefault("correlation_id", event["event_id"])
-            message = event.get("error_message")
-            if message is not None:  # masked and bounded before it leaves the service
-                message = safe_message(message)
-                if message is None:
-                    del event["error_message"]
-                else:
-                    event["error_message"] = message
             try:
-                validate_event(event)
+                key, data = self._encode_one(event, ids[32 * i: 32 * i + 32])
             except EventValidationError as e:
-                invalid += 1
-                self._log_limited("invalid", "commpipe shim: invalid %s event not sent: %s",
-                                  event.get("kind"), e)
+                reason: str = f"invalid {_kind_of(event)} event not sent: {e}"
+            except Exception as e:  # noqa: BLE001 - one event must never stop the sender
+                reason = f"invalid {_kind_of(event)} event not sent: {_unencodable(event, e)}"
+            else:
+                by_edge.setdefault(key, []).append(data)
                 continue
-            key = edge_key(event["source_service"], event["target_service"], event["protocol"])
-            by_edge.setdefault(key, []).append(event)
+            invalid += 1
+            self._log_limited("invalid", "commpipe shim: %s", reason)
         if invalid:
             self._settle(invalid=invalid)
         records: list[_Record] = []
-        for key, edge_events in by_edge.items():
-            kb = key.encode()
-            for start in range(0, len(edge_events), self._batch_events):
-                self._chunk(kb, edge_events[start: start + self._batch_events], records)
+        for key, parts in by_edge.items():
+            self._pack(key.encode(), parts, records)
         return records
 
-    def _chunk(self, key: bytes, events: list[dict[str, Any]], out: list[_Record]) -> None:
-        value = orjson.dumps(events)
-        if len(value) > self._batch_bytes and len(events) > 1:
-            half = len(events) // 2
-            self._chunk(key, events[:half], out)
-            self._chunk(key, events[half:], out)
-        else:
-            seq = self._seq[key] = self._seq.get(key, 0) + 1
-            out.append(_Record(key, value, len(events), [
-                (PRODUCER_HEADER, self.producer_id.encode()), (SEQ_HEADER, str(seq).encode())]))
+    def _encode_one(self, event: dict[str, Any], event_id: str) -> tuple[str, bytes]:
+        event["event_id"] = event_id
+        event.setdefault("correlation_id", event_id)
+        message = event.get("error_message")
+        if message is not None:  # masked and bounded before it leaves the service
+            message = safe_message(str.__str__(message) if isinstance(message, str) else message)
+            if message is None:
+                del event["error_message"]
+            else:
+                event["error_message"] = message
+        valid = validate_event(event)
+        return valid.edge, orjson.dumps(event, default=_plain_float)
+
+    def _pack(self, key: bytes, parts: list[bytes], out: list[_Record]) -> None:
+        """One edge's encoded events as records of at most ``batch_events`` events and
+        ``batch_bytes`` bytes (a JSON array: brackets and commas included)."""
+        start, size = 0, 2
+        for i, part in enumerate(parts):
+            if i > start and (i - start >= self._batch_events
+                              or size + 1 + len(part) > self._batch_bytes):
+                self._record(key, parts[start:i], out)
+                start, size = i, 2
+            size += len(part) + (i > start)
+        if start < len(parts):
+            self._record(key, parts[start:], out)
+
+    def _record(self, key: bytes, parts: list[bytes], out: list[_Record]) -> None:
+        seq = self._seq[key] = self._seq.get(key, 0) + 1
+        out.append(_Record(key, b"[" + b",".join(parts) + b"]", len(parts), [
+            (PRODUCER_HEADER, self.producer_id.encode()), (SEQ_HEADER, str(seq).encode())]))
 
     async def _send(self, producer: AIOKafkaProducer, records: list[_Record]) -> bool:
         """Send records; keep retriable failures for the next round. True if all went."""
@@ -278,10 +340,15 @@ class Outbox:
                 if producer is None:
                     producer = await self._start_producer()
                 if producer is not None:
-                    if not self._retry:
-                        self._retry = self.encode(self._take())
-                    records, self._retry = self._retry, []
-                    if await self._send(producer, records):
+                    try:
+                        if not self._retry:
+                            self._retry = self.encode(self._take())
+                        records, self._retry = self._retry, []
+                        delivered = await self._send(producer, records)
+                    except Exception as e:  # noqa: BLE001 - the sender must keep going
+                        self._fail_inflight(e)
+                        delivered = False
+                    if delivered:
                         backoff = _BACKOFF_MIN_S
                         continue
                 await self._pause(stop, backoff)
@@ -305,6 +372,18 @@ class Outbox:
             await asyncio.wait_for(stop.wait(), seconds)
         except TimeoutError:
             pass
+
+    def _fail_inflight(self, error: Exception) -> None:
+        """After an unexpected error in a round: what it had taken (and is not kept to retry)
+        counts as failed, and the sender carries on with the next round."""
+        with self._lock:
+            kept = sum(r.events for r in self._retry)
+            lost = max(0, self._inflight - kept)
+            self._failed += lost
+            self._inflight -= lost
+        log.error("commpipe shim: unexpected error in the sender (%s: %s); %d events counted "
+                  "as failed, sending goes on", type(error).__name__, error, lost,
+                  exc_info=error)
 
     def _drop_all(self) -> None:
         self._retry = []
