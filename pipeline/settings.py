@@ -93,6 +93,9 @@ class Settings:
     # The shim
     shim_buffer_size: int = 100_000
     """Events held while the broker is slow or away; beyond it emits are dropped and counted."""
+    shim_buffer_bytes: int = 64 * 1024 * 1024
+    """Bytes held (the events' JSON as emitted, error messages already cut to 1,024
+    characters) while the broker is slow or away; beyond it emits are dropped and counted."""
     shim_linger_ms: float = 50.0
     """How long the sender lets events gather before it sends a batch."""
     shim_batch_events: int = 500
@@ -228,7 +231,8 @@ class Settings:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first setting whose value cannot work."""
-        positive = ("partitions", "shim_buffer_size", "shim_batch_events", "shim_batch_bytes",
+        positive = ("partitions", "shim_buffer_size", "shim_buffer_bytes", "shim_batch_events",
+                    "shim_batch_bytes",
                     "shim_request_timeout_ms", "window_s", "worker_batch_records",
                     "broker_session_timeout_s", "broker_heartbeat_interval_s",
                     "breaker_failure_threshold", "breaker_half_open_probes", "sink_interval_s",

@@ -40,7 +40,7 @@ __all__ = ["AsyncEmitter", "Call", "Emitter", "EmitterStats", "error_type_of"]
 log = logging.getLogger("commpipe.shim")
 
 def _outbox(settings: Settings, bootstrap_servers: str | None, topic: str | None,
-            buffer_size: int | None) -> Outbox:
+            buffer_size: int | None, buffer_bytes: int | None) -> Outbox:
     options = settings.kafka_client_options()
     if bootstrap_servers is not None:
         options["bootstrap_servers"] = bootstrap_servers
@@ -49,6 +49,7 @@ def _outbox(settings: Settings, bootstrap_servers: str | None, topic: str | None
                    client_id="commpipe-shim")
     return Outbox(topic=topic or settings.topic,
                   capacity=buffer_size or settings.shim_buffer_size,
+                  capacity_bytes=buffer_bytes or settings.shim_buffer_bytes,
                   batch_events=settings.shim_batch_events,
                   batch_bytes=settings.shim_batch_bytes,
                   linger_s=settings.shim_linger_ms / 1000.0,
@@ -74,18 +75,21 @@ def _wire(event: Any, outbox: Outbox) -> dict[str, Any] | None:
 class Emitter(EventKinds):
     """Thread-safe, synchronous emitter; sends from its own background thread.
 
-    ``bootstrap_servers``, ``topic`` and ``buffer_size`` default to the ``COMMPIPE_*``
-    settings (``COMMPIPE_KAFKA_BOOTSTRAP``, ``COMMPIPE_TOPIC``,
-    ``COMMPIPE_SHIM_BUFFER_SIZE``); pass ``settings=`` to use another Settings object.
+    ``bootstrap_servers``, ``topic``, ``buffer_size`` and ``buffer_bytes`` default to the
+    ``COMMPIPE_*`` settings (``COMMPIPE_KAFKA_BOOTSTRAP``, ``COMMPIPE_TOPIC``,
+    ``COMMPIPE_SHIM_BUFFER_SIZE``, ``COMMPIPE_SHIM_BUFFER_BYTES``); pass ``settings=`` to
+    use another Settings object.
     The broker may start after the emitter: events wait in the buffer meanwhile.
     At interpreter exit an open emitter is closed, waiting up to
     ``COMMPIPE_SHIM_CLOSE_TIMEOUT_S`` for delivery.
     """
 
     def __init__(self, bootstrap_servers: str | None = None, topic: str | None = None, *,
-                 buffer_size: int | None = None, settings: Settings | None = None) -> None:
+                 buffer_size: int | None = None, buffer_bytes: int | None = None,
+                 settings: Settings | None = None) -> None:
         self._settings = settings or Settings.from_env()
-        self._outbox = _outbox(self._settings, bootstrap_servers, topic, buffer_size)
+        self._outbox = _outbox(self._settings, bootstrap_servers, topic, buffer_size,
+                               buffer_bytes)
         self._put = self._outbox.put
         self._loop = asyncio.new_event_loop()
         self._stop = asyncio.Event()
@@ -171,9 +175,11 @@ class AsyncEmitter(EventKinds):
     """
 
     def __init__(self, bootstrap_servers: str | None = None, topic: str | None = None, *,
-                 buffer_size: int | None = None, settings: Settings | None = None) -> None:
+                 buffer_size: int | None = None, buffer_bytes: int | None = None,
+                 settings: Settings | None = None) -> None:
         self._settings = settings or Settings.from_env()
-        self._outbox = _outbox(self._settings, bootstrap_servers, topic, buffer_size)
+        self._outbox = _outbox(self._settings, bootstrap_servers, topic, buffer_size,
+                               buffer_bytes)
         self._task: asyncio.Task[None] | None = None
         self._stop: asyncio.Event | None = None
 

@@ -56,13 +56,15 @@ _LOG_EVERY_S = 10.0  # at most one log line per this many seconds for repeating 
 
 @dataclass(frozen=True, slots=True)
 class EmitterStats:
-    """Counts since the emitter was created. ``buffered`` = waiting or being retried now."""
+    """Counts since the emitter was created. ``buffered`` = waiting or being retried now;
+    ``buffered_bytes`` = their JSON size as emitted (what the byte bound counts)."""
 
     sent: int
     dropped: int
     failed: int
     invalid: int
     buffered: int
+    buffered_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -71,6 +73,8 @@ class _Record:
     value: bytes
     events: int
     headers: list[tuple[str, bytes]]
+    held: int = 0
+    """Bytes its events count against the buffer's byte bound."""
 
 
 def _plain_float(value: Any) -> Any:
@@ -78,6 +82,20 @@ def _plain_float(value: Any) -> Any:
     if isinstance(value, float):
         return float.__float__(value)
     raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
+
+
+def _bound_message(event: dict[str, Any]) -> None:
+    """Mask and cut ``event["error_message"]`` (:func:`safe_message`); drop it when empty."""
+    message = event["error_message"]
+    if message is None:
+        return
+    if isinstance(message, str):  # a str subclass gives its characters, not its __str__
+        message = str.__str__(message)
+    message = safe_message(message)
+    if message is None:
+        del event["error_message"]
+    else:
+        event["error_message"] = message
 
 
 def _kind_of(event: Any) -> str:
@@ -100,13 +118,19 @@ def _unencodable(event: dict[str, Any], error: Exception) -> str:
 
 
 class Outbox:
-    """A bounded buffer of event dicts plus the coroutine that sends them."""
+    """A bounded buffer of event dicts plus the coroutine that sends them.
+
+    The bound is ``capacity`` events and ``capacity_bytes`` bytes of the events' JSON as
+    emitted (``None``: events only), counting what is buffered and what is in flight or
+    kept to retry.
+    """
 
     def __init__(
         self,
         *,
         topic: str,
         capacity: int,
+        capacity_bytes: int | None = None,
         batch_events: int,
         batch_bytes: int,
         linger_s: float,
@@ -114,13 +138,16 @@ class Outbox:
     ) -> None:
         self.topic = topic
         self._capacity = capacity
+        self._capacity_bytes = capacity_bytes if capacity_bytes is not None else 2**62
         self._batch_events = batch_events
         self._batch_bytes = batch_bytes
         self._linger_s = linger_s
         self._producer_options = producer_options
         self._lock = threading.Lock()
-        self._buffer: deque[dict[str, Any]] = deque()
+        self._buffer: deque[tuple[dict[str, Any], int]] = deque()  # (event, its JSON bytes)
+        self._buffer_bytes = 0
         self._inflight = 0  # events taken from the buffer and not yet sent, failed or dropped
+        self._inflight_bytes = 0
         self._retry: list[_Record] = []
         self._closed = False
         self._burst = 0  # drops since the sender last made room; > 0 means "dropping now"
@@ -135,25 +162,37 @@ class Outbox:
     # ---- caller side (any thread) -------------------------------------------------------
 
     def put(self, event: dict[str, Any]) -> bool:
-        """Buffer one event; False when it cannot be encoded as JSON (counted as invalid) or
-        the buffer is full or closed (counted as dropped). Never raises."""
+        """Buffer one event (``event`` becomes the outbox's); False when it cannot be encoded
+        as JSON (counted as invalid) or the buffer is full or closed (counted as dropped).
+        Never raises.
+
+        ``error_message`` is masked and cut to its wire bound here, so that the buffer
+        holds what will be sent; the event's JSON size counts against the byte bound.
+        """
+        if "error_message" in event:
+            _bound_message(event)
         try:
-            orjson.dumps(event, default=_plain_float)
+            size = len(orjson.dumps(event, default=_plain_float))
         except Exception as e:  # noqa: BLE001 - JSONEncodeError, or whatever a value raises
             self.reject(f"invalid {_kind_of(event)} event not sent: {_unencodable(event, e)}")
             return False
         with self._lock:
-            if not self._closed and len(self._buffer) + self._inflight < self._capacity:
-                self._buffer.append(event)
+            if self._closed:
+                full = "emitter is closed"
+            elif len(self._buffer) + self._inflight >= self._capacity:
+                full = f"buffer full ({self._capacity} events)"
+            elif self._buffer_bytes + self._inflight_bytes + size > self._capacity_bytes:
+                full = f"buffer full ({self._capacity_bytes} bytes)"
+            else:
+                self._buffer.append((event, size))
+                self._buffer_bytes += size
                 return True
             self._dropped += 1
             self._burst += 1
             first = self._burst == 1
         if first:
             log.warning("commpipe shim: %s; dropping events until there is room (counted in "
-                        "stats().dropped)",
-                        "emitter is closed" if self._closed else
-                        f"buffer full ({self._capacity} events)")
+                        "stats().dropped)", full)
         return False
 
     def reject(self, reason: str) -> None:
@@ -165,7 +204,8 @@ class Outbox:
     def stats(self) -> EmitterStats:
         with self._lock:
             return EmitterStats(self._sent, self._dropped, self._failed, self._invalid,
-                                len(self._buffer) + self._inflight)
+                                len(self._buffer) + self._inflight,
+                                self._buffer_bytes + self._inflight_bytes)
 
     def pending(self) -> int:
         """Events not yet sent, failed or dropped."""
@@ -179,19 +219,25 @@ class Outbox:
 
     # ---- sender side (one asyncio task) ----------------------------------------------------
 
-    def _take(self) -> list[dict[str, Any]]:
+    def _take(self) -> tuple[list[dict[str, Any]], list[int]]:
+        """Everything buffered, as (events, their sizes); it is in flight from now on."""
         with self._lock:
             taken = self._buffer
             self._buffer = deque()
             self._inflight += len(taken)
-        return list(taken)
+            self._inflight_bytes += self._buffer_bytes
+            self._buffer_bytes = 0
+        return [e for e, _ in taken], [n for _, n in taken]
 
-    def _settle(self, *, sent: int = 0, failed: int = 0, invalid: int = 0) -> None:
+    def _settle(self, *, sent: int = 0, failed: int = 0, invalid: int = 0,
+                held: int = 0) -> None:
+        """Events in flight are done (``held``: the bytes they counted)."""
         with self._lock:
             self._sent += sent
             self._failed += failed
             self._invalid += invalid
             self._inflight -= sent + failed + invalid
+            self._inflight_bytes -= held
             burst, self._burst = self._burst, 0
         if burst:
             log.warning("commpipe shim: dropped %d events in the last burst", burst)
@@ -211,7 +257,8 @@ class Outbox:
         else:
             log.warning(msg, *args)
 
-    def encode(self, events: list[dict[str, Any]]) -> list[_Record]:
+    def encode(self, events: list[dict[str, Any]], sizes: list[int] | None = None
+               ) -> list[_Record]:
         """Validate, group by edge and encode; invalid events are counted and logged.
 
         Each event is checked and encoded on its own, so one that breaks the format (or
@@ -219,9 +266,10 @@ class Outbox:
         itself: the others of the round are still sent.
         """
         ids = os.urandom(16 * len(events)).hex()
-        by_edge: dict[str, list[bytes]] = {}
-        invalid = 0
+        by_edge: dict[str, list[tuple[bytes, int]]] = {}
+        invalid = invalid_bytes = 0
         for i, event in enumerate(events):
+            held = sizes[i] if sizes is not None else 0
             try:
                 key, data = self._encode_one(event, ids[32 * i: 32 * i + 32])
             except EventValidationError as e:
@@ -229,12 +277,17 @@ class Outbox:
             except Exception as e:  # noqa: BLE001 - one event must never stop the sender
                 reason = f"invalid {_kind_of(event)} event not sent: {_unencodable(event, e)}"
             else:
-                by_edge.setdefault(key, []).append(data)
-                continue
+                if len(data) + 2 <= self._batch_bytes:
+                    by_edge.setdefault(key, []).append((data, held))
+                    continue
+                reason = (f"invalid {_kind_of(event)} event not sent: it is {len(data)} bytes "
+                          f"as JSON, and a record holds at most {self._batch_bytes} "
+                          "(COMMPIPE_SHIM_BATCH_BYTES); leave out or shorten extra fields")
             invalid += 1
+            invalid_bytes += held
             self._log_limited("invalid", "commpipe shim: %s", reason)
         if invalid:
-            self._settle(invalid=invalid)
+            self._settle(invalid=invalid, held=invalid_bytes)
         records: list[_Record] = []
         for key, parts in by_edge.items():
             self._pack(key.encode(), parts, records)
@@ -243,33 +296,29 @@ class Outbox:
     def _encode_one(self, event: dict[str, Any], event_id: str) -> tuple[str, bytes]:
         event["event_id"] = event_id
         event.setdefault("correlation_id", event_id)
-        message = event.get("error_message")
-        if message is not None:  # masked and bounded before it leaves the service
-            message = safe_message(str.__str__(message) if isinstance(message, str) else message)
-            if message is None:
-                del event["error_message"]
-            else:
-                event["error_message"] = message
+        if "error_message" in event:  # as put() did; again for events changed since
+            _bound_message(event)
         valid = validate_event(event)
         return valid.edge, orjson.dumps(event, default=_plain_float)
 
-    def _pack(self, key: bytes, parts: list[bytes], out: list[_Record]) -> None:
+    def _pack(self, key: bytes, parts: list[tuple[bytes, int]], out: list[_Record]) -> None:
         """One edge's encoded events as records of at most ``batch_events`` events and
         ``batch_bytes`` bytes (a JSON array: brackets and commas included)."""
         start, size = 0, 2
-        for i, part in enumerate(parts):
+        for i, (data, _) in enumerate(parts):
             if i > start and (i - start >= self._batch_events
-                              or size + 1 + len(part) > self._batch_bytes):
+                              or size + 1 + len(data) > self._batch_bytes):
                 self._record(key, parts[start:i], out)
                 start, size = i, 2
-            size += len(part) + (i > start)
+            size += len(data) + (i > start)
         if start < len(parts):
             self._record(key, parts[start:], out)
 
-    def _record(self, key: bytes, parts: list[bytes], out: list[_Record]) -> None:
+    def _record(self, key: bytes, parts: list[tuple[bytes, int]], out: list[_Record]) -> None:
         seq = self._seq[key] = self._seq.get(key, 0) + 1
-        out.append(_Record(key, b"[" + b",".join(parts) + b"]", len(parts), [
-            (PRODUCER_HEADER, self.producer_id.encode()), (SEQ_HEADER, str(seq).encode())]))
+        out.append(_Record(key, b"[" + b",".join(data for data, _ in parts) + b"]", len(parts),
+                           [(PRODUCER_HEADER, self.producer_id.encode()),
+                            (SEQ_HEADER, str(seq).encode())], sum(n for _, n in parts)))
 
     async def _send(self, producer: AIOKafkaProducer, records: list[_Record]) -> bool:
         """Send records; keep retriable failures for the next round. True if all went."""
@@ -281,10 +330,11 @@ class Outbox:
             await fut
 
         results = await asyncio.gather(*(one(r) for r in records), return_exceptions=True)
-        sent = failed = 0
+        sent = failed = held = 0
         for record, result in zip(records, results, strict=True):
             if result is None:
                 sent += record.events
+                held += record.held
             elif (isinstance(result, KafkaError) and getattr(result, "retriable", False)) or \
                     isinstance(result, (asyncio.TimeoutError, OSError)):
                 self._retry.append(record)
@@ -292,11 +342,12 @@ class Outbox:
                                   "events to retry", type(result).__name__, record.events)
             elif isinstance(result, Exception):
                 failed += record.events
+                held += record.held
                 self._log_limited("failed", "commpipe shim: Kafka refused a record of %d "
                                   "events for good: %r", record.events, result)
             else:  # cancellation and the like: not ours to swallow
                 raise result
-        self._settle(sent=sent, failed=failed)
+        self._settle(sent=sent, failed=failed, held=held)
         return not self._retry
 
     async def _start_producer(self) -> AIOKafkaProducer | None:
@@ -342,7 +393,7 @@ class Outbox:
                 if producer is not None:
                     try:
                         if not self._retry:
-                            self._retry = self.encode(self._take())
+                            self._retry = self.encode(*self._take())
                         records, self._retry = self._retry, []
                         delivered = await self._send(producer, records)
                     except Exception as e:  # noqa: BLE001 - the sender must keep going
@@ -381,6 +432,7 @@ class Outbox:
             lost = max(0, self._inflight - kept)
             self._failed += lost
             self._inflight -= lost
+            self._inflight_bytes = sum(r.held for r in self._retry)
         log.error("commpipe shim: unexpected error in the sender (%s: %s); %d events counted "
                   "as failed, sending goes on", type(error).__name__, error, lost,
                   exc_info=error)
@@ -390,7 +442,7 @@ class Outbox:
         with self._lock:
             left = len(self._buffer) + self._inflight
             self._dropped += left
-            self._inflight = 0
+            self._inflight = self._inflight_bytes = self._buffer_bytes = 0
             self._buffer.clear()
             self._closed = True
         self.undelivered += left

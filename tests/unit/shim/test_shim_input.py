@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import enum
 import socket
+import tracemalloc
 from collections.abc import Iterator, Mapping
 from http import HTTPStatus
 from typing import Any
 
+import orjson
 import pytest
 
 from pipeline import AsyncEmitter, Emitter, Settings
@@ -28,8 +30,9 @@ class Service(enum.StrEnum):
 
 
 def outbox(**overrides: Any) -> Outbox:
-    options: dict[str, Any] = dict(topic="t", capacity=100, batch_events=100,
-                                   batch_bytes=100_000, linger_s=0.01, producer_options={})
+    options: dict[str, Any] = dict(topic="t", capacity=100, capacity_bytes=1_000_000,
+                                   batch_events=100, batch_bytes=100_000, linger_s=0.01,
+                                   producer_options={})
     options.update(overrides)
     return Outbox(**options)
 
@@ -118,7 +121,7 @@ def test_an_event_the_sender_cannot_encode_is_counted_not_fatal(
     assert box.put(wire(correlation_id="good")) is True
     assert box.put(wire(correlation_id="changed", extra=nested)) is True
     nested.append(object())  # after emit: no longer JSON
-    records = box.encode(box._take())
+    records = box.encode(*box._take())
     assert [e.correlation_id for r in records for e in decode_record(r.value).events] == [
         "good"]
     assert (box.stats().invalid, box.stats().buffered) == (1, 1)
@@ -187,3 +190,43 @@ def test_an_unexpected_error_in_a_round_is_counted_and_the_sender_goes_on(
     assert (stats.sent, stats.failed, stats.invalid, stats.dropped) == (1, 1, 0, 0)
     assert [e.correlation_id for e in producer.events()] == ["sent"]
     assert "unexpected error in the sender (RuntimeError: a bug in the sender)" in caplog.text
+
+
+def test_the_buffer_bound_counts_bytes_as_well_as_events() -> None:
+    event = wire(kind="request", method="m" * 150, correlation_id="c")
+    del event["latency_ms"]
+    size = len(orjson.dumps(event))  # what one such event weighs: its JSON as emitted
+    bound = 10_000
+    emitter = Emitter(closed_port(), "t", settings=settings(shim_buffer_size=1_000,
+                                                            shim_buffer_bytes=bound))
+    try:
+        results = [emitter.emit(event) for _ in range(100)]
+        stats = emitter.stats()
+    finally:
+        emitter.close(timeout=0.1)
+    fits = bound // size
+    assert results == [True] * fits + [False] * (100 - fits)
+    assert (stats.buffered, stats.buffered_bytes, stats.dropped) == (
+        fits, fits * size, 100 - fits)
+
+
+def test_error_messages_are_cut_when_emitted_so_a_full_buffer_stays_small() -> None:
+    """2,000 errors with 100 KB messages while the broker is away: each message is masked
+    and cut to 1,024 characters at emit(), not when it is sent."""
+    message = "connection refused by payments " * 3_300  # ~100 KB, with spaces
+    emitter = Emitter(closed_port(), "t", settings=settings(shim_buffer_size=10_000))
+    try:
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(2_000):  # a new text each time, as str(exc) would be
+            emitter.error(source_service="orders", target_service="payments",
+                          error_type="connection", error_message=f"{i}: {message}")
+        grown = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+        stats = emitter.stats()
+    finally:
+        emitter.close(timeout=0.1)
+    assert stats.buffered == 2_000
+    # without the cut: 2,000 x 100 KB = 200 MB; with it, ~1.2 KB of JSON per event
+    assert grown < 12 * 1024 * 1024
+    assert stats.buffered_bytes <= 2_000 * 1_300
