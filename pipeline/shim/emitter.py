@@ -128,11 +128,14 @@ class Emitter(EventKinds):
                 pass
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Send everything buffered now; True when all of it left, False on timeout."""
+        """Send what was emitted before this call; True once all of it is settled (sent, or
+        counted failed or invalid), False on timeout or when the emitter has stopped with
+        events undelivered. Events emitted meanwhile do not hold it up."""
+        mark = self._outbox.mark()
         deadline = None if timeout is None else time.monotonic() + timeout
         self._wake()
-        while self._outbox.pending():
-            if not self._thread.is_alive():
+        while not self._outbox.flushed(mark):
+            if self._outbox.finished or not self._thread.is_alive():
                 return False
             if deadline is not None and time.monotonic() >= deadline:
                 return False
@@ -214,11 +217,13 @@ class AsyncEmitter(EventKinds):
         return self._outbox.stats()
 
     async def flush(self, timeout: float | None = None) -> bool:
-        """Send everything buffered now; True when all of it left, False on timeout."""
+        """Send what was emitted before this call; True once all of it is settled (as
+        :meth:`Emitter.flush`), False on timeout or when the sender has stopped."""
         self._ensure_task()
+        mark = self._outbox.mark()
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self._outbox.pending():
-            if self._task is None or self._task.done():
+        while not self._outbox.flushed(mark):
+            if self._outbox.finished or self._task is None or self._task.done():
                 return False
             if deadline is not None and time.monotonic() >= deadline:
                 return False

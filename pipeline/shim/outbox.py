@@ -150,6 +150,10 @@ class Outbox:
         self._inflight_bytes = 0
         self._retry: list[_Record] = []
         self._closed = False
+        self.finished = False  # the sender has stopped; what it left is counted as dropped
+        # flush marks: events accepted so far, taken by the sender's last round, and the
+        # count below which every event is settled (sent, failed, invalid or dropped)
+        self._accepted = self._taken_upto = self._done_upto = 0
         self._burst = 0  # drops since the sender last made room; > 0 means "dropping now"
         self._sent = self._dropped = self._failed = self._invalid = 0
         self._last_log: dict[str, tuple[float, int]] = {}  # what -> (logged at, quiet since)
@@ -186,6 +190,7 @@ class Outbox:
             else:
                 self._buffer.append((event, size))
                 self._buffer_bytes += size
+                self._accepted += 1
                 return True
             self._dropped += 1
             self._burst += 1
@@ -212,6 +217,17 @@ class Outbox:
         with self._lock:
             return len(self._buffer) + self._inflight
 
+    def mark(self) -> int:
+        """A flush mark: how many events were accepted so far."""
+        with self._lock:
+            return self._accepted
+
+    def flushed(self, mark: int) -> bool:
+        """True once every event accepted before ``mark`` was taken is settled (sent, or
+        counted failed or invalid); events emitted since do not hold it up."""
+        with self._lock:
+            return self._done_upto >= mark
+
     def close(self) -> None:
         """Refuse new events from now on (they count as dropped)."""
         with self._lock:
@@ -227,7 +243,13 @@ class Outbox:
             self._inflight += len(taken)
             self._inflight_bytes += self._buffer_bytes
             self._buffer_bytes = 0
+            self._taken_upto = self._accepted
         return [e for e, _ in taken], [n for _, n in taken]
+
+    def _round_done(self) -> None:
+        """The last round left nothing to retry: all it took is settled."""
+        with self._lock:
+            self._done_upto = self._taken_upto
 
     def _settle(self, *, sent: int = 0, failed: int = 0, invalid: int = 0,
                 held: int = 0) -> None:
@@ -398,8 +420,9 @@ class Outbox:
                         delivered = await self._send(producer, records)
                     except Exception as e:  # noqa: BLE001 - the sender must keep going
                         self._fail_inflight(e)
-                        delivered = False
+                        delivered = not self._retry
                     if delivered:
+                        self._round_done()
                         backoff = _BACKOFF_MIN_S
                         continue
                 await self._pause(stop, backoff)
@@ -445,6 +468,9 @@ class Outbox:
             self._inflight = self._inflight_bytes = self._buffer_bytes = 0
             self._buffer.clear()
             self._closed = True
+            self.finished = True
+            if not left:
+                self._done_upto = self._accepted
         self.undelivered += left
         if left:
             log.warning("commpipe shim: closed with %d events undelivered (counted as dropped)",

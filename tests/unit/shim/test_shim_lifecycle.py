@@ -1,0 +1,152 @@
+"""The shim's flush and close under traffic and against a broker that never answers.
+
+The sender runs against :class:`tests.unit.shim.fakes.FakeProducer` (no broker), or
+against a loopback socket that accepts connections and never replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from pipeline import AsyncEmitter, Emitter, Settings
+from tests.unit.shim import fakes
+
+
+def settings(**overrides: Any) -> Settings:
+    return Settings.from_env({}, **overrides)
+
+
+def closed_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def request(i: int) -> dict[str, Any]:
+    return {"v": 1, "kind": "request", "source_service": "orders",
+            "target_service": "payments", "protocol": "http", "ts": 1.7e9,
+            "correlation_id": f"c{i}"}
+
+
+class Traffic:
+    """A thread emitting without pause until stopped; ``emitted`` counts returned emits."""
+
+    def __init__(self, emitter: Emitter) -> None:
+        self.emitter = emitter
+        self.emitted = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.emitter.emit(request(self.emitted))
+            self.emitted += 1
+            if self.emitted % 50 == 0:
+                time.sleep(0.001)
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        while self.emitted < 200:
+            time.sleep(0.001)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+@pytest.fixture
+def producer(monkeypatch: pytest.MonkeyPatch) -> fakes.FakeProducer:
+    return fakes.install(monkeypatch)
+
+
+def sent_ids(producer: fakes.FakeProducer) -> set[str]:
+    return {e.correlation_id for e in producer.events()}
+
+
+def test_flush_under_steady_traffic_waits_for_what_was_emitted_before_it(
+        producer: fakes.FakeProducer) -> None:
+    emitter = Emitter(closed_port(), "t", settings=settings(shim_buffer_size=10**6))
+    try:
+        with Traffic(emitter) as traffic:
+            for _ in range(3):
+                before = traffic.emitted  # every event below this was emitted before flush
+                started = time.monotonic()
+                assert emitter.flush(timeout=5) is True
+                assert time.monotonic() - started < 2.0
+                assert {f"c{i}" for i in range(before)} <= sent_ids(producer)
+            # and without a timeout it returns too (it used to wait for an empty buffer)
+            done = threading.Event()
+            waiter = threading.Thread(target=lambda: (emitter.flush(), done.set()),
+                                      daemon=True)
+            waiter.start()
+            assert done.wait(5), "flush() without a timeout hung under steady traffic"
+    finally:
+        emitter.close(timeout=5)
+    stats = emitter.stats()
+    assert stats.sent + stats.dropped == traffic.emitted and stats.buffered == 0
+
+
+def test_async_flush_under_steady_traffic(producer: fakes.FakeProducer) -> None:
+    async def main() -> tuple[bool, float, set[str], int]:
+        async with AsyncEmitter(closed_port(), "t",
+                                settings=settings(shim_buffer_size=10**6)) as emitter:
+            emitted = 0
+            stop = asyncio.Event()
+
+            async def traffic() -> None:
+                nonlocal emitted
+                while not stop.is_set():
+                    emitter.emit(request(emitted))
+                    emitted += 1
+                    await asyncio.sleep(0)
+
+            task = asyncio.create_task(traffic())
+            await asyncio.sleep(0.2)
+            before = emitted
+            started = time.monotonic()
+            ok = await emitter.flush(timeout=5)
+            took = time.monotonic() - started
+            missing = {f"c{i}" for i in range(before)} - sent_ids(producer)
+            stop.set()
+            await task
+        return ok, took, missing, before
+
+    ok, took, missing, before = asyncio.run(main())
+    assert before > 0
+    assert (ok, missing) == (True, set())
+    assert took < 2.0
+
+
+def test_flush_after_close_with_undelivered_events_is_false() -> None:
+    emitter = Emitter(closed_port(), "t", settings=settings())
+    emitter.emit(request(0))
+    assert emitter.close(timeout=0.2) is False
+    assert emitter.flush(timeout=1) is False
+
+
+def test_flush_with_nothing_emitted_is_true_at_once(producer: fakes.FakeProducer) -> None:
+    emitter = Emitter(closed_port(), "t", settings=settings())
+    try:
+        started = time.monotonic()
+        assert emitter.flush(timeout=5) is True
+        assert time.monotonic() - started < 1.0
+    finally:
+        emitter.close(timeout=1)
+
+
+@pytest.fixture
+def silent_broker() -> Iterator[str]:
+    """A loopback port that accepts TCP connections (the kernel does, from the backlog) and
+    never answers a request."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(64)
+        yield f"127.0.0.1:{s.getsockname()[1]}"
