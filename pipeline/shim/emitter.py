@@ -39,6 +39,10 @@ __all__ = ["AsyncEmitter", "Call", "Emitter", "EmitterStats", "error_type_of"]
 
 log = logging.getLogger("commpipe.shim")
 
+_CLOSE_GRACE_S = 0.5
+"""How long close() waits beyond its timeout for the sender to wind down (the sender's own
+waits end at the deadline; this covers stopping the producer and closing the loop)."""
+
 def _outbox(settings: Settings, bootstrap_servers: str | None, topic: str | None,
             buffer_size: int | None, buffer_bytes: int | None) -> Outbox:
     options = settings.kafka_client_options()
@@ -101,13 +105,23 @@ class Emitter(EventKinds):
         atexit.register(self._atexit)
 
     def _serve(self) -> None:
-        asyncio.set_event_loop(self._loop)
+        loop = self._loop
+        asyncio.set_event_loop(loop)
         try:
-            self._loop.run_until_complete(self._outbox.run(self._stop))
+            loop.run_until_complete(self._outbox.run(self._stop))
         except Exception:  # the sender must never die silently
             log.exception("commpipe shim: sender stopped unexpectedly")
         finally:
-            self._loop.close()
+            try:  # as asyncio.run does: let what aiokafka left running see its cancellation
+                left = asyncio.all_tasks(loop)
+                for task in left:
+                    task.cancel()
+                if left:
+                    loop.run_until_complete(asyncio.wait(left, timeout=0.5))
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            except Exception:  # noqa: BLE001 - closing the loop anyway
+                log.debug("commpipe shim: cleaning up the sender's loop failed", exc_info=True)
+            loop.close()
 
     def emit(self, event: Mapping[str, Any] | Event) -> bool:
         """Queue one event (a wire dict or an :class:`Event`); False if it was dropped or is
@@ -158,7 +172,11 @@ class Emitter(EventKinds):
         except RuntimeError:
             pass
         self._wake()
-        self._thread.join(timeout + 5.0)
+        self._thread.join(timeout + _CLOSE_GRACE_S)
+        if self._thread.is_alive():  # stuck in something that ignores the deadline
+            log.warning("commpipe shim: the sender did not stop within close(timeout=%s); "
+                        "what it still held is counted as dropped", timeout)
+            self._outbox.abandon()
         return self._outbox.undelivered == 0 and self._outbox.pending() == 0
 
     def __enter__(self) -> Emitter:
@@ -244,9 +262,10 @@ class AsyncEmitter(EventKinds):
         if self._outbox.wake is not None:
             self._outbox.wake.set()
         try:
-            await asyncio.wait_for(asyncio.shield(self._task), timeout + 5.0)
+            await asyncio.wait_for(asyncio.shield(self._task), timeout + _CLOSE_GRACE_S)
         except TimeoutError:
             self._task.cancel()
+            self._outbox.abandon()
         except Exception:  # noqa: BLE001 - close() never raises into the caller
             log.exception("commpipe shim: sender stopped unexpectedly")
         return self._outbox.undelivered == 0 and self._outbox.pending() == 0

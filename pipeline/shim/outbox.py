@@ -117,6 +117,10 @@ def _unencodable(event: dict[str, Any], error: Exception) -> str:
     return f"cannot be encoded as JSON: {type(error).__name__}: {error}"[:300]
 
 
+class _Deadline(Exception):
+    """Internal: ``close()``'s timeout passed while the sender was waiting on Kafka."""
+
+
 class Outbox:
     """A bounded buffer of event dicts plus the coroutine that sends them.
 
@@ -255,6 +259,8 @@ class Outbox:
                 held: int = 0) -> None:
         """Events in flight are done (``held``: the bytes they counted)."""
         with self._lock:
+            if self.finished:  # close() gave up on them already: counted as dropped
+                return
             self._sent += sent
             self._failed += failed
             self._invalid += invalid
@@ -411,13 +417,15 @@ class Outbox:
                 if stop.is_set() and (self.pending() == 0 or self._past_deadline()):
                     return
                 if producer is None:
-                    producer = await self._start_producer()
+                    producer = await self._bounded(stop, self._start_producer())
                 if producer is not None:
                     try:
                         if not self._retry:
                             self._retry = self.encode(*self._take())
                         records, self._retry = self._retry, []
-                        delivered = await self._send(producer, records)
+                        delivered = await self._bounded(stop, self._send(producer, records))
+                    except _Deadline:
+                        raise
                     except Exception as e:  # noqa: BLE001 - the sender must keep going
                         self._fail_inflight(e)
                         delivered = not self._retry
@@ -427,10 +435,51 @@ class Outbox:
                         continue
                 await self._pause(stop, backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX_S)
+        except _Deadline:
+            pass  # close()'s time is up: what is left is counted as dropped below
         finally:
             if producer is not None:
-                await producer.stop()
+                await self._stop_producer(producer, stop)
             self._drop_all()
+
+    async def _bounded(self, stop: asyncio.Event, awaitable: Any, *, grace: float = 0.0
+                       ) -> Any:
+        """Await ``awaitable`` (connecting, sending, waiting for acknowledgements); once
+        ``stop`` is set, no longer than :attr:`deadline` (+ ``grace``), after which it is
+        cancelled and :class:`_Deadline` raised. A broker that accepts connections and
+        never answers cannot hold ``close()`` past its timeout."""
+        task = asyncio.ensure_future(awaitable)
+        try:
+            while not stop.is_set():
+                stopping = asyncio.ensure_future(stop.wait())
+                try:
+                    await asyncio.wait((task, stopping), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    stopping.cancel()
+                if task.done():
+                    return task.result()
+            remaining = None if self.deadline is None else max(
+                0.0, self.deadline - time.monotonic()) + grace
+            await asyncio.wait((task,), timeout=remaining)
+            if task.done():
+                return task.result()
+            raise _Deadline
+        finally:
+            if not task.done():
+                task.cancel()
+
+    async def _stop_producer(self, producer: AIOKafkaProducer, stop: asyncio.Event) -> None:
+        """Stop the producer (it flushes what aiokafka still holds), within the deadline; past
+        it, close its connections without waiting for the broker."""
+        try:
+            await self._bounded(stop, producer.stop(), grace=0.1)
+        except _Deadline:
+            client = getattr(producer, "client", None)
+            if client is not None:
+                try:
+                    await asyncio.wait_for(client.close(), 0.2)
+                except Exception:  # noqa: BLE001 - closing anyway; nothing more to do
+                    pass
 
     def _past_deadline(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
@@ -451,6 +500,8 @@ class Outbox:
         """After an unexpected error in a round: what it had taken (and is not kept to retry)
         counts as failed, and the sender carries on with the next round."""
         with self._lock:
+            if self.finished:
+                return
             kept = sum(r.events for r in self._retry)
             lost = max(0, self._inflight - kept)
             self._failed += lost
@@ -459,6 +510,11 @@ class Outbox:
         log.error("commpipe shim: unexpected error in the sender (%s: %s); %d events counted "
                   "as failed, sending goes on", type(error).__name__, error, lost,
                   exc_info=error)
+
+    def abandon(self) -> None:
+        """Count everything not yet settled as dropped, now (``close()`` when the sender did
+        not stop in time); whatever the sender does later changes no count."""
+        self._drop_all()
 
     def _drop_all(self) -> None:
         self._retry = []

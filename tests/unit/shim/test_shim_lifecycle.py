@@ -150,3 +150,53 @@ def silent_broker() -> Iterator[str]:
         s.bind(("127.0.0.1", 0))
         s.listen(64)
         yield f"127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("wait_before_close", [0.0, 0.5])
+def test_close_is_bounded_against_a_broker_that_never_answers(
+        silent_broker: str, wait_before_close: float) -> None:
+    emitter = Emitter(silent_broker, "t", settings=settings())
+    for i in range(100):
+        emitter.emit(request(i))
+    time.sleep(wait_before_close)  # connecting, then waiting for metadata that never comes
+    started = time.monotonic()
+    assert emitter.close(timeout=1) is False
+    took = time.monotonic() - started
+    assert took < 1.6, f"close(timeout=1) took {took:.1f} s"
+    assert not emitter._thread.is_alive()
+    stats = emitter.stats()
+    assert (stats.sent, stats.dropped, stats.failed, stats.invalid, stats.buffered) == (
+        0, 100, 0, 0, 0)
+
+
+def test_close_is_bounded_while_sends_wait_for_acknowledgements(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    producer = fakes.install(monkeypatch, fakes.FakeProducer(answer=False))
+    emitter = Emitter(closed_port(), "t", settings=settings())
+    for i in range(100):
+        emitter.emit(request(i))
+    assert emitter.flush(timeout=0.5) is False  # sent, never acknowledged
+    started = time.monotonic()
+    assert emitter.close(timeout=1) is False
+    took = time.monotonic() - started
+    assert took < 1.6, f"close(timeout=1) took {took:.1f} s"
+    assert not emitter._thread.is_alive() and producer.stopped == 1
+    stats = emitter.stats()
+    assert (stats.sent, stats.dropped, stats.buffered) == (0, 100, 0)
+
+
+def test_async_close_is_bounded_against_a_broker_that_never_answers(silent_broker: str) -> None:
+    async def main() -> tuple[float, Any, bool]:
+        emitter = AsyncEmitter(silent_broker, "t", settings=settings())
+        await emitter.start()
+        for i in range(100):
+            emitter.emit(request(i))
+        await asyncio.sleep(0.5)
+        started = time.monotonic()
+        result = await emitter.close(timeout=1)
+        return time.monotonic() - started, emitter.stats(), result
+
+    took, stats, result = asyncio.run(main())
+    assert result is False
+    assert took < 1.6, f"close(timeout=1) took {took:.1f} s"
+    assert (stats.sent, stats.dropped, stats.buffered) == (0, 100, 0)
