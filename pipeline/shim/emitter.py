@@ -32,7 +32,7 @@ from typing import Any
 from pipeline.settings import Settings
 from pipeline.shim.call import Call, error_type_of
 from pipeline.shim.kinds import EventKinds
-from pipeline.shim.outbox import EmitterStats, Outbox
+from pipeline.shim.outbox import EmitterStats, Outbox, SenderLoop
 from pipeline.wire.events import Event
 
 __all__ = ["AsyncEmitter", "Call", "Emitter", "EmitterStats", "error_type_of"]
@@ -95,7 +95,7 @@ class Emitter(EventKinds):
         self._outbox = _outbox(self._settings, bootstrap_servers, topic, buffer_size,
                                buffer_bytes)
         self._put = self._outbox.put
-        self._loop = asyncio.new_event_loop()
+        self._loop = SenderLoop()
         self._stop = asyncio.Event()
         self._thread = threading.Thread(target=self._serve, name="commpipe-shim", daemon=True)
         self._closed = False

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import threading
 import time
 from collections import deque
@@ -45,7 +46,7 @@ from pipeline.wire.redact import safe_message
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaProducer
 
-__all__ = ["EmitterStats", "Outbox"]
+__all__ = ["EmitterStats", "Outbox", "SenderLoop"]
 
 log = logging.getLogger("commpipe.shim")
 
@@ -82,6 +83,33 @@ def _plain_float(value: Any) -> Any:
     if isinstance(value, float):
         return float.__float__(value)
     raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
+
+
+async def _quietly(awaitable: Any, timeout: float) -> None:
+    """Await a clean-up step for at most ``timeout`` seconds; its failure changes nothing."""
+    try:
+        await asyncio.wait_for(awaitable, timeout)
+    except Exception:  # noqa: BLE001 - best effort: the connection is being given up anyway
+        log.debug("commpipe shim: clean-up step failed", exc_info=True)
+
+
+class SenderLoop(asyncio.SelectorEventLoop):
+    """The event loop of :class:`~pipeline.shim.emitter.Emitter`'s own sender thread.
+
+    At interpreter exit (where ``close()`` runs from ``atexit``) asyncio can no longer
+    start the executor thread it resolves host names in (``RuntimeError: can't register
+    atexit after shutdown``), so with a host name such as the default ``localhost`` every
+    buffered event was lost. This loop then resolves in its own thread, which belongs to
+    the sender and blocks no one else.
+    """
+
+    async def getaddrinfo(self, host: Any, port: Any, *, family: int = 0, type: int = 0,
+                          proto: int = 0, flags: int = 0) -> Any:
+        try:
+            return await super().getaddrinfo(host, port, family=family, type=type,
+                                             proto=proto, flags=flags)
+        except RuntimeError:  # no executor any more: interpreter shutdown
+            return socket.getaddrinfo(host, port, family, type, proto, flags)
 
 
 def _bound_message(event: dict[str, Any]) -> None:
@@ -385,12 +413,17 @@ class Outbox:
         producer = AIOKafkaProducer(**self._producer_options)
         try:
             await producer.start()
-        except (KafkaError, OSError) as e:
-            self._log_limited("connect", "commpipe shim: cannot reach Kafka at %s (%s); "
+        except asyncio.CancelledError:  # close()'s deadline passed while connecting
+            await _quietly(producer.stop(), 0.2)
+            raise
+        except Exception as e:  # noqa: BLE001 - KafkaError, OSError, or anything else: retried
+            self._log_limited("connect", "commpipe shim: cannot reach Kafka at %s (%s%s); "
                               "buffering up to %d events and retrying",
                               self._producer_options.get("bootstrap_servers"),
-                              type(e).__name__, self._capacity)
-            await producer.stop()
+                              type(e).__name__,
+                              "" if isinstance(e, (KafkaError, OSError)) else f": {e}",
+                              self._capacity)
+            await _quietly(producer.stop(), 1.0)
             return None
         log.info("commpipe shim: connected to Kafka at %s",
                  self._producer_options.get("bootstrap_servers"))
