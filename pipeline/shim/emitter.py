@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pipeline.settings import Settings
+from pipeline.shim import forking
 from pipeline.shim.call import Call, error_type_of
 from pipeline.shim.kinds import EventKinds
 from pipeline.shim.outbox import EmitterStats, Outbox, SenderLoop
@@ -95,20 +96,42 @@ class Emitter(EventKinds):
         self._outbox = _outbox(self._settings, bootstrap_servers, topic, buffer_size,
                                buffer_bytes)
         self._put = self._outbox.put
-        self._loop = SenderLoop()
-        self._stop = asyncio.Event()
-        self._thread = threading.Thread(target=self._serve, name="commpipe-shim", daemon=True)
         self._closed = False
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._start_lock = threading.Lock()
+        self._start_sender()
         ref = weakref.ref(self)
         self._atexit = lambda: (e := ref()) is not None and e.close()
         atexit.register(self._atexit)
+        forking.track(self)
 
-    def _serve(self) -> None:
-        loop = self._loop
+    def _start_sender(self) -> None:
+        self._loop = loop = SenderLoop()
+        self._stop = stop = asyncio.Event()
+        self._thread = threading.Thread(target=self._serve, args=(loop, stop, self._outbox),
+                                        name="commpipe-shim", daemon=True)
+        self._thread.start()
+
+    def _after_fork_in_child(self) -> None:
+        """(:mod:`pipeline.shim.forking`) A fresh outbox; the first emit starts a sender."""
+        self._outbox = self._outbox.forked()
+        self._thread = self._loop = None
+        self._start_lock = threading.Lock()
+        self._put = self._put_first
+
+    def _put_first(self, event: dict[str, Any]) -> bool:
+        with self._start_lock:
+            if self._thread is None:
+                self._start_sender()
+                self._put = self._outbox.put
+        return self._outbox.put(event)
+
+    @staticmethod
+    def _serve(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, outbox: Outbox) -> None:
         asyncio.set_event_loop(loop)
         try:
-            loop.run_until_complete(self._outbox.run(self._stop))
+            loop.run_until_complete(outbox.run(stop))
         except Exception:  # the sender must never die silently
             log.exception("commpipe shim: sender stopped unexpectedly")
         finally:
@@ -134,10 +157,10 @@ class Emitter(EventKinds):
         return self._outbox.stats()
 
     def _wake(self) -> None:
-        wake = self._outbox.wake
-        if wake is not None and not self._loop.is_closed():
+        wake, loop = self._outbox.wake, self._loop
+        if wake is not None and loop is not None and not loop.is_closed():
             try:
-                self._loop.call_soon_threadsafe(wake.set)
+                loop.call_soon_threadsafe(wake.set)
             except RuntimeError:  # loop closed in between
                 pass
 
@@ -149,7 +172,8 @@ class Emitter(EventKinds):
         deadline = None if timeout is None else time.monotonic() + timeout
         self._wake()
         while not self._outbox.flushed(mark):
-            if self._outbox.finished or not self._thread.is_alive():
+            thread = self._thread
+            if self._outbox.finished or thread is None or not thread.is_alive():
                 return False
             if deadline is not None and time.monotonic() >= deadline:
                 return False
@@ -167,13 +191,17 @@ class Emitter(EventKinds):
         timeout = self._settings.shim_close_timeout_s if timeout is None else timeout
         self._outbox.close()
         self._outbox.deadline = time.monotonic() + timeout
+        thread, loop = self._thread, self._loop
+        if thread is None or loop is None:  # a forked child that never emitted
+            self._outbox.abandon()
+            return True
         try:
-            self._loop.call_soon_threadsafe(self._stop.set)
+            loop.call_soon_threadsafe(self._stop.set)
         except RuntimeError:
             pass
         self._wake()
-        self._thread.join(timeout + _CLOSE_GRACE_S)
-        if self._thread.is_alive():  # stuck in something that ignores the deadline
+        thread.join(timeout + _CLOSE_GRACE_S)
+        if thread.is_alive():  # stuck in something that ignores the deadline
             log.warning("commpipe shim: the sender did not stop within close(timeout=%s); "
                         "what it still held is counted as dropped", timeout)
             self._outbox.abandon()
@@ -203,6 +231,13 @@ class AsyncEmitter(EventKinds):
                                buffer_bytes)
         self._task: asyncio.Task[None] | None = None
         self._stop: asyncio.Event | None = None
+        forking.track(self)
+
+    def _after_fork_in_child(self) -> None:
+        """(:mod:`pipeline.shim.forking`) A fresh outbox; the next emit inside a running
+        loop starts a sender task."""
+        self._outbox = self._outbox.forked()
+        self._task = self._stop = None
 
     async def start(self) -> AsyncEmitter:
         """Start the sender task in the running loop (idempotent)."""

@@ -168,6 +168,10 @@ class Outbox:
         linger_s: float,
         producer_options: dict[str, Any],
     ) -> None:
+        self._config: dict[str, Any] = dict(
+            topic=topic, capacity=capacity, capacity_bytes=capacity_bytes,
+            batch_events=batch_events, batch_bytes=batch_bytes, linger_s=linger_s,
+            producer_options=producer_options)
         self.topic = topic
         self._capacity = capacity
         self._capacity_bytes = capacity_bytes if capacity_bytes is not None else 2**62
@@ -183,6 +187,7 @@ class Outbox:
         self._retry: list[_Record] = []
         self._closed = False
         self.finished = False  # the sender has stopped; what it left is counted as dropped
+        self.orphaned = False  # replaced in a forked child (forked()): its sender just ends
         # flush marks: events accepted so far, taken by the sender's last round, and the
         # count below which every event is settled (sent, failed, invalid or dropped)
         self._accepted = self._taken_upto = self._done_upto = 0
@@ -264,6 +269,15 @@ class Outbox:
         """Refuse new events from now on (they count as dropped)."""
         with self._lock:
             self._closed = True
+
+    def forked(self) -> Outbox:
+        """In a forked child: a fresh outbox with the same settings (nothing buffered, counts
+        at zero, a new producer id), closed if this one was. This one is left alone (its
+        lock may be held by a thread that does not exist here) and never sends again."""
+        self.orphaned = True
+        fresh = Outbox(**self._config)
+        fresh._closed = self._closed
+        return fresh
 
     # ---- sender side (one asyncio task) ----------------------------------------------------
 
@@ -447,7 +461,8 @@ class Outbox:
                     except TimeoutError:
                         pass
                     self.wake.clear()
-                if stop.is_set() and (self.pending() == 0 or self._past_deadline()):
+                if self.orphaned or (stop.is_set() and (
+                        self.pending() == 0 or self._past_deadline())):
                     return
                 if producer is None:
                     producer = await self._bounded(stop, self._start_producer())
@@ -471,9 +486,10 @@ class Outbox:
         except _Deadline:
             pass  # close()'s time is up: what is left is counted as dropped below
         finally:
-            if producer is not None:
-                await self._stop_producer(producer, stop)
-            self._drop_all()
+            if not self.orphaned:  # in a forked child the producer's sockets are the parent's
+                if producer is not None:
+                    await self._stop_producer(producer, stop)
+                self._drop_all()
 
     async def _bounded(self, stop: asyncio.Event, awaitable: Any, *, grace: float = 0.0
                        ) -> Any:

@@ -7,10 +7,13 @@ against a loopback socket that accepts connections and never replies.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -29,10 +32,10 @@ def closed_port() -> str:
         return f"127.0.0.1:{s.getsockname()[1]}"
 
 
-def request(i: int) -> dict[str, Any]:
+def request(i: int, prefix: str = "c") -> dict[str, Any]:
     return {"v": 1, "kind": "request", "source_service": "orders",
             "target_service": "payments", "protocol": "http", "ts": 1.7e9,
-            "correlation_id": f"c{i}"}
+            "correlation_id": f"{prefix}{i}"}
 
 
 class Traffic:
@@ -200,3 +203,102 @@ def test_async_close_is_bounded_against_a_broker_that_never_answers(silent_broke
     assert result is False
     assert took < 1.6, f"close(timeout=1) took {took:.1f} s"
     assert (stats.sent, stats.dropped, stats.buffered) == (0, 100, 0)
+
+
+def _in_child(body: Callable[[], dict[str, Any]], timeout: float = 20.0) -> dict[str, Any]:
+    """Fork; run ``body`` in the child and return what it returned (as JSON through a pipe).
+    A child that hangs is killed and fails the test."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        code = 0
+        try:
+            os.close(read_end)
+            os.write(write_end, json.dumps(body()).encode())
+        except BaseException:  # noqa: BLE001 - reported to the parent by the exit code
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(read_end)
+            pytest.fail(f"the forked child hung for {timeout} s")
+        time.sleep(0.02)
+    with os.fdopen(read_end, "rb") as f:
+        out = f.read()
+    assert os.waitstatus_to_exitcode(status) == 0, "the child failed"
+    return dict(json.loads(out))
+
+
+def test_fork_while_a_thread_holds_the_outbox_lock_does_not_deadlock_the_child() -> None:
+    emitter = Emitter(closed_port(), "t", settings=settings())
+    emitter.emit(request(0))
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:
+        with emitter._outbox._lock:
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(5)
+    threading.Timer(0.3, release.set).start()
+
+    def child() -> dict[str, Any]:
+        ok = [emitter.emit(request(i, "k")) for i in range(5)]
+        before = emitter.stats()
+        alive = emitter._thread is not None and emitter._thread.is_alive()
+        closed = emitter.close(timeout=0.2)
+        after = emitter.stats()
+        return {"ok": ok, "alive": alive, "before": [before.buffered, before.dropped],
+                "closed": closed, "after": [after.sent, after.dropped, after.buffered]}
+
+    try:
+        got = _in_child(child)
+    finally:
+        release.set()
+        holder.join(5)
+        emitter.close(timeout=0.2)
+    # the child has its own sender and counts: its 5 events, not the parent's one
+    assert got == {"ok": [True] * 5, "alive": True, "before": [5, 0], "closed": False,
+                   "after": [0, 5, 0]}
+    assert emitter.stats().dropped == 1  # the parent's own event, at the parent's close
+
+
+def test_after_fork_the_child_sends_its_own_events_with_its_own_producer_id(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    producer = fakes.install(monkeypatch)
+    emitter = Emitter(closed_port(), "t", settings=settings())
+    try:
+        emitter.emit(request(0, "p"))
+        assert emitter.flush(timeout=5) is True
+        parent_id = emitter._outbox.producer_id
+
+        def child() -> dict[str, Any]:
+            for i in range(3):
+                emitter.emit(request(i, "k"))
+            flushed = emitter.flush(timeout=5)
+            stats = emitter.stats()
+            return {"flushed": flushed, "sent": stats.sent, "ids": sorted(
+                e.correlation_id for e in producer.events()),
+                "producer": emitter._outbox.producer_id}
+
+        got = _in_child(child)
+    finally:
+        emitter.close(timeout=1)
+    assert got["flushed"] is True and got["sent"] == 3
+    # the fake keeps what it was sent in the child's memory too: the parent's record, then
+    # the child's three, never the parent's event sent again
+    assert got["ids"] == ["k0", "k1", "k2", "p0"]
+    assert got["producer"] != parent_id  # else the worker would skip its records as copies
+    assert [e.correlation_id for e in producer.events()] == ["p0"]
+    assert emitter.stats().sent == 1
