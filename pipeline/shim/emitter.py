@@ -33,7 +33,8 @@ from pipeline.settings import Settings
 from pipeline.shim import forking
 from pipeline.shim.call import Call, error_type_of
 from pipeline.shim.kinds import EventKinds
-from pipeline.shim.outbox import EmitterStats, Outbox, SenderLoop
+from pipeline.shim.outbox import EmitterStats, Outbox
+from pipeline.shim.sender import Sender, SenderLoop
 from pipeline.wire.events import Event
 
 __all__ = ["AsyncEmitter", "Call", "Emitter", "EmitterStats", "error_type_of"]
@@ -131,7 +132,7 @@ class Emitter(EventKinds):
     def _serve(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, outbox: Outbox) -> None:
         asyncio.set_event_loop(loop)
         try:
-            loop.run_until_complete(outbox.run(stop))
+            loop.run_until_complete(Sender(outbox).run(stop))
         except Exception:  # the sender must never die silently
             log.exception("commpipe shim: sender stopped unexpectedly")
         finally:
@@ -252,7 +253,8 @@ class AsyncEmitter(EventKinds):
         except RuntimeError:
             return  # no loop yet: events wait in the buffer until start()
         self._stop = asyncio.Event()
-        self._task = loop.create_task(self._outbox.run(self._stop), name="commpipe-shim")
+        self._task = loop.create_task(Sender(self._outbox).run(self._stop),
+                                      name="commpipe-shim")
 
     def _put(self, event: dict[str, Any]) -> bool:
         if self._task is None:

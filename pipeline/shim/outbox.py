@@ -1,19 +1,20 @@
-"""The shim's bounded outbox and the asyncio loop that drains it into Kafka.
+"""The shim's bounded outbox: the buffer emitters append to, and what it holds on its way out.
 
-Both emitters share this: the caller's thread only appends a dict to a deque
-under a lock (never a network call, never an exception); :meth:`Outbox.run`
-(an asyncio task, in the emitter's own thread or in the caller's loop) takes
-everything buffered, masks credentials in ``error_message`` and bounds it
-(:func:`pipeline.wire.redact.safe_message`), validates it with the same rules the worker applies,
-groups it by edge, and sends one record per edge per round: a JSON array of at
-most ``batch_events`` events and ``batch_bytes`` bytes, keyed by the edge.
+Both emitters share this: the caller's thread only masks and bounds ``error_message``
+(:func:`pipeline.wire.redact.safe_message`), measures the event's JSON and appends it to a
+deque under a lock (never a network call, never an exception). The sender
+(:class:`pipeline.shim.sender.Sender`, an asyncio task in the emitter's own thread or in
+the caller's loop) takes everything buffered, has :meth:`Outbox.encode` validate each event
+with the same rules the worker applies, group them by edge and pack them into records of
+at most ``batch_events`` events and ``batch_bytes`` bytes (a JSON array, keyed by the
+edge), and sends one record per edge per round.
 
 Accounting: every event handed to :meth:`Outbox.put` ends in exactly one of
 ``sent``, ``dropped`` (buffer full, emitter closed, or undelivered at close),
 ``failed`` (the broker refused it for good) or ``invalid`` (it breaks wire
-format v1; the reason is logged). While the broker is away, records that
-failed with a retriable error are kept and sent again with backoff; they count
-against the buffer bound, so memory stays bounded.
+format v1 or cannot be encoded as JSON; the reason is logged). While the broker is
+away, records that failed with a retriable error are kept and sent again with backoff;
+they count against the buffer's bounds (events and bytes), so memory stays bounded.
 
 Duplicates: a record whose send timed out may still have been written (the
 broker got it, its answer did not come back), and sending it again writes it
@@ -29,12 +30,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
@@ -43,15 +43,10 @@ from pipeline.wire.decode import validate_event
 from pipeline.wire.headers import PRODUCER_HEADER, SEQ_HEADER
 from pipeline.wire.redact import safe_message
 
-if TYPE_CHECKING:
-    from aiokafka import AIOKafkaProducer
-
-__all__ = ["EmitterStats", "Outbox", "SenderLoop"]
+__all__ = ["EmitterStats", "Outbox"]
 
 log = logging.getLogger("commpipe.shim")
 
-_BACKOFF_MIN_S = 0.1
-_BACKOFF_MAX_S = 5.0
 _LOG_EVERY_S = 10.0  # at most one log line per this many seconds for repeating problems
 
 
@@ -83,33 +78,6 @@ def _plain_float(value: Any) -> Any:
     if isinstance(value, float):
         return float.__float__(value)
     raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
-
-
-async def _quietly(awaitable: Any, timeout: float) -> None:
-    """Await a clean-up step for at most ``timeout`` seconds; its failure changes nothing."""
-    try:
-        await asyncio.wait_for(awaitable, timeout)
-    except Exception:  # noqa: BLE001 - best effort: the connection is being given up anyway
-        log.debug("commpipe shim: clean-up step failed", exc_info=True)
-
-
-class SenderLoop(asyncio.SelectorEventLoop):
-    """The event loop of :class:`~pipeline.shim.emitter.Emitter`'s own sender thread.
-
-    At interpreter exit (where ``close()`` runs from ``atexit``) asyncio can no longer
-    start the executor thread it resolves host names in (``RuntimeError: can't register
-    atexit after shutdown``), so with a host name such as the default ``localhost`` every
-    buffered event was lost. This loop then resolves in its own thread, which belongs to
-    the sender and blocks no one else.
-    """
-
-    async def getaddrinfo(self, host: Any, port: Any, *, family: int = 0, type: int = 0,
-                          proto: int = 0, flags: int = 0) -> Any:
-        try:
-            return await super().getaddrinfo(host, port, family=family, type=type,
-                                             proto=proto, flags=flags)
-        except RuntimeError:  # no executor any more: interpreter shutdown
-            return socket.getaddrinfo(host, port, family, type, proto, flags)
 
 
 def _bound_message(event: dict[str, Any]) -> None:
@@ -145,10 +113,6 @@ def _unencodable(event: dict[str, Any], error: Exception) -> str:
     return f"cannot be encoded as JSON: {type(error).__name__}: {error}"[:300]
 
 
-class _Deadline(Exception):
-    """Internal: ``close()``'s timeout passed while the sender was waiting on Kafka."""
-
-
 class Outbox:
     """A bounded buffer of event dicts plus the coroutine that sends them.
 
@@ -173,18 +137,15 @@ class Outbox:
             batch_events=batch_events, batch_bytes=batch_bytes, linger_s=linger_s,
             producer_options=producer_options)
         self.topic = topic
-        self._capacity = capacity
+        self.capacity = capacity
         self._capacity_bytes = capacity_bytes if capacity_bytes is not None else 2**62
         self._batch_events = batch_events
         self._batch_bytes = batch_bytes
-        self._linger_s = linger_s
-        self._producer_options = producer_options
         self._lock = threading.Lock()
         self._buffer: deque[tuple[dict[str, Any], int]] = deque()  # (event, its JSON bytes)
         self._buffer_bytes = 0
         self._inflight = 0  # events taken from the buffer and not yet sent, failed or dropped
         self._inflight_bytes = 0
-        self._retry: list[_Record] = []
         self._closed = False
         self.finished = False  # the sender has stopped; what it left is counted as dropped
         self.orphaned = False  # replaced in a forked child (forked()): its sender just ends
@@ -196,6 +157,8 @@ class Outbox:
         self._last_log: dict[str, tuple[float, int]] = {}  # what -> (logged at, quiet since)
         self.wake: asyncio.Event | None = None  # created inside the sender's loop
         self.deadline: float | None = None  # monotonic; set when closing with a timeout
+        self.linger_s = linger_s
+        self.producer_options = producer_options
         self.undelivered = 0  # events dropped because the sender stopped before sending them
         self.producer_id = os.urandom(8).hex()
         self._seq: dict[bytes, int] = {}  # edge key -> last record number given
@@ -220,8 +183,8 @@ class Outbox:
         with self._lock:
             if self._closed:
                 full = "emitter is closed"
-            elif len(self._buffer) + self._inflight >= self._capacity:
-                full = f"buffer full ({self._capacity} events)"
+            elif len(self._buffer) + self._inflight >= self.capacity:
+                full = f"buffer full ({self.capacity} events)"
             elif self._buffer_bytes + self._inflight_bytes + size > self._capacity_bytes:
                 full = f"buffer full ({self._capacity_bytes} bytes)"
             else:
@@ -241,7 +204,7 @@ class Outbox:
         """Count one event as invalid without buffering it, and log ``reason`` (rate-limited)."""
         with self._lock:
             self._invalid += 1
-        self._log_limited("invalid", "commpipe shim: %s", reason)
+        self.log_limited("invalid", "commpipe shim: %s", reason)
 
     def stats(self) -> EmitterStats:
         with self._lock:
@@ -279,9 +242,9 @@ class Outbox:
         fresh._closed = self._closed
         return fresh
 
-    # ---- sender side (one asyncio task) ----------------------------------------------------
+    # ---- sender side (:class:`pipeline.shim.sender.Sender`, one asyncio task) ---------------
 
-    def _take(self) -> tuple[list[dict[str, Any]], list[int]]:
+    def take(self) -> tuple[list[dict[str, Any]], list[int]]:
         """Everything buffered, as (events, their sizes); it is in flight from now on."""
         with self._lock:
             taken = self._buffer
@@ -292,12 +255,12 @@ class Outbox:
             self._taken_upto = self._accepted
         return [e for e, _ in taken], [n for _, n in taken]
 
-    def _round_done(self) -> None:
+    def round_done(self) -> None:
         """The last round left nothing to retry: all it took is settled."""
         with self._lock:
             self._done_upto = self._taken_upto
 
-    def _settle(self, *, sent: int = 0, failed: int = 0, invalid: int = 0,
+    def settle(self, *, sent: int = 0, failed: int = 0, invalid: int = 0,
                 held: int = 0) -> None:
         """Events in flight are done (``held``: the bytes they counted)."""
         with self._lock:
@@ -312,7 +275,7 @@ class Outbox:
         if burst:
             log.warning("commpipe shim: dropped %d events in the last burst", burst)
 
-    def _log_limited(self, what: str, msg: str, *args: Any) -> None:
+    def log_limited(self, what: str, msg: str, *args: Any) -> None:
         """Log at most once per ``_LOG_EVERY_S`` per kind of problem, saying how many like it
         were not logged in between (they are all counted in the stats)."""
         now = time.monotonic()
@@ -355,9 +318,9 @@ class Outbox:
                           "(COMMPIPE_SHIM_BATCH_BYTES); leave out or shorten extra fields")
             invalid += 1
             invalid_bytes += held
-            self._log_limited("invalid", "commpipe shim: %s", reason)
+            self.log_limited("invalid", "commpipe shim: %s", reason)
         if invalid:
-            self._settle(invalid=invalid, held=invalid_bytes)
+            self.settle(invalid=invalid, held=invalid_bytes)
         records: list[_Record] = []
         for key, parts in by_edge.items():
             self._pack(key.encode(), parts, records)
@@ -390,172 +353,16 @@ class Outbox:
                            [(PRODUCER_HEADER, self.producer_id.encode()),
                             (SEQ_HEADER, str(seq).encode())], sum(n for _, n in parts)))
 
-    async def _send(self, producer: AIOKafkaProducer, records: list[_Record]) -> bool:
-        """Send records; keep retriable failures for the next round. True if all went."""
-        from aiokafka.errors import KafkaError
-
-        async def one(record: _Record) -> None:
-            fut = await producer.send(self.topic, record.value, key=record.key,
-                                      headers=record.headers)
-            await fut
-
-        results = await asyncio.gather(*(one(r) for r in records), return_exceptions=True)
-        sent = failed = held = 0
-        for record, result in zip(records, results, strict=True):
-            if result is None:
-                sent += record.events
-                held += record.held
-            elif (isinstance(result, KafkaError) and getattr(result, "retriable", False)) or \
-                    isinstance(result, (asyncio.TimeoutError, OSError)):
-                self._retry.append(record)
-                self._log_limited("retry", "commpipe shim: Kafka send failed (%s); keeping %d "
-                                  "events to retry", type(result).__name__, record.events)
-            elif isinstance(result, Exception):
-                failed += record.events
-                held += record.held
-                self._log_limited("failed", "commpipe shim: Kafka refused a record of %d "
-                                  "events for good: %r", record.events, result)
-            else:  # cancellation and the like: not ours to swallow
-                raise result
-        self._settle(sent=sent, failed=failed, held=held)
-        return not self._retry
-
-    async def _start_producer(self) -> AIOKafkaProducer | None:
-        from aiokafka import AIOKafkaProducer
-        from aiokafka.errors import KafkaError
-
-        producer = AIOKafkaProducer(**self._producer_options)
-        try:
-            await producer.start()
-        except asyncio.CancelledError:  # close()'s deadline passed while connecting
-            await _quietly(producer.stop(), 0.2)
-            raise
-        except Exception as e:  # noqa: BLE001 - KafkaError, OSError, or anything else: retried
-            self._log_limited("connect", "commpipe shim: cannot reach Kafka at %s (%s%s); "
-                              "buffering up to %d events and retrying",
-                              self._producer_options.get("bootstrap_servers"),
-                              type(e).__name__,
-                              "" if isinstance(e, (KafkaError, OSError)) else f": {e}",
-                              self._capacity)
-            await _quietly(producer.stop(), 1.0)
-            return None
-        log.info("commpipe shim: connected to Kafka at %s",
-                 self._producer_options.get("bootstrap_servers"))
-        return producer
-
-    async def run(self, stop: asyncio.Event) -> None:
-        """Drain the outbox until ``stop`` is set and everything is delivered.
-
-        After ``stop`` is set the loop keeps delivering until :attr:`deadline`
-        (monotonic seconds, ``None`` = no limit); whatever is left then is dropped
-        and counted, so the stats always add up.
-        """
-        self.wake = asyncio.Event()
-        producer: AIOKafkaProducer | None = None
-        backoff = _BACKOFF_MIN_S
-        try:
-            while True:
-                if not stop.is_set():
-                    try:
-                        await asyncio.wait_for(self.wake.wait(), self._linger_s)
-                    except TimeoutError:
-                        pass
-                    self.wake.clear()
-                if self.orphaned or (stop.is_set() and (
-                        self.pending() == 0 or self._past_deadline())):
-                    return
-                if producer is None:
-                    producer = await self._bounded(stop, self._start_producer())
-                if producer is not None:
-                    try:
-                        if not self._retry:
-                            self._retry = self.encode(*self._take())
-                        records, self._retry = self._retry, []
-                        delivered = await self._bounded(stop, self._send(producer, records))
-                    except _Deadline:
-                        raise
-                    except Exception as e:  # noqa: BLE001 - the sender must keep going
-                        self._fail_inflight(e)
-                        delivered = not self._retry
-                    if delivered:
-                        self._round_done()
-                        backoff = _BACKOFF_MIN_S
-                        continue
-                await self._pause(stop, backoff)
-                backoff = min(backoff * 2, _BACKOFF_MAX_S)
-        except _Deadline:
-            pass  # close()'s time is up: what is left is counted as dropped below
-        finally:
-            if not self.orphaned:  # in a forked child the producer's sockets are the parent's
-                if producer is not None:
-                    await self._stop_producer(producer, stop)
-                self._drop_all()
-
-    async def _bounded(self, stop: asyncio.Event, awaitable: Any, *, grace: float = 0.0
-                       ) -> Any:
-        """Await ``awaitable`` (connecting, sending, waiting for acknowledgements); once
-        ``stop`` is set, no longer than :attr:`deadline` (+ ``grace``), after which it is
-        cancelled and :class:`_Deadline` raised. A broker that accepts connections and
-        never answers cannot hold ``close()`` past its timeout."""
-        task = asyncio.ensure_future(awaitable)
-        try:
-            while not stop.is_set():
-                stopping = asyncio.ensure_future(stop.wait())
-                try:
-                    await asyncio.wait((task, stopping), return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    stopping.cancel()
-                if task.done():
-                    return task.result()
-            remaining = None if self.deadline is None else max(
-                0.0, self.deadline - time.monotonic()) + grace
-            await asyncio.wait((task,), timeout=remaining)
-            if task.done():
-                return task.result()
-            raise _Deadline
-        finally:
-            if not task.done():
-                task.cancel()
-
-    async def _stop_producer(self, producer: AIOKafkaProducer, stop: asyncio.Event) -> None:
-        """Stop the producer (it flushes what aiokafka still holds), within the deadline; past
-        it, close its connections without waiting for the broker."""
-        try:
-            await self._bounded(stop, producer.stop(), grace=0.1)
-        except _Deadline:
-            client = getattr(producer, "client", None)
-            if client is not None:
-                try:
-                    await asyncio.wait_for(client.close(), 0.2)
-                except Exception:  # noqa: BLE001 - closing anyway; nothing more to do
-                    pass
-
-    def _past_deadline(self) -> bool:
-        return self.deadline is not None and time.monotonic() >= self.deadline
-
-    async def _pause(self, stop: asyncio.Event, seconds: float) -> None:
-        """Back off before the next try; while stopping, never past the deadline."""
-        if stop.is_set():
-            if self.deadline is not None:
-                seconds = max(0.0, min(seconds, self.deadline - time.monotonic()))
-            await asyncio.sleep(seconds)
-            return
-        try:
-            await asyncio.wait_for(stop.wait(), seconds)
-        except TimeoutError:
-            pass
-
-    def _fail_inflight(self, error: Exception) -> None:
-        """After an unexpected error in a round: what it had taken (and is not kept to retry)
-        counts as failed, and the sender carries on with the next round."""
+    def fail_inflight(self, error: Exception, kept: list[_Record]) -> None:
+        """After an unexpected error in a round: what it had taken (and is not ``kept`` to
+        retry) counts as failed, and the sender carries on with the next round."""
         with self._lock:
             if self.finished:
                 return
-            kept = sum(r.events for r in self._retry)
-            lost = max(0, self._inflight - kept)
+            lost = max(0, self._inflight - sum(r.events for r in kept))
             self._failed += lost
             self._inflight -= lost
-            self._inflight_bytes = sum(r.held for r in self._retry)
+            self._inflight_bytes = sum(r.held for r in kept)
         log.error("commpipe shim: unexpected error in the sender (%s: %s); %d events counted "
                   "as failed, sending goes on", type(error).__name__, error, lost,
                   exc_info=error)
@@ -563,10 +370,10 @@ class Outbox:
     def abandon(self) -> None:
         """Count everything not yet settled as dropped, now (``close()`` when the sender did
         not stop in time); whatever the sender does later changes no count."""
-        self._drop_all()
+        self.drop_all()
 
-    def _drop_all(self) -> None:
-        self._retry = []
+    def drop_all(self) -> None:
+        """Count everything not settled as dropped, and refuse new events: the sender is done."""
         with self._lock:
             left = len(self._buffer) + self._inflight
             self._dropped += left

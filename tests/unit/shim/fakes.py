@@ -1,6 +1,6 @@
 """A stand-in for aiokafka's producer, so the sender's loop runs without a broker.
 
-``install(monkeypatch)`` makes every :class:`~pipeline.shim.outbox.Outbox` of the test
+``install(monkeypatch)`` makes every :class:`~pipeline.shim.sender.Sender` of the test
 "connect" to one :class:`FakeProducer`, which keeps what it is sent and acknowledges it at
 once (or never, with ``answer=False``: a broker that takes requests and does not reply).
 """
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.shim.outbox import Outbox
+from pipeline.shim.sender import Sender
 from pipeline.wire.decode import decode_record
 from pipeline.wire.events import Event
 
@@ -45,9 +45,9 @@ def install(monkeypatch: pytest.MonkeyPatch, producer: FakeProducer | None = Non
             ) -> FakeProducer:
     producer = producer or FakeProducer()
 
-    async def start(self: Outbox) -> Any:
+    async def start(self: Sender) -> Any:
         await producer.start()
         return producer
 
-    monkeypatch.setattr(Outbox, "_start_producer", start)
+    monkeypatch.setattr(Sender, "_start_producer", start)
     return producer

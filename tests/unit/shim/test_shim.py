@@ -272,7 +272,7 @@ def test_outbox_counts_invalid_events() -> None:
     rec.request(source_service="a", target_service="b")
     for event in rec.events:
         box.put(event)
-    records = box.encode(*box._take())
+    records = box.encode(*box.take())
     assert sum(r.events for r in records) == 1
     assert box.stats().invalid == 1 and box.stats().buffered == 1
 

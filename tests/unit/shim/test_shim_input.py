@@ -121,7 +121,7 @@ def test_an_event_the_sender_cannot_encode_is_counted_not_fatal(
     assert box.put(wire(correlation_id="good")) is True
     assert box.put(wire(correlation_id="changed", extra=nested)) is True
     nested.append(object())  # after emit: no longer JSON
-    records = box.encode(*box._take())
+    records = box.encode(*box.take())
     assert [e.correlation_id for r in records for e in decode_record(r.value).events] == [
         "good"]
     assert (box.stats().invalid, box.stats().buffered) == (1, 1)
