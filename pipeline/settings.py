@@ -69,6 +69,12 @@ def scrub_dsn(text: str, dsn: str) -> str:
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 
+# What the worker's decoder accepts in one record (pipeline.wire.decode.MAX_RECORD_BYTES and
+# MAX_BATCH_EVENTS; this root module cannot import wire, tests/unit/test_settings.py keeps
+# them equal): the shim's batches must stay within them.
+WORKER_RECORD_BYTES = 1024 * 1024
+WORKER_BATCH_EVENTS = 10_000
+
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:
@@ -99,9 +105,10 @@ class Settings:
     shim_linger_ms: float = 50.0
     """How long the sender lets events gather before it sends a batch."""
     shim_batch_events: int = 500
-    """Most events in one Kafka record (one edge's batch)."""
+    """Most events in one Kafka record (one edge's batch); at most 10,000 (the worker's)."""
     shim_batch_bytes: int = 512 * 1024
-    """Most bytes in one Kafka record; keep below the broker's message.max.bytes."""
+    """Most bytes in one Kafka record; at most 1 MiB (the worker's), and keep it below the
+    broker's message.max.bytes."""
     shim_request_timeout_ms: int = 10_000
     """Producer request timeout; a send that fails this way is retried, not lost."""
     shim_close_timeout_s: float = 5.0
@@ -245,6 +252,12 @@ class Settings:
                      "idle_close_s", "breaker_recovery_timeout_s", "worker_batch_within_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be >= 0, got {getattr(self, name)}")
+        for name, most, what in (
+                ("shim_batch_bytes", WORKER_RECORD_BYTES, "the largest record"),
+                ("shim_batch_events", WORKER_BATCH_EVENTS, "the most events of one record")):
+            if getattr(self, name) > most:
+                raise ConfigError(f"{PREFIX}{name.upper()} must be at most {most} ({what} the "
+                                  f"worker accepts), got {getattr(self, name)}")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"{PREFIX}METRICS_PORT must be 0-65535, got {self.metrics_port}")
         if not re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", self.metrics_namespace):
