@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -24,12 +25,71 @@ from pipeline.shim.outbox import Outbox, _Record
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaProducer
 
-__all__ = ["Sender", "SenderLoop"]
+__all__ = ["Sender", "SenderLoop", "reset_log_limits", "suppressed_log_lines"]
 
 log = logging.getLogger("commpipe.shim")
 
 _BACKOFF_MIN_S = 0.1
 _BACKOFF_MAX_S = 5.0
+
+
+_LOG_EVERY_S = 10.0
+_AIOKAFKA_LOGGERS = ("aiokafka", "aiokafka.conn", "aiokafka.producer.sender")
+
+
+class _RateLimit(logging.Filter):
+    """At most one warning or error per message template per ``_LOG_EVERY_S`` from
+    aiokafka's loggers, which otherwise log 'Unable connect to ...' at ERROR on every
+    reconnection attempt while a broker is away. The next line let through says how many
+    like it were left out. Installed on those loggers (for every aiokafka client of the
+    process) when the first sender starts; DEBUG and INFO lines are not touched."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self.last: dict[tuple[str, str], tuple[float, int]] = {}
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, str(record.msg))
+        now = time.monotonic()
+        with self._lock:
+            last, quiet = self.last.get(key, (-_LOG_EVERY_S, 0))
+            if now - last < _LOG_EVERY_S:
+                self.last[key] = (last, quiet + 1)
+                self.suppressed += 1
+                return False
+            self.last[key] = (now, 0)
+        if quiet:
+            record.msg = (f"{record.msg} [and {quiet} more like it in the last "
+                          f"{now - last:.0f} s, not logged]")
+        return True
+
+
+_AIOKAFKA_LIMIT = _RateLimit()
+_installed = False
+
+
+def _limit_aiokafka_logs() -> None:
+    global _installed
+    if not _installed:
+        _installed = True
+        for name in _AIOKAFKA_LOGGERS:
+            logging.getLogger(name).addFilter(_AIOKAFKA_LIMIT)
+
+
+def reset_log_limits() -> None:
+    """Forget what was logged lately (tests)."""
+    with _AIOKAFKA_LIMIT._lock:
+        _AIOKAFKA_LIMIT.last.clear()
+        _AIOKAFKA_LIMIT.suppressed = 0
+
+
+def suppressed_log_lines() -> int:
+    """aiokafka warnings and errors left out by the rate limit since the last reset."""
+    return _AIOKAFKA_LIMIT.suppressed
 
 
 class _Deadline(Exception):
@@ -69,6 +129,7 @@ class Sender:
     def __init__(self, box: Outbox) -> None:
         self.box = box
         self.retry: list[_Record] = []
+        _limit_aiokafka_logs()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Drain the outbox until ``stop`` is set and everything is delivered.

@@ -302,3 +302,23 @@ def test_after_fork_the_child_sends_its_own_events_with_its_own_producer_id(
     assert got["producer"] != parent_id  # else the worker would skip its records as copies
     assert [e.correlation_id for e in producer.events()] == ["p0"]
     assert emitter.stats().sent == 1
+
+
+def test_aiokafka_connection_errors_are_rate_limited_while_the_broker_is_away(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """aiokafka logs 'Unable connect' at ERROR on every reconnection attempt (about five in
+    two seconds with the sender's backoff); one line per kind per 10 s is enough."""
+    from pipeline.shim import sender
+
+    sender.reset_log_limits()
+    caplog.set_level("WARNING")
+    emitter = Emitter(closed_port(), "t", settings=settings())
+    try:
+        emitter.emit(request(0))
+        time.sleep(2.5)
+    finally:
+        emitter.close(timeout=0.1)
+    unable = [r for r in caplog.records
+              if r.name == "aiokafka" and r.getMessage().startswith("Unable connect to")]
+    assert len(unable) == 1
+    assert sender.suppressed_log_lines() >= 2
