@@ -26,6 +26,10 @@ def add_commands(app: Any, console: Any, out: Any) -> None:
                             ] = True,
         duckdb: Annotated[bool, typer.Option(help="Migrate the DuckDB file (if a path is set).")
                           ] = True,
+        yes: Annotated[bool, typer.Option(
+            "--yes", help="Roll back even if that deletes data (tables with rows, columns "
+                          "with values); without it such a rollback says what it would "
+                          "delete and changes nothing.")] = False,
     ) -> None:
         """Apply or roll back the schema migrations (tracked; re-running does nothing)."""
         from pipeline.settings import Settings
@@ -36,11 +40,12 @@ def add_commands(app: Any, console: Any, out: Any) -> None:
             done = False
             if postgres and settings.postgres_dsn.get():
                 steps(out, "PostgreSQL", migrations.migrate_postgres(
-                    settings.postgres_conninfo(), to=to))
+                    settings.postgres_conninfo(), to=to, allow_data_loss=yes))
                 done = True
             if duckdb and settings.duckdb_path:
                 steps(out, f"DuckDB {settings.duckdb_path}",
-                       migrations.migrate_duckdb(settings.duckdb_path, to=to))
+                      migrations.migrate_duckdb(settings.duckdb_path, to=to,
+                                                allow_data_loss=yes))
                 done = True
             if not done:
                 console.print("nothing to migrate: set COMMPIPE_POSTGRES_DSN and/or "

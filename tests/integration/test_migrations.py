@@ -70,10 +70,10 @@ class Db:
         self.target = target
         self.p = "%s" if dialect == "postgres" else "?"
 
-    def migrate(self, to: int | None = None) -> list[Step]:
+    def migrate(self, to: int | None = None, *, allow_data_loss: bool = False) -> list[Step]:
         if self.dialect == "postgres":
-            return mig.migrate_postgres(self.target, to=to)
-        return mig.migrate_duckdb(self.target, to=to)
+            return mig.migrate_postgres(self.target, to=to, allow_data_loss=allow_data_loss)
+        return mig.migrate_duckdb(self.target, to=to, allow_data_loss=allow_data_loss)
 
     def current(self) -> int:
         if self.dialect == "postgres":
@@ -207,8 +207,9 @@ def test_partial_targets(db: Db) -> None:
 
 
 def test_0003_down_keeps_the_events_and_their_indexes(db: Db) -> None:
-    """Rolling 0003 back drops only its columns: rows stay, and the unique event_id index
-    still refuses a repeat (DuckDB's down file rebuilds the table's indexes)."""
+    """Rolling 0003 back (asked to, as it drops a column's values) drops only its columns:
+    rows stay, and the unique event_id index still refuses a repeat (DuckDB's down file
+    rebuilds the table's indexes)."""
     db.migrate()
     insert = ("INSERT INTO communication_events (event_id, correlation_id, source_service, "
               f"target_service, event_type, protocol, attempt, backoff_ms) VALUES "
@@ -216,7 +217,7 @@ def test_0003_down_keeps_the_events_and_their_indexes(db: Db) -> None:
     db.run(insert, ["r1", "c1", "orders", "payments", "retry", "http", 2, Decimal("400.00")])
     assert db.run("SELECT attempt, backoff_ms FROM communication_events") == [
         (2, Decimal("400.00"))]
-    assert db.migrate(to=2) == [DOWN5, DOWN4, DOWN3]
+    assert db.migrate(to=2, allow_data_loss=True) == [DOWN5, DOWN4, DOWN3]
     assert db.objects() == expected_objects(db.dialect, 2)
     assert db.run("SELECT event_id, event_type FROM communication_events") == [("r1", "retry")]
     with pytest.raises((psycopg.Error, duckdb.Error)):
