@@ -75,6 +75,12 @@ def _one_line(text: str) -> str:
     return " ".join(text.split("\nLINE ", 1)[0].split())
 
 
+def _no_sql(statements: Sequence[Statement]) -> None:
+    if any(not sql.strip() for sql, _ in statements):
+        raise ConfigError('no SQL given: pass one query, e.g. commpipe query '
+                          '"SELECT * FROM communication_rollups LIMIT 5"')
+
+
 def execute_duckdb(path: str | Path, statements: Sequence[Statement], *, write: bool = False,
                    min_version: int | None = None, wait_s: float = 10.0) -> list[Result]:
     """Run ``statements`` on the DuckDB file in one transaction; one :class:`Result` each.
@@ -83,6 +89,14 @@ def execute_duckdb(path: str | Path, statements: Sequence[Statement], *, write: 
 
     from pipeline.sink.writer import connect_duckdb
 
+    _no_sql(statements)
+    if not str(path):
+        raise ConfigError("COMMPIPE_DUCKDB_PATH is empty, so there is no DuckDB file to read "
+                          "(the DuckDB sink is off): set it to the sink's file, or use "
+                          "--postgres")
+    if Path(path).is_dir():
+        raise ConfigError(f"{path} is a directory, not a DuckDB file: set "
+                          "COMMPIPE_DUCKDB_PATH to the file the sink writes")
     if not Path(path).exists():
         raise ConfigError(f"no DuckDB file at {path}: the sink creates it (run the worker or "
                           "`commpipe migrate`), or set COMMPIPE_DUCKDB_PATH")
@@ -182,6 +196,7 @@ def execute_postgres(settings: Settings, statements: Sequence[Statement], *,
     dsn = settings.postgres_conninfo()
     if not dsn:
         raise ConfigError("COMMPIPE_POSTGRES_DSN is not set (`commpipe postgres` prints one)")
+    _no_sql(statements)
     where = f"PostgreSQL ({redact_dsn(dsn)})"
     try:
         with psycopg.connect(dsn if write else _read_only_session(dsn),

@@ -306,7 +306,13 @@ def _duckdb(path: str | Path) -> Iterator[tuple[_Conn, _Db]]:
 
     where = f"DuckDB file {path}"
     if str(path) != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(path).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create the folder {folder} for {where} "
+                              f"({e.strerror or type(e).__name__}): set COMMPIPE_DUCKDB_PATH to "
+                              "a file in a folder that exists or can be created") from e
     try:
         conn = duckdb.connect(str(path))
     except duckdb.Error as e:
