@@ -86,9 +86,12 @@ def add_commands(app: Any, console: Any, out: Any) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     ) -> None:
         """Print analyze_communication_health() and the objectives missed in the lookback,
-        from each configured database."""
+        from each configured database. As a gate (--fail-under) it also fails when there is
+        nothing to judge: no database configured, no schema, or no rollups in the
+        lookback."""
         from pipeline.cli import health as h
         from pipeline.cli.durations import parse_duration
+        from pipeline.errors import ConfigError
         from pipeline.settings import Settings
 
         def run() -> None:
@@ -96,8 +99,13 @@ def add_commands(app: Any, console: Any, out: Any) -> None:
             since_s = parse_duration(since)
             databases = ((["postgres"] if settings.postgres_dsn.get() else [])
                          + (["duckdb"] if settings.duckdb_path else []))
-            reports = [h.report(settings, db, since_s=since_s, fail_under=fail_under)
-                       for db in databases]
+            if not databases:
+                if as_json:
+                    print(json.dumps({"ok": False, "reports": [],
+                                      "problems": [h.NOTHING_TO_CHECK]}, indent=1))
+                raise ConfigError(h.NOTHING_TO_CHECK)
+            reports = [h.report(settings, db, since_s=since_s, since=since,
+                                fail_under=fail_under) for db in databases]
             if as_json:
                 print(json.dumps({"ok": all(r.ok for r in reports),
                                   "reports": [r.to_json() for r in reports]}, indent=1))
@@ -108,6 +116,8 @@ def add_commands(app: Any, console: Any, out: Any) -> None:
                                   f"{name}: analyze_communication_health()")
                     print_result(out, r.misses, "table",
                                   f"{name}: objectives missed in the last {since}")
+                    for problem in r.problems:
+                        console.print(f"[red]{r.database}: {problem}[/]", highlight=False)
                     if fail_under is None:
                         continue
                     for service, score in r.low:
