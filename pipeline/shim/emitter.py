@@ -1,10 +1,15 @@
 """The producer shim services import: ``Emitter`` (sync, thread-safe) and ``AsyncEmitter``.
 
-``emit()`` and the per-kind helpers only append to a bounded buffer: they never
-wait on the network and never raise into the caller. A background sender
-(:class:`pipeline.shim.outbox.Outbox`) validates, batches by edge and sends; what it
-cannot deliver is counted in :meth:`stats`. Defaults come from ``COMMPIPE_*``
-through :class:`pipeline.settings.Settings`.
+``emit()`` and the per-kind helpers only append to a bounded buffer
+(:class:`pipeline.shim.outbox.Outbox`, bounded in events and bytes): they never
+wait on the network and never raise into the caller, whatever they are given
+(what is not an event, or cannot be encoded as JSON, is counted as invalid and
+``emit`` returns False). A background sender (:class:`pipeline.shim.sender.Sender`)
+validates, batches by edge and sends; what it cannot deliver is counted in
+:meth:`stats`, so ``sent + dropped + failed + invalid`` always equals what was
+emitted once the emitter is closed. Emitters keep working in a forked child
+(:mod:`pipeline.shim.forking`). Defaults come from ``COMMPIPE_*`` through
+:class:`pipeline.settings.Settings`.
 
 ::
 
@@ -87,7 +92,9 @@ class Emitter(EventKinds):
     use another Settings object.
     The broker may start after the emitter: events wait in the buffer meanwhile.
     At interpreter exit an open emitter is closed, waiting up to
-    ``COMMPIPE_SHIM_CLOSE_TIMEOUT_S`` for delivery.
+    ``COMMPIPE_SHIM_CLOSE_TIMEOUT_S`` for delivery (host names are resolved even then).
+    After ``fork()`` the child's emitter starts afresh: its own sender (started by its
+    first emit), its own counts, nothing of the parent's buffer.
     """
 
     def __init__(self, bootstrap_servers: str | None = None, topic: str | None = None, *,
