@@ -81,6 +81,24 @@ def _no_sql(statements: Sequence[Statement]) -> None:
                           '"SELECT * FROM communication_rollups LIMIT 5"')
 
 
+def _no_other_files(con: Any) -> None:
+    """Turn off DuckDB's access to any other file and lock the configuration. Readers in one
+    process share the file's database instance, and a second one finds it done already;
+    either way it is checked before anything else runs."""
+    import duckdb
+
+    try:
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+    except duckdb.InvalidInputException:  # locked by another reader of this process
+        pass
+    state = con.execute("SELECT current_setting('enable_external_access'), "
+                        "current_setting('lock_configuration')").fetchone()
+    if tuple(state) != (False, True):
+        raise ServiceError("DuckDB: could not turn off access to other files for a "
+                           "read-only query; nothing was run")
+
+
 def execute_duckdb(path: str | Path, statements: Sequence[Statement], *, write: bool = False,
                    min_version: int | None = None, wait_s: float = 10.0) -> list[Result]:
     """Run ``statements`` on the DuckDB file in one transaction; one :class:`Result` each.
@@ -103,8 +121,7 @@ def execute_duckdb(path: str | Path, statements: Sequence[Statement], *, write: 
     con = connect_duckdb(path, read_only=not write, wait_s=wait_s)
     try:
         if not write:
-            con.execute("SET enable_external_access = false")
-            con.execute("SET lock_configuration = true")
+            _no_other_files(con)
             for sql, _ in statements:
                 count = len(con.extract_statements(sql))
                 if count != 1:
