@@ -49,6 +49,10 @@ def add_commands(app: Any, console: Any, out: Any) -> None:
                             ] = True,
         duckdb: Annotated[bool, typer.Option(help="Migrate the DuckDB file (if a path is set).")
                           ] = True,
+        yes: Annotated[bool, typer.Option(
+            "--yes", help="Roll back even if that deletes data (tables with rows, columns "
+                          "with values); without it such a rollback says what it would "
+                          "delete and changes nothing.")] = False,
     ) -> None:
         """Apply or roll back the schema migrations (tracked; re-running does nothing)."""
         from pipeline.settings import Settings
@@ -59,11 +63,12 @@ def add_commands(app: Any, console: Any, out: Any) -> None:
             done = False
             if postgres and settings.postgres_dsn.get():
                 steps(out, "PostgreSQL", migrations.migrate_postgres(
-                    settings.postgres_conninfo(), to=to))
+                    settings.postgres_conninfo(), to=to, allow_data_loss=yes))
                 done = True
             if duckdb and settings.duckdb_path:
                 steps(out, f"DuckDB {settings.duckdb_path}",
-                       migrations.migrate_duckdb(settings.duckdb_path, to=to))
+                      migrations.migrate_duckdb(settings.duckdb_path, to=to,
+                                                allow_data_loss=yes))
                 done = True
             if not done:
                 console.print("nothing to migrate: set COMMPIPE_POSTGRES_DSN and/or "
@@ -104,9 +109,12 @@ def add_commands(app: Any, console: Any, out: Any) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     ) -> None:
         """Print analyze_communication_health() and the objectives missed in the lookback,
-        from each configured database."""
+        from each configured database. As a gate (--fail-under) it also fails when there is
+        nothing to judge: no database configured, no schema, or no rollups in the
+        lookback."""
         from pipeline.cli import health as h
         from pipeline.cli.durations import parse_duration
+        from pipeline.errors import ConfigError
         from pipeline.settings import Settings
 
         def run() -> None:
@@ -114,8 +122,13 @@ def add_commands(app: Any, console: Any, out: Any) -> None:
             since_s = parse_duration(since)
             databases = ((["postgres"] if settings.postgres_dsn.get() else [])
                          + (["duckdb"] if settings.duckdb_path else []))
-            reports = [h.report(settings, db, since_s=since_s, fail_under=fail_under)
-                       for db in databases]
+            if not databases:
+                if as_json:
+                    print(json.dumps({"ok": False, "reports": [],
+                                      "problems": [h.NOTHING_TO_CHECK]}, indent=1))
+                raise ConfigError(h.NOTHING_TO_CHECK)
+            reports = [h.report(settings, db, since_s=since_s, since=since,
+                                fail_under=fail_under) for db in databases]
             if as_json:
                 print(json.dumps({"ok": all(r.ok for r in reports),
                                   "reports": [r.to_json() for r in reports]}, indent=1))
@@ -128,6 +141,8 @@ def add_commands(app: Any, console: Any, out: Any) -> None:
                     print_result(out, one_edge_column(r.misses), "table",
                                  f"{name}: objectives missed in the last {since}",
                                  kinds=MISSES_KINDS)
+                    for problem in r.problems:
+                        console.print(f"[red]{r.database}: {problem}[/]", highlight=False)
                     if fail_under is None:
                         continue
                     for service, score in r.low:

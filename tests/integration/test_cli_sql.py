@@ -32,12 +32,13 @@ def test_migrate_up_again_and_down(env: dict[str, str]) -> None:
     assert first.stdout.splitlines() == [
         f"{where}: up {v}" for where in ("PostgreSQL", f"DuckDB {env['COMMPIPE_DUCKDB_PATH']}")
         for v in ("0001 communication_monitoring", "0002 rollups", "0003 call_chains",
-                  "0004 slo", "0006 cascades")]
+                  "0004 slo", "0005 wire_widths", "0006 cascades")]
     again = commpipe(env, "migrate")
     assert again.stdout.splitlines() == [
         "PostgreSQL: up to date", f"DuckDB {env['COMMPIPE_DUCKDB_PATH']}: up to date"]
     down = commpipe(env, "migrate", "--to", "1", "--no-duckdb")
     assert down.stdout.splitlines() == ["PostgreSQL: down 0006 cascades",
+                                        "PostgreSQL: down 0005 wire_widths",
                                         "PostgreSQL: down 0004 slo",
                                         "PostgreSQL: down 0003 call_chains",
                                         "PostgreSQL: down 0002 rollups"]
