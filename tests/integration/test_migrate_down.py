@@ -16,7 +16,17 @@ from typing import Any
 import pytest
 
 from pipeline.errors import ConfigError, ServiceError
-from tests.integration.test_migrations import DOWN3, DOWN4, DOWN5, UP3, UP4, UP5, Db
+from tests.integration.test_migrations import (
+    DOWN3,
+    DOWN4,
+    DOWN5,
+    DOWN6,
+    UP3,
+    UP4,
+    UP5,
+    UP6,
+    Db,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -68,14 +78,14 @@ def test_a_downgrade_that_would_delete_data_says_what_and_changes_nothing(db: Db
             "Back them up if you need them, then run again with --yes to delete them"
             ) in message
     assert "\n" not in message
-    assert db.current() == 5
+    assert db.current() == 6
     assert db.run("SELECT count(*) FROM communication_slo") == [(3,)]
     assert db.run("SELECT event_id, attempt FROM communication_events ORDER BY 1") == [
         ("r1", 2), ("r2", None)]
 
-    assert migrate(db, to=2, allow_data_loss=True) == [DOWN5, DOWN4, DOWN3]
+    assert migrate(db, to=2, allow_data_loss=True) == [DOWN6, DOWN5, DOWN4, DOWN3]
     assert db.current() == 2
-    assert migrate(db) == [UP3, UP4, UP5]
+    assert migrate(db) == [UP3, UP4, UP5, UP6]
     assert db.run("SELECT count(*) FROM communication_slo") == [(0,)]
     assert db.run("SELECT event_id, attempt FROM communication_events ORDER BY 1") == [
         ("r1", None), ("r2", None)]
@@ -86,7 +96,7 @@ def test_a_downgrade_of_empty_tables_and_columns_needs_no_confirmation(db: Db) -
     db.run("INSERT INTO communication_events (event_id, correlation_id, source_service, "
            "target_service, event_type, protocol) VALUES ('e1', 'c', 'a', 'b', 'error', "
            "'http')")  # attempt and backoff_ms are NULL: nothing of 0003 is lost
-    assert migrate(db, to=2) == [DOWN5, DOWN4, DOWN3]
+    assert migrate(db, to=2) == [DOWN6, DOWN5, DOWN4, DOWN3]
     assert db.run("SELECT event_id FROM communication_events") == [("e1",)]
 
 
@@ -103,7 +113,7 @@ def test_a_downgrade_that_cannot_run_says_why_before_changing_anything(pg_databa
     assert "0005_wire_widths.down.sql" in message
     assert "value too long for type character varying(20)" in message
     assert "nothing was changed" in message
-    assert db.current() == 5
+    assert db.current() == 6
 
 
 def commpipe(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -128,10 +138,10 @@ def test_commpipe_migrate_down_asks_for_yes_before_deleting(pg_database: str,
     assert error.endswith("then run again with --yes to delete them")
     assert "Traceback" not in refused.stderr
     for db in (Db("postgres", pg_database), Db("duckdb", duckdb_path)):
-        assert db.current() == 5
+        assert db.current() == 6
         assert db.run("SELECT count(attempt) FROM communication_events") == [(1,)]
     done = commpipe(env, "migrate", "--to", "2", "--yes")
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
         f"{where}: down {v}" for where in ("PostgreSQL", f"DuckDB {duckdb_path}")
-        for v in ("0005 wire_widths", "0004 slo", "0003 call_chains")]
+        for v in ("0006 cascades", "0005 wire_widths", "0004 slo", "0003 call_chains")]
