@@ -74,6 +74,12 @@ def scrub_dsn(text: str, dsn: str) -> str:
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 
+# What the worker's decoder accepts in one record (pipeline.wire.decode.MAX_RECORD_BYTES and
+# MAX_BATCH_EVENTS; this root module cannot import wire, tests/unit/test_settings.py keeps
+# them equal): the shim's batches must stay within them.
+WORKER_RECORD_BYTES = 1024 * 1024
+WORKER_BATCH_EVENTS = 10_000
+
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:
@@ -109,12 +115,16 @@ class Settings:
     # The shim
     shim_buffer_size: int = 100_000
     """Events held while the broker is slow or away; beyond it emits are dropped and counted."""
+    shim_buffer_bytes: int = 64 * 1024 * 1024
+    """Bytes held (the events' JSON as emitted, error messages already cut to 1,024
+    characters) while the broker is slow or away; beyond it emits are dropped and counted."""
     shim_linger_ms: float = 50.0
     """How long the sender lets events gather before it sends a batch."""
     shim_batch_events: int = 500
-    """Most events in one Kafka record (one edge's batch)."""
+    """Most events in one Kafka record (one edge's batch); at most 10,000 (the worker's)."""
     shim_batch_bytes: int = 512 * 1024
-    """Most bytes in one Kafka record; keep below the broker's message.max.bytes."""
+    """Most bytes in one Kafka record; at most 1 MiB (the worker's), and keep it below the
+    broker's message.max.bytes."""
     shim_request_timeout_ms: int = 10_000
     """Producer request timeout; a send that fails this way is retried, not lost."""
     shim_close_timeout_s: float = 5.0
@@ -245,7 +255,8 @@ class Settings:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first setting whose value cannot work."""
-        positive = ("partitions", "shim_buffer_size", "shim_batch_events", "shim_batch_bytes",
+        positive = ("partitions", "shim_buffer_size", "shim_buffer_bytes", "shim_batch_events",
+                    "shim_batch_bytes",
                     "shim_request_timeout_ms", "window_s", "worker_batch_records",
                     "broker_session_timeout_s", "broker_heartbeat_interval_s",
                     "breaker_failure_threshold", "breaker_half_open_probes", "sink_interval_s",
@@ -276,6 +287,12 @@ class Settings:
                 f"{PREFIX}WORKER_BATCH_RECORDS must be at most {MAX_WORKER_BATCH_RECORDS} (an "
                 f"edge remembers the offsets of up to {MAX_WORKER_BATCH_RECORDS} skipped copies, "
                 f"for replays of one batch), got {self.worker_batch_records}")
+        for name, most, what in (
+                ("shim_batch_bytes", WORKER_RECORD_BYTES, "the largest record"),
+                ("shim_batch_events", WORKER_BATCH_EVENTS, "the most events of one record")):
+            if getattr(self, name) > most:
+                raise ConfigError(f"{PREFIX}{name.upper()} must be at most {most} ({what} the "
+                                  f"worker accepts), got {getattr(self, name)}")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"{PREFIX}METRICS_PORT must be 0-65535, got {self.metrics_port}")
         if not re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", self.metrics_namespace):

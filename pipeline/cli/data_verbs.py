@@ -2,11 +2,34 @@
 command line, which only wires library pieces together)."""
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
-from pipeline.cli.output import guarded, print_result, steps
+from pipeline.cli.cells import Kind
+from pipeline.cli.output import Hint, guarded, print_result, steps
 
 __all__ = ["add_commands"]
+
+
+def _objective_unit(row: Mapping[str, Any]) -> Kind:
+    """An objective's threshold and miss are a 0-1 ratio (delivery_success) or ms."""
+    return "ratio" if row.get("objective") == "delivery_success" else "ms"
+
+
+def one_edge_column(result: Any) -> Any:
+    """``result`` with its first three columns (source, target, protocol) shown as one
+    ``edge`` column, ``orders → payments · grpc``: a table for people that fits 80 columns."""
+    from pipeline.cli.query import Result
+
+    if result.columns[:3] != ["source_service", "target_service", "protocol"]:
+        return result
+    return Result(["edge", *result.columns[3:]],
+                  [(f"{r[0]} → {r[1]} · {r[2]}", *r[3:]) for r in result.rows])
+
+
+HEALTH_KINDS: dict[str, Hint] = {"avg_latency": "ms"}  # the specification's name, no unit
+MISSES_KINDS: dict[str, Hint] = {"threshold": _objective_unit, "worst_miss": _objective_unit,
+                                 "last_window_end": "epoch"}
 
 
 def add_commands(app: Any, console: Any, out: Any) -> None:
@@ -26,6 +49,10 @@ def add_commands(app: Any, console: Any, out: Any) -> None:
                             ] = True,
         duckdb: Annotated[bool, typer.Option(help="Migrate the DuckDB file (if a path is set).")
                           ] = True,
+        yes: Annotated[bool, typer.Option(
+            "--yes", help="Roll back even if that deletes data (tables with rows, columns "
+                          "with values); without it such a rollback says what it would "
+                          "delete and changes nothing.")] = False,
     ) -> None:
         """Apply or roll back the schema migrations (tracked; re-running does nothing)."""
         from pipeline.settings import Settings
@@ -36,11 +63,12 @@ def add_commands(app: Any, console: Any, out: Any) -> None:
             done = False
             if postgres and settings.postgres_dsn.get():
                 steps(out, "PostgreSQL", migrations.migrate_postgres(
-                    settings.postgres_conninfo(), to=to))
+                    settings.postgres_conninfo(), to=to, allow_data_loss=yes))
                 done = True
             if duckdb and settings.duckdb_path:
                 steps(out, f"DuckDB {settings.duckdb_path}",
-                       migrations.migrate_duckdb(settings.duckdb_path, to=to))
+                      migrations.migrate_duckdb(settings.duckdb_path, to=to,
+                                                allow_data_loss=yes))
                 done = True
             if not done:
                 console.print("nothing to migrate: set COMMPIPE_POSTGRES_DSN and/or "
@@ -81,9 +109,12 @@ def add_commands(app: Any, console: Any, out: Any) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     ) -> None:
         """Print analyze_communication_health() and the objectives missed in the lookback,
-        from each configured database."""
+        from each configured database. As a gate (--fail-under) it also fails when there is
+        nothing to judge: no database configured, no schema, or no rollups in the
+        lookback."""
         from pipeline.cli import health as h
         from pipeline.cli.durations import parse_duration
+        from pipeline.errors import ConfigError
         from pipeline.settings import Settings
 
         def run() -> None:
@@ -91,8 +122,13 @@ def add_commands(app: Any, console: Any, out: Any) -> None:
             since_s = parse_duration(since)
             databases = ((["postgres"] if settings.postgres_dsn.get() else [])
                          + (["duckdb"] if settings.duckdb_path else []))
-            reports = [h.report(settings, db, since_s=since_s, fail_under=fail_under)
-                       for db in databases]
+            if not databases:
+                if as_json:
+                    print(json.dumps({"ok": False, "reports": [],
+                                      "problems": [h.NOTHING_TO_CHECK]}, indent=1))
+                raise ConfigError(h.NOTHING_TO_CHECK)
+            reports = [h.report(settings, db, since_s=since_s, since=since,
+                                fail_under=fail_under) for db in databases]
             if as_json:
                 print(json.dumps({"ok": all(r.ok for r in reports),
                                   "reports": [r.to_json() for r in reports]}, indent=1))
@@ -100,9 +136,13 @@ def add_commands(app: Any, console: Any, out: Any) -> None:
                 for r in reports:
                     name = "PostgreSQL" if r.database == "postgres" else "DuckDB"
                     print_result(out, r.health, "table",
-                                  f"{name}: analyze_communication_health()")
-                    print_result(out, r.misses, "table",
-                                  f"{name}: objectives missed in the last {since}")
+                                 f"{name}: analyze_communication_health()",
+                                 kinds=HEALTH_KINDS)
+                    print_result(out, one_edge_column(r.misses), "table",
+                                 f"{name}: objectives missed in the last {since}",
+                                 kinds=MISSES_KINDS)
+                    for problem in r.problems:
+                        console.print(f"[red]{r.database}: {problem}[/]", highlight=False)
                     if fail_under is None:
                         continue
                     for service, score in r.low:

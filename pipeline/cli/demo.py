@@ -5,7 +5,8 @@ set) a Kafka broker and PostgreSQL, applies the migrations, runs a worker
 (stream job, sink, ``/metrics``) as a child process and the load generator in a
 thread, and shows the edges live from the worker's ``/metrics``. On Ctrl-C or
 after ``duration`` it stops the traffic, lets the worker store the last
-windows, and stops everything it started, in reverse order.
+windows, stops everything it started, in reverse order, and draws the run's
+service graph from the DuckDB file (:func:`write_graph`).
 """
 
 from __future__ import annotations
@@ -26,14 +27,14 @@ from typing import Any
 from pipeline.errors import ServiceError
 from pipeline.settings import Settings
 
-__all__ = ["EXAMPLE_QUERIES", "DemoResult", "run_demo"]
+__all__ = ["EXAMPLE_QUERIES", "DemoResult", "run_demo", "write_graph"]
 
 EXAMPLE_QUERIES = (
     ("the slowest edges",
      "SELECT source_service, target_service, protocol, max(latency_p99_ms) AS p99_ms "
      "FROM communication_rollups GROUP BY ALL ORDER BY p99_ms DESC LIMIT 5"),
     ("the error-rate trend",
-     "SELECT window_start, source_service, target_service, round(error_ratio, 3) AS errors "
+     "SELECT window_start, source_service, target_service, error_ratio "
      "FROM communication_rollups WHERE error_ratio > 0 ORDER BY window_start DESC LIMIT 10"),
     ("circuit trips",
      "SELECT window_start, source_service, target_service, circuit_transitions "
@@ -51,6 +52,38 @@ class DemoResult:
     events_sent: int = 0
     scrapes: int = 0
     edges_seen: set[tuple[str, str, str]] = field(default_factory=set)
+    graphs: list[Path] = field(default_factory=list)
+    """The service graph of the run (HTML and SVG; DOT alone without Graphviz's dot)."""
+    graph_note: str = ""
+    """Why there is no (drawn) graph, when there is none."""
+    lookback_s: float = 0.0
+    """How far back the run's windows go, for ``commpipe graph --since``."""
+
+
+def write_graph(result: DemoResult, workdir: Path) -> None:
+    """Draw the run's service graph from the DuckDB file into ``workdir`` (graph.html and
+    graph.svg; graph.dot only, with a note, when Graphviz's dot is not installed)."""
+    from pipeline.cli import graph, graph_page
+    from pipeline.errors import CommpipeError
+
+    try:
+        drawn = graph.read_graph(Settings.from_env(duckdb_path=result.duckdb_path),
+                                 result.lookback_s)
+    except CommpipeError as e:
+        result.graph_note = f"no service graph: {e}"
+        return
+    if not drawn.edges:
+        result.graph_note = "no service graph: no windows were stored"
+        return
+    try:
+        pages = {fmt: graph_page.render(drawn, fmt) for fmt in ("html", "svg")}
+    except CommpipeError as e:  # no Graphviz: the DOT text, which needs no program
+        pages = {"dot": graph_page.render(drawn, "dot")}
+        result.graph_note = str(e)
+    for fmt, text in pages.items():
+        path = (workdir / f"graph.{fmt}").resolve()
+        path.write_text(text, encoding="utf-8")
+        result.graphs.append(path)
 
 
 def _samples(port: int) -> list[Any]:
@@ -133,6 +166,7 @@ def run_demo(console: Any, *, duration: float | None, rate: float, seed: int,
     from pipeline.sink import migrations
 
     settings = Settings.from_env()
+    started = time.time()
     workdir.mkdir(parents=True, exist_ok=True)
     duckdb_path = str(Path(settings.duckdb_path or "commpipe.duckdb").resolve())
     result = DemoResult(duckdb_path, workdir / "worker.log")
@@ -165,6 +199,9 @@ def run_demo(console: Any, *, duration: float | None, rate: float, seed: int,
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    # every window of this run (not an earlier run's, kept in the same file)
+    result.lookback_s = time.time() - started + 2 * settings.window_s
+    write_graph(result, workdir)
     return result
 
 

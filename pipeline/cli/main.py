@@ -15,13 +15,14 @@ Commands:
 * ``commpipe patterns load FILE`` / ``check``: the message_patterns catalogue.
 * ``commpipe check``: the specification's CI gates (``.communication.yml``), a table and a
   JSON report; exit 1 when a gate fails.
+* ``commpipe graph``: the service graph from the rollups (SVG, HTML or DOT).
 * ``commpipe bench``: the benchmarks (``python -m bench``, same options).
 
 Each ``*_verbs`` module adds its verbs to the app (:mod:`~pipeline.cli.run_verbs`,
 :mod:`~pipeline.cli.data_verbs`, :mod:`~pipeline.cli.trace_verbs`,
-:mod:`~pipeline.cli.patterns_verbs`, :mod:`~pipeline.cli.check_verbs`); the other
-modules here are the library pieces only the command line uses (queries, reports, the
-demo, the load generator).
+:mod:`~pipeline.cli.patterns_verbs`, :mod:`~pipeline.cli.check_verbs`,
+:mod:`~pipeline.cli.graph_verbs`); the other modules here are the library pieces only the
+command line uses (queries, reports, the graph, the demo, the load generator).
 
 The command line needs the ``server`` extra (typer, rich); without it
 :func:`main` says so and exits with code 1.
@@ -50,7 +51,14 @@ def _build_app() -> Any:
     import typer
     from rich.console import Console
 
-    from pipeline.cli import check_verbs, data_verbs, patterns_verbs, run_verbs, trace_verbs
+    from pipeline.cli import (
+        check_verbs,
+        data_verbs,
+        graph_verbs,
+        patterns_verbs,
+        run_verbs,
+        trace_verbs,
+    )
 
     app = typer.Typer(help="commpipe: inter-service communication telemetry.",
                       no_args_is_help=True, add_completion=False,
@@ -62,6 +70,7 @@ def _build_app() -> Any:
     trace_verbs.add_commands(app, console)
     patterns_verbs.add_commands(app, console)
     check_verbs.add_commands(app, console, out)
+    graph_verbs.add_commands(app, console)
     return app
 
 

@@ -1,6 +1,7 @@
 """The verbs that run something: ``broker``, ``postgres``, ``worker``, ``demo``,
 ``loadgen`` and ``bench`` (part of the command line, which only wires library pieces)."""
 
+import math
 import signal
 import threading
 from collections.abc import Callable
@@ -166,6 +167,13 @@ def add_commands(app: Any, console: Any, out: Any) -> None:
                 out.print(f"  [dim]# {what}[/]", highlight=False)
                 out.print(f'  {env}commpipe query "{sql}"', highlight=False, soft_wrap=True,
                           markup=False)
+            if result.graphs:
+                out.print("The service graph: " + " and ".join(map(str, result.graphs))
+                          + f" (again: {env}commpipe graph --since "
+                          f"{math.ceil(result.lookback_s / 60)}m)",
+                          highlight=False, soft_wrap=True, markup=False)
+            if result.graph_note:
+                console.print(result.graph_note, highlight=False, markup=False)
 
         guarded(console, run)
 

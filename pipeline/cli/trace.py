@@ -262,24 +262,80 @@ def _edge(source: str, target: str, protocol: str) -> str:
 
 
 def _ms(value: float | None) -> str:
-    """Milliseconds to at most two decimals, trailing zeros left out: 9.5 ms, 1,400 ms."""
-    return "" if value is None else f"{value:,.2f}".rstrip("0").rstrip(".") + " ms"
+    """Milliseconds to 0.1, a trailing .0 left out: 9.5 ms, 11 ms, 1,400 ms."""
+    return "" if value is None else f"{value:,.1f}".removesuffix(".0") + " ms"
 
 
-def render(chain: Chain) -> str:
-    """The chain as text: a summary line, one line per edge, one line per event."""
+_HEADERS: Final = ("+time", "edge", "event", "attempt", "backoff", "latency", "status", "error")
+_RIGHT: Final = (True, False, False, True, True, True, True, False)
+_ERROR_INDENT: Final = 10
+"""Where an error goes when it does not fit beside its event: on the next line, indented."""
+
+
+def _lines(text: str, width: int | None, indent: str = "") -> list[str]:
+    from pipeline.cli.tables import wrap
+
+    if width is None:
+        return [text]
+    body = text.lstrip(" ")
+    lead = text[:len(text) - len(body)]
+    first, *rest = wrap(body, width - len(lead))
+    indent = lead + indent
+    return [lead + first, *(indent + line for line in wrap(" ".join(rest), width - len(indent))
+                            if rest)]
+
+
+def _aligned(cells: tuple[str, ...], widths: list[int]) -> str:
+    from rich.cells import cell_len
+
+    return "  ".join(c.rjust(w) if right else c + " " * (w - cell_len(c))
+                     for c, w, right in zip(cells, widths, _RIGHT, strict=False))
+
+
+def _table(rows: list[tuple[str, ...]], width: int | None) -> list[str]:
+    """One line per event, the error last; where that is too wide, the error on the next
+    line; where even the rest is too wide, a table that wraps (or blocks)."""
+    import io
+
+    from rich.console import Console
+
+    from pipeline.cli.tables import fit_widths, render, wrap
+
+    table = [_HEADERS, *rows]
+    natural = [max(len(r[i]) for r in table) for i in range(len(_HEADERS) - 1)]
+    if width is None or sum(natural) + 2 * len(natural) + max(len(r[-1]) for r in rows) <= width:
+        return [(_aligned(r, natural) + "  " + r[-1]).rstrip() for r in table]
+    widths = fit_widths(_HEADERS[:-1], [r[:-1] for r in rows], [True] * len(natural), width)
+    if widths is not None:
+        out = [_aligned(_HEADERS[:-1], widths).rstrip(), " " * _ERROR_INDENT + _HEADERS[-1]]
+        for r in rows:
+            out.append(_aligned(r, widths).rstrip())
+            out += [" " * _ERROR_INDENT + line
+                    for line in (wrap(r[-1], width - _ERROR_INDENT) if r[-1] else [])]
+        return out
+    console = Console(file=io.StringIO(), width=width, color_system=None, highlight=False,
+                      emoji=False, markup=False)
+    console.print(render(_HEADERS, rows, _RIGHT, width))
+    return [line.rstrip() for line in console.file.getvalue().splitlines()]
+
+
+def render(chain: Chain, width: int | None = None) -> str:
+    """The chain as text: a summary line, one line per edge, a table of the events; at most
+    ``width`` columns wide when given (:mod:`pipeline.cli.tables`)."""
     if not chain.steps:
         return f"no stored events for {_text(chain.key)}"
     plural = "s" if len(chain.edges) != 1 else ""
-    lines = [f"chain {_text(chain.key)}: {len(chain.steps)} events, {len(chain.edges)} "
-             f"edge{plural}, {chain.attempts} attempts, {chain.retries} retries, total "
-             f"backoff {_ms(chain.total_backoff_ms)}; outcome: {chain.outcome}"]
+    lines = _lines(f"chain {_text(chain.key)}: {len(chain.steps)} events, "
+                   f"{len(chain.edges)} edge{plural}, {chain.attempts} attempts, "
+                   f"{chain.retries} retries, total backoff {_ms(chain.total_backoff_ms)}; "
+                   f"outcome: {chain.outcome}", width, "  ")
     if chain.truncated:
-        lines.append(f"(more than {MAX_EVENTS} events matched: showing the first {MAX_EVENTS})")
+        lines += _lines(f"(more than {MAX_EVENTS} events matched: showing the first "
+                        f"{MAX_EVENTS})", width)
     for e in chain.edges:
-        lines.append(f"  {_edge(e.source_service, e.target_service, e.protocol)}: "
-                     f"{e.attempts} attempts, {e.retries} retries, backoff {_ms(e.backoff_ms)}"
-                     f", {e.outcome}")
+        lines += _lines(f"  {_edge(e.source_service, e.target_service, e.protocol)}: "
+                        f"{e.attempts} attempts, {e.retries} retries, backoff "
+                        f"{_ms(e.backoff_ms)}, {e.outcome}", width, "    ")
     start = chain.steps[0].ts
 
     def failure(step: Step) -> str:
@@ -289,16 +345,14 @@ def render(chain: Chain) -> str:
 
     for n, path in enumerate(chain.cascades, start=1):
         up = ", then ".join(failure(s) for s in reversed(path[:-1]))
-        lines.append(f"  cascade {n}: started at {failure(path[-1])}; failed in turn: {up}")
-    table = [("+time", "edge", "event", "attempt", "backoff", "latency", "status", "error")]
+        lines += _lines(f"  cascade {n}: started at {failure(path[-1])}; failed in turn: {up}",
+                        width, "    ")
+    rows = []
     for s in chain.steps:
         error = ": ".join(_text(x) for x in (s.error_type, s.error_message) if x)
-        table.append((f"+{s.ts - start:.3f} s", _edge(*s.edge), s.kind, _text(s.attempt),
-                      _ms(s.backoff_ms), _ms(s.latency_ms), _text(s.status_code), error))
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
-    lines.append(f"started {_iso(start)} (times are the services' own clocks)")
-    for row in table:
-        cells = [c.rjust(w) if i in (0, 3, 4, 5, 6) else c.ljust(w)
-                 for i, (c, w) in enumerate(zip(row, widths, strict=False))]
-        lines.append("  ".join([*cells, row[-1]]).rstrip())
-    return "\n".join(lines)
+        rows.append((f"+{s.ts - start:.3f} s", _edge(*s.edge), s.kind, _text(s.attempt),
+                     _ms(s.backoff_ms), _ms(s.latency_ms), _text(s.status_code), error))
+    started = dt.datetime.fromtimestamp(start, dt.UTC).isoformat(timespec="milliseconds")
+    lines += _lines(f"started {started.replace('+00:00', 'Z')} (UTC; times are the "
+                    "services' own clocks)", width, "  ")
+    return "\n".join([*lines, *_table(rows, width)])

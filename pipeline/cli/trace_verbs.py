@@ -52,7 +52,9 @@ def add_commands(app: Any, console: Any) -> None:
             if as_json:
                 print(json.dumps(chain.to_json(), indent=1, ensure_ascii=False))
             elif chain.steps:
-                print(t.render(chain))
+                from rich.console import Console
+
+                print(t.render(chain, width=Console().width))  # COLUMNS, else the terminal
             if not chain.steps:
                 print(NOTHING_STORED.format(key=wanted), file=sys.stderr)
                 raise typer.Exit(1)

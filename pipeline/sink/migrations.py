@@ -6,6 +6,13 @@ transaction together with its row in ``commpipe_schema_migrations`` in the same
 database, so a failing script leaves no trace. PostgreSQL migrations run under
 a session advisory lock, so workers starting together migrate one at a time.
 
+Rolling back never deletes data unasked: before any down script runs, all of them
+are run once in a transaction that is rolled back, and the tables and columns they
+would drop are compared with the catalogue; if any of those holds data, the call
+names what (``3 rows of table communication_slo``, ``1 value of column
+communication_events.attempt``) and changes nothing, unless ``allow_data_loss`` is
+given (``commpipe migrate --yes``). A down script that would fail says so the same way.
+
 The ``sql/`` directory is ``$COMMPIPE_SQL_DIR`` if set, else the repository
 checkout's ``sql/`` (editable install), else the copy a wheel installs under
 ``<prefix>/share/commpipe/sql`` (``[tool.setuptools.data-files]``).
@@ -182,7 +189,65 @@ def _apply(conn: _Conn, db: _Db, m: Migration, direction: Direction) -> None:
                            f"it was applied: {_cause(e, db)}") from e
 
 
-def _migrate(conn: _Conn, db: _Db, to: int | None) -> list[Step]:
+def _tables(conn: _Conn) -> set[str]:
+    return {t for (t,) in conn.execute(
+        "SELECT table_name FROM information_schema.tables "
+        "WHERE table_schema = current_schema() AND table_type = 'BASE TABLE'").fetchall()}
+
+
+def _columns(conn: _Conn) -> set[tuple[str, str]]:
+    return {(t, c) for t, c in conn.execute(
+        "SELECT table_name, column_name FROM information_schema.columns "
+        "WHERE table_schema = current_schema()").fetchall()}
+
+
+def _count(conn: _Conn, db: _Db, table: str, column: str | None = None) -> int:
+    """Rows of ``table``, or values (not NULL) of its ``column``."""
+    if db.dialect == "postgres":
+        from psycopg import sql
+
+        query: Any = sql.SQL("SELECT count({}) FROM {}").format(
+            sql.Identifier(column) if column else sql.SQL("*"), sql.Identifier(table))
+    else:
+        def quote(name: str) -> str:
+            return '"' + name.replace('"', '""') + '"'
+
+        query = f"SELECT count({quote(column) if column else '*'}) FROM {quote(table)}"
+    return int(conn.execute(query).fetchone()[0])
+
+
+def _plural(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def _what_downs_delete(conn: _Conn, db: _Db, downs: list[Migration], target: int) -> list[str]:
+    """Run the down scripts in a transaction that is rolled back and say what data the
+    tables and columns they drop hold; :class:`ServiceError` if one of them fails."""
+    tables, columns = _tables(conn), _columns(conn)
+    conn.execute("BEGIN")
+    try:
+        for m in downs:
+            try:
+                conn.execute(m.down.read_text(encoding="utf-8"))
+            except (OSError, *db.errors) as e:
+                raise ServiceError(f"migrating {db.where} down to version {target} would fail "
+                                   f"at {m.down}: {_cause(e, db)}; nothing was changed") from e
+        gone_tables = tables - _tables(conn) - {TRACKING_TABLE}
+        gone_columns = {(t, c) for t, c in columns - _columns(conn) if t not in gone_tables}
+    finally:
+        conn.execute("ROLLBACK")
+    lost = []
+    for table in sorted(gone_tables):
+        if n := _count(conn, db, table):
+            lost.append(f"{_plural(n, 'row', 'rows')} of table {table}")
+    for table, column in sorted(gone_columns):
+        if n := _count(conn, db, table, column):
+            lost.append(f"{_plural(n, 'value', 'values')} of column {table}.{column}")
+    return lost
+
+
+def _migrate(conn: _Conn, db: _Db, to: int | None, allow_data_loss: bool = False
+             ) -> list[Step]:
     """Bring the connected database to version ``to`` (default: the latest)."""
     known = {m.version: m for m in migrations(db.dialect)}
     top = max(known, default=0)
@@ -201,6 +266,15 @@ def _migrate(conn: _Conn, db: _Db, to: int | None) -> list[Step]:
     plan: list[tuple[Migration, Direction]] = [
         (known[v], "down") for v in sorted(applied, reverse=True) if v > target
     ] + [(known[v], "up") for v in sorted(known) if v <= target and v not in applied]
+    downs = [m for m, direction in plan if direction == "down"]
+    if downs and not allow_data_loss:
+        with _driver_errors(db, "checking what rolling back would delete"):
+            lost = _what_downs_delete(conn, db, downs, target)
+        if lost:
+            raise ConfigError(
+                f"migrating {db.where} down to version {target} would delete "
+                f"{', '.join(lost)}; nothing was changed. Back them up if you need them, "
+                "then run again with --yes to delete them")
     steps = []
     for m, direction in plan:
         _apply(conn, db, m, direction)
@@ -232,7 +306,13 @@ def _duckdb(path: str | Path) -> Iterator[tuple[_Conn, _Db]]:
 
     where = f"DuckDB file {path}"
     if str(path) != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(path).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create the folder {folder} for {where} "
+                              f"({e.strerror or type(e).__name__}): set COMMPIPE_DUCKDB_PATH to "
+                              "a file in a folder that exists or can be created") from e
     try:
         conn = duckdb.connect(str(path))
     except duckdb.Error as e:
@@ -246,18 +326,22 @@ def _duckdb(path: str | Path) -> Iterator[tuple[_Conn, _Db]]:
         conn.close()
 
 
-def migrate_postgres(dsn: str, *, to: int | None = None) -> list[Step]:
-    """Bring PostgreSQL to version ``to`` (default latest) under the advisory lock."""
+def migrate_postgres(dsn: str, *, to: int | None = None, allow_data_loss: bool = False
+                     ) -> list[Step]:
+    """Bring PostgreSQL to version ``to`` (default latest) under the advisory lock; rolling
+    back drops data only with ``allow_data_loss`` (else :class:`ConfigError` says what)."""
     with _postgres(dsn) as (conn, db), _driver_errors(db, "migrating"):
         # held until the session ends (when this block closes the connection)
         conn.execute("SELECT pg_advisory_lock(%s)", (ADVISORY_LOCK_KEY,))
-        return _migrate(conn, db, to)
+        return _migrate(conn, db, to, allow_data_loss)
 
 
-def migrate_duckdb(path: str | Path, *, to: int | None = None) -> list[Step]:
-    """Bring the DuckDB file at ``path`` to version ``to`` (default latest)."""
+def migrate_duckdb(path: str | Path, *, to: int | None = None, allow_data_loss: bool = False
+                   ) -> list[Step]:
+    """Bring the DuckDB file at ``path`` to version ``to`` (default latest); rolling back
+    drops data only with ``allow_data_loss``."""
     with _duckdb(path) as (conn, db), _driver_errors(db, "migrating"):
-        return _migrate(conn, db, to)
+        return _migrate(conn, db, to, allow_data_loss)
 
 
 def current_version_postgres(dsn: str) -> int:

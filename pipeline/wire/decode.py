@@ -9,7 +9,11 @@ JSON value (the shim uses it on what it is about to send).
 Whatever the input, these functions raise nothing but
 :class:`~pipeline.errors.EventValidationError`, whose ``field`` and ``reason``
 say exactly what is wrong. Unknown fields are ignored (a v1 reader tolerates
-additions); a JSON ``null`` in an optional field means "absent".
+additions); a JSON ``null`` in an optional field means "absent". Values the
+shim hands over may be subclasses (``HTTPStatus.OK``, a ``StrEnum`` member,
+a float subclass such as ``numpy.float64``): they are checked and kept as the
+plain ``int``, ``float`` or ``str`` they hold (their own ``__str__``, ``__eq__``
+or ``__hash__`` are never called); ``bool`` is not a number.
 
 Field rules (DESIGN.md, "The event"):
 
@@ -100,11 +104,21 @@ def _describe(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+def _plain_str(value: Any) -> str | None:
+    """``value`` as an exact ``str`` (a subclass gives up its characters, nothing it overrides
+    is called); ``None`` when it is not a string at all."""
+    if type(value) is str:
+        return value
+    return str.__str__(value) if isinstance(value, str) else None
+
+
 def _string(value: Any, pattern: re.Pattern[str], rule: str) -> str:
     if value is None:
         raise _Bad("missing (required)")
-    if type(value) is not str:
+    plain = _plain_str(value)
+    if plain is None:
         raise _Bad(f"expected a string ({rule}), got {_describe(value)}")
+    value = plain
     if pattern.fullmatch(value) is None:
         shown = value if len(value) <= 40 else value[:40] + "..."
         raise _Bad(f"{shown!r} does not match {rule}")
@@ -135,7 +149,7 @@ def _checker(pattern: re.Pattern[str], rule: str, *, remember: bool = False,
     def check_remembered(value: Any) -> str:
         if type(value) is str and value in known_good:
             return value
-        _string(value, pattern, rule)
+        value = _string(value, pattern, rule)
         if len(known_good) >= _REMEMBER_MAX:
             known_good.clear()
         known_good.add(value)
@@ -149,7 +163,12 @@ def _number(low: float, high: float, *, high_inclusive: bool = True) -> Callable
         if value is None:
             raise _Bad("missing (required)")
         if type(value) is not float and type(value) is not int:
-            raise _Bad(f"expected a number, got {_describe(value)}")
+            if isinstance(value, float):
+                value = float.__float__(value)
+            elif isinstance(value, int) and not isinstance(value, bool):
+                value = int.__int__(value)
+            else:
+                raise _Bad(f"expected a number, got {_describe(value)}")
         value = float(value)
         if not math.isfinite(value):
             raise _Bad(f"must be finite, got {value}")
@@ -164,7 +183,9 @@ def _number(low: float, high: float, *, high_inclusive: bool = True) -> Callable
 def _integer(low: int, high: int) -> Callable[[Any], int]:
     def check(value: Any) -> int:
         if type(value) is not int:
-            raise _Bad(f"expected an integer, got {_describe(value)}")
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise _Bad(f"expected an integer, got {_describe(value)}")
+            value = int.__int__(value)
         if value < low or value > high:
             raise _Bad(f"{value} is outside [{low}, {high}]")
         return value
@@ -178,9 +199,11 @@ def _one_of(allowed: frozenset[str]) -> Callable[[Any], str]:
     def check(value: Any) -> str:
         if value is None:
             raise _Bad("missing (required)")
-        if type(value) is not str or value not in allowed:
-            raise _Bad(f"expected one of {rule}, got {value!r}"[:200])
-        return value
+        plain = _plain_str(value)
+        if plain is None or plain not in allowed:
+            shown = value if plain is None else plain
+            raise _Bad(f"expected one of {rule}, got {shown!r}"[:200])
+        return plain
 
     return check
 
@@ -189,7 +212,7 @@ def _hex_id(pattern: re.Pattern[str], length: int) -> Callable[[Any], str]:
     rule = f"{length} lower-case hex digits, not all zero"
 
     def check(value: Any) -> str:
-        _string(value, pattern, rule)
+        value = _string(value, pattern, rule)
         if value.count("0") == length:
             raise _Bad(f"must not be all zero ({rule})")
         return value
@@ -199,8 +222,10 @@ def _hex_id(pattern: re.Pattern[str], length: int) -> Callable[[Any], str]:
 
 def _check_message(value: Any) -> str:
     """``error_message``: its faults are described, never quoted (it may hold secrets)."""
-    if type(value) is not str:
+    plain = _plain_str(value)
+    if plain is None:
         raise _Bad(f"expected a string, got {_describe(value)}")
+    value = plain
     if not 1 <= len(value) <= MAX_MESSAGE_CHARS:
         raise _Bad(f"{len(value)} characters; 1-{MAX_MESSAGE_CHARS} are accepted")
     bad = _CONTROL_CHAR.search(value)

@@ -61,6 +61,15 @@ def test_demo_runs_to_the_end_and_leaves_rollups_for_every_edge(
         seen |= {k for k, n in orjson.loads(value).items() if n}
     # the pybreaker breaker tripped during a burst and recovered
     assert {"reported:open", "reported:closed"} <= seen
+    # the service graph of the run, where the demo says it wrote it
+    said = next(line for line in done.stdout.splitlines()
+                if line.startswith("The service graph: "))
+    html, svg = (tmp_path / ".commpipe/demo/graph.html", tmp_path / ".commpipe/demo/graph.svg")
+    assert said.startswith(f"The service graph: {html} and {svg} (again: commpipe graph")
+    for page in (html.read_text(), svg.read_text()):
+        for s, t, p in ALL_EDGES:
+            assert f'id="edge:{s}/{t}/{p}"' in page
+            assert f'id="service:{s}"' in page and f'id="service:{t}"' in page
     # the example queries run as printed
     for line in done.stdout.splitlines():
         if 'commpipe query "' in line:

@@ -33,11 +33,13 @@ UP1 = Step(1, "communication_monitoring", "up")
 UP2 = Step(2, "rollups", "up")
 UP3 = Step(3, "call_chains", "up")
 UP4 = Step(4, "slo", "up")
+UP5 = Step(5, "wire_widths", "up")
 UP6 = Step(6, "cascades", "up")
 DOWN1 = Step(1, "communication_monitoring", "down")
 DOWN2 = Step(2, "rollups", "down")
 DOWN3 = Step(3, "call_chains", "down")
 DOWN4 = Step(4, "slo", "down")
+DOWN5 = Step(5, "wire_widths", "down")
 DOWN6 = Step(6, "cascades", "down")
 
 TRACKING = {"commpipe_schema_migrations"}
@@ -74,10 +76,10 @@ class Db:
         self.target = target
         self.p = "%s" if dialect == "postgres" else "?"
 
-    def migrate(self, to: int | None = None) -> list[Step]:
+    def migrate(self, to: int | None = None, *, allow_data_loss: bool = False) -> list[Step]:
         if self.dialect == "postgres":
-            return mig.migrate_postgres(self.target, to=to)
-        return mig.migrate_duckdb(self.target, to=to)
+            return mig.migrate_postgres(self.target, to=to, allow_data_loss=allow_data_loss)
+        return mig.migrate_duckdb(self.target, to=to, allow_data_loss=allow_data_loss)
 
     def current(self) -> int:
         if self.dialect == "postgres":
@@ -172,6 +174,7 @@ def test_migration_files() -> None:
             (2, "rollups", "0002_rollups.up.sql", "0002_rollups.down.sql"),
             (3, "call_chains", "0003_call_chains.up.sql", "0003_call_chains.down.sql"),
             (4, "slo", "0004_slo.up.sql", "0004_slo.down.sql"),
+            (5, "wire_widths", "0005_wire_widths.up.sql", "0005_wire_widths.down.sql"),
             (6, "cascades", "0006_cascades.up.sql", "0006_cascades.down.sql"),
         ]
         assert found[0].up.parent == Path(__file__).resolve().parents[2] / "sql" / dialect
@@ -180,30 +183,32 @@ def test_migration_files() -> None:
 
 def test_up_down_up(db: Db) -> None:
     assert db.current() == 0
-    assert db.migrate() == [UP1, UP2, UP3, UP4, UP6]
+    assert db.migrate() == [UP1, UP2, UP3, UP4, UP5, UP6]
     assert db.current() == 6
     assert db.objects() == expected_objects(db.dialect, 6)
     rows = tracking_rows(db)
     assert [(v, n) for v, n, _ in rows] == [(1, "communication_monitoring"), (2, "rollups"),
-                                            (3, "call_chains"), (4, "slo"), (6, "cascades")]
+                                            (3, "call_chains"), (4, "slo"), (5, "wire_widths"),
+                                            (6, "cascades")]
     assert all(isinstance(at, datetime) and at.tzinfo is not None for _, _, at in rows)
 
     assert db.migrate() == []  # at the target: nothing to do
     assert db.migrate(to=6) == []
     assert tracking_rows(db) == rows
 
-    assert db.migrate(to=4) == [DOWN6]
+    assert db.migrate(to=4) == [DOWN6, DOWN5]
     assert db.objects() == expected_objects(db.dialect, 4)
     assert db.migrate(to=0) == [DOWN4, DOWN3, DOWN2, DOWN1]
     assert db.current() == 0
     assert db.objects() == expected_objects(db.dialect, 0)
     assert tracking_rows(db) == []
 
-    assert db.migrate() == [UP1, UP2, UP3, UP4, UP6]
+    assert db.migrate() == [UP1, UP2, UP3, UP4, UP5, UP6]
     assert db.objects() == expected_objects(db.dialect, 6)
     assert [(v, n) for v, n, _ in tracking_rows(db)] == [(1, "communication_monitoring"),
                                                          (2, "rollups"), (3, "call_chains"),
-                                                         (4, "slo"), (6, "cascades")]
+                                                         (4, "slo"), (5, "wire_widths"),
+                                                         (6, "cascades")]
 
 
 def test_partial_targets(db: Db) -> None:
@@ -221,8 +226,9 @@ def test_partial_targets(db: Db) -> None:
 
 
 def test_0003_down_keeps_the_events_and_their_indexes(db: Db) -> None:
-    """Rolling 0003 back drops only its columns: rows stay, and the unique event_id index
-    still refuses a repeat (DuckDB's down file rebuilds the table's indexes)."""
+    """Rolling 0003 back (asked to, as it drops a column's values) drops only its columns:
+    rows stay, and the unique event_id index still refuses a repeat (DuckDB's down file
+    rebuilds the table's indexes)."""
     db.migrate()
     insert = ("INSERT INTO communication_events (event_id, correlation_id, source_service, "
               f"target_service, event_type, protocol, attempt, backoff_ms) VALUES "
@@ -230,14 +236,14 @@ def test_0003_down_keeps_the_events_and_their_indexes(db: Db) -> None:
     db.run(insert, ["r1", "c1", "orders", "payments", "retry", "http", 2, Decimal("400.00")])
     assert db.run("SELECT attempt, backoff_ms FROM communication_events") == [
         (2, Decimal("400.00"))]
-    assert db.migrate(to=2) == [DOWN6, DOWN4, DOWN3]
+    assert db.migrate(to=2, allow_data_loss=True) == [DOWN6, DOWN5, DOWN4, DOWN3]
     assert db.objects() == expected_objects(db.dialect, 2)
     assert db.run("SELECT event_id, event_type FROM communication_events") == [("r1", "retry")]
     with pytest.raises((psycopg.Error, duckdb.Error)):
         db.run("INSERT INTO communication_events (event_id, correlation_id, source_service, "
                "target_service, event_type, protocol) VALUES ('r1', 'c2', 'a', 'b', 'error', "
                "'http')")
-    assert db.migrate() == [UP3, UP4, UP6]
+    assert db.migrate() == [UP3, UP4, UP5, UP6]
     assert db.run("SELECT attempt, backoff_ms FROM communication_events") == [(None, None)]
 
 
@@ -256,8 +262,10 @@ def test_postgres_files_run_under_psql(pg_database: str) -> None:
                 ("0002_rollups.up.sql", 2),
                 ("0003_call_chains.up.sql", 3),
                 ("0004_slo.up.sql", 4),
+                ("0005_wire_widths.up.sql", 5),
+                ("0005_wire_widths.down.sql", 4),
                 ("0006_cascades.up.sql", 6),
-                ("0006_cascades.down.sql", 4),
+                ("0006_cascades.down.sql", 5),
                 ("0004_slo.down.sql", 3),
                 ("0003_call_chains.down.sql", 2),
                 ("0002_rollups.down.sql", 1),
@@ -420,7 +428,7 @@ def test_postgres_advisory_lock_serialises_migrations(pg_database: str) -> None:
     for w in workers:
         w.join(timeout=60)
     assert errors == []
-    assert sorted(results, key=len) == [[], [UP1, UP2, UP3, UP4, UP6]]
+    assert sorted(results, key=len) == [[], [UP1, UP2, UP3, UP4, UP5, UP6]]
 
 
 def _free_port() -> int:
@@ -443,13 +451,13 @@ def test_postgres_unreachable_names_cause_not_password() -> None:
 
 @pytest.fixture
 def broken_sql_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A COMMPIPE_SQL_DIR with the real migrations plus a 0004 that fails half-way."""
+    """A COMMPIPE_SQL_DIR with the real migrations plus a 0099 that fails half-way."""
     real = Path(__file__).resolve().parents[2] / "sql"
     for dialect in ("postgres", "duckdb"):
         shutil.copytree(real / dialect, tmp_path / dialect)
-        (tmp_path / dialect / "0005_broken.up.sql").write_text(
+        (tmp_path / dialect / "0099_broken.up.sql").write_text(
             "CREATE TABLE broken_half (a INTEGER);\nSELECT * FROM no_such_table_xyz;\n")
-        (tmp_path / dialect / "0005_broken.down.sql").write_text("DROP TABLE broken_half;\n")
+        (tmp_path / dialect / "0099_broken.down.sql").write_text("DROP TABLE broken_half;\n")
     monkeypatch.setenv(mig.SQL_DIR_ENV, str(tmp_path))
     return tmp_path
 
@@ -460,10 +468,10 @@ def test_failing_script_rolls_back_and_names_file(db: Db, broken_sql_dir: Path) 
     with pytest.raises(ServiceError) as info:
         db.migrate()
     message = str(info.value)
-    assert str(broken_sql_dir / db.dialect / "0005_broken.up.sql") in message
+    assert str(broken_sql_dir / db.dialect / "0099_broken.up.sql") in message
     assert "no_such_table_xyz" in message
     assert "s3cret-pw" not in message
-    assert db.current() == 4  # 0001 to 0004 committed, 0005 not at all
+    assert db.current() == 6  # 0001 to 0006 committed, 0099 not at all
     assert "broken_half" not in db.objects()["tables"]
 
 
@@ -479,7 +487,7 @@ def test_duckdb_file_held_by_another_process(duckdb_path: str) -> None:
     finally:
         holder.kill()
         holder.wait(timeout=10)
-    assert mig.migrate_duckdb(duckdb_path) == [UP1, UP2, UP3, UP4, UP6]
+    assert mig.migrate_duckdb(duckdb_path) == [UP1, UP2, UP3, UP4, UP5, UP6]
 
 
 @pytest.mark.parametrize(("files", "error"), [

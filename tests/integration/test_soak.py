@@ -21,7 +21,7 @@ import pytest
 
 from pipeline import Emitter, Settings
 from pipeline.dev.process import free_port
-from tests.integration.test_metrics import try_scrape
+from tests.integration.test_metrics import scrape, try_scrape
 from tests.integration.workers import wait_until, worker_environment, worker_starter
 
 pytestmark = pytest.mark.soak
@@ -60,6 +60,8 @@ def test_steady_load_keeps_worker_memory_bounded(
         COMMPIPE_METRICS_HOST="127.0.0.1")
     stop = threading.Event()
     sent = [0]
+    by_kind = {"request": 0, "response": 0, "error": 0}
+    shim: list[Any] = []
 
     def load() -> None:
         rng = random.Random(1)
@@ -78,9 +80,11 @@ def test_steady_load_keeps_worker_memory_bounded(
                     getattr(emitter, kind)(source_service=s, target_service=t, protocol=p,
                                            ts=time.time(), **extra)
                     sent[0] += 1
+                    by_kind[kind] += 1
                 stop.wait(max(0.0, 0.1 - (time.monotonic() - started)))
         finally:
             emitter.close(timeout=30)
+            shim.append(emitter.stats())
 
     samples: list[tuple[float, float, dict[str, float]]] = []
     with worker_starter(env, tmp_path) as start:
@@ -93,15 +97,34 @@ def test_steady_load_keeps_worker_memory_bounded(
         try:
             while time.monotonic() - t0 < DURATION_S:
                 time.sleep(10)
-                metrics = try_scrape(env)
+                assert worker.alive, worker.log()[-3000:]
+                metrics = scrape(env)  # a scrape that fails fails the soak
                 keys = {k[1][0][1]: v for k, v in metrics.items()
                         if k[0] == "commpipe_state_keys"}
+                assert set(keys) == {"window", "edge", "detail", "partition"}, keys
                 samples.append((time.monotonic() - t0, _rss_mb(worker.proc.pid), keys))
-                assert worker.alive, worker.log()[-3000:]
         finally:
             stop.set()
             thread.join(60)
-        consumed = try_scrape(env).get(("commpipe_events_consumed_total", ()), 0)
+        # every event the shim delivered is consumed and counted, once
+        (stats,) = shim
+        assert (stats.dropped, stats.failed, stats.invalid) == (0, 0, 0), stats
+        assert stats.sent == sent[0]
+
+        def counted() -> dict[str, float]:
+            metrics = scrape(env)
+            out = {kind: sum(v for k, v in metrics.items()
+                             if k[0] == f"commpipe_communication_{kind}s_total")
+                   for kind in by_kind}
+            out["consumed"] = metrics.get(("commpipe_events_consumed_total", ()), 0.0)
+            return out
+
+        wait_until(lambda: counted()["consumed"] >= sent[0], timeout=120,
+                   what=f"{sent[0]} events consumed", logs=worker.log)
+        consumed = counted()
+        assert consumed == {**{k: float(v) for k, v in by_kind.items()},
+                            "consumed": float(sent[0])}, consumed
+        consumed = consumed["consumed"]
     rss = [(t, mb) for t, mb, _ in samples]
     later = [p for p in rss if p[0] >= DURATION_S / 2]
     growth = _slope(later) * 60

@@ -124,3 +124,30 @@ def test_postgres_sslmode_applies_to_the_dsn_without_showing_it() -> None:
     with pytest.raises(ConfigError) as caught:
         bad.postgres_conninfo()
     assert "hunter2" not in str(caught.value)
+
+
+def test_shim_batch_limits_are_what_the_worker_accepts() -> None:
+    """A record the shim may send must be one the worker's decoder accepts: larger ones were
+    counted as sent by the shim, then dead-lettered whole by the worker."""
+    from pipeline.wire.decode import MAX_BATCH_EVENTS, MAX_RECORD_BYTES
+
+    ok = Settings.from_env({"COMMPIPE_SHIM_BATCH_BYTES": str(MAX_RECORD_BYTES),
+                            "COMMPIPE_SHIM_BATCH_EVENTS": str(MAX_BATCH_EVENTS)})
+    assert (ok.shim_batch_bytes, ok.shim_batch_events) == (MAX_RECORD_BYTES, MAX_BATCH_EVENTS)
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"COMMPIPE_SHIM_BATCH_BYTES": str(MAX_RECORD_BYTES + 1)})
+    assert str(info.value) == (
+        f"COMMPIPE_SHIM_BATCH_BYTES must be at most {MAX_RECORD_BYTES} (the largest record "
+        f"the worker accepts), got {MAX_RECORD_BYTES + 1}")
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({}, shim_batch_events=MAX_BATCH_EVENTS + 1)
+    assert str(info.value) == (
+        f"COMMPIPE_SHIM_BATCH_EVENTS must be at most {MAX_BATCH_EVENTS} (the most events "
+        f"of one record the worker accepts), got {MAX_BATCH_EVENTS + 1}")
+
+
+def test_the_worker_limits_in_settings_are_the_decoders() -> None:
+    from pipeline.settings import WORKER_BATCH_EVENTS, WORKER_RECORD_BYTES
+    from pipeline.wire.decode import MAX_BATCH_EVENTS, MAX_RECORD_BYTES
+
+    assert (WORKER_RECORD_BYTES, WORKER_BATCH_EVENTS) == (MAX_RECORD_BYTES, MAX_BATCH_EVENTS)

@@ -114,7 +114,7 @@ def test_render_and_json() -> None:
         "chain chain-1: 7 events, 1 edge, 4 attempts, 3 retries, total backoff 1,400 ms; "
         "outcome: succeeded",
         "  orders → payments · grpc: 4 attempts, 3 retries, backoff 1,400 ms, succeeded",
-        "started 2025-06-15T15:06:40.000000+00:00 (times are the services' own clocks)",
+        "started 2025-06-15T15:06:40.000Z (UTC; times are the services' own clocks)",
         "   +time  edge                      event     attempt  backoff  latency  status  error",
         "+0.000 s  orders → payments · grpc  error           1             11 ms     503  "
         "http_5xx: bad [2Jthing",
@@ -140,6 +140,31 @@ def test_render_and_json() -> None:
         ("error", 3, 622.0), ("retry", 3, 622.0), ("response", 4, 1433.0)]
     assert data["events"][0]["time"] == "2025-06-15T15:06:40.000000+00:00"
     assert render(build_chain("nope", [])) == "no stored events for nope"
+
+
+def test_render_fits_the_width_and_keeps_each_value_whole() -> None:
+    chain = build_chain("chain-1", retried_call())
+    widest = ("+0.211 s  orders → payments · grpc  error           2             12 ms     503  "
+              "http_5xx: upstream: password=***")
+    assert max(len(line) for line in render(chain).splitlines()) == len(widest)
+    assert render(chain, len(widest)) == render(chain)  # it fits: one line per event
+    at_80 = render(chain, 80).splitlines()
+    assert max(len(line) for line in at_80) <= 80
+    # the events keep one line each; their errors go below them, indented
+    assert at_80[4:10] == [
+        "   +time  edge                      event     attempt  backoff  latency  status",
+        "          error",
+        "+0.000 s  orders → payments · grpc  error           1             11 ms     503",
+        "          http_5xx: upstream: password=***",
+        "+0.000 s  orders → payments · grpc  retry           1   200 ms",
+        "          http_5xx",
+    ]
+    assert at_80[-1] == ("+1.433 s  orders → payments · grpc  response        4            "
+                         "9.5 ms     200")
+    at_50 = render(chain, 50).splitlines()  # too narrow for a row: one block per event
+    assert max(len(line) for line in at_50) <= 50
+    assert at_50.count("latency  9.5 ms") == 1 and at_50.count("backoff  800 ms") == 1
+    assert "error    http_5xx: upstream: password=***" in at_50
 
 
 @pytest.mark.parametrize("key", ["", "has space", "x" * 129, "é"])

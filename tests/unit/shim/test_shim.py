@@ -44,8 +44,9 @@ def settings(**overrides: Any) -> Settings:
 
 
 def outbox(**overrides: Any) -> Outbox:
-    options: dict[str, Any] = dict(topic="t", capacity=100, batch_events=3, batch_bytes=10_000,
-                                   linger_s=0.01, producer_options={})
+    options: dict[str, Any] = dict(topic="t", capacity=100, capacity_bytes=1_000_000,
+                                   batch_events=3, batch_bytes=10_000, linger_s=0.01,
+                                   producer_options={})
     options.update(overrides)
     return Outbox(**options)
 
@@ -271,7 +272,7 @@ def test_outbox_counts_invalid_events() -> None:
     rec.request(source_service="a", target_service="b")
     for event in rec.events:
         box.put(event)
-    records = box.encode(box._take())
+    records = box.encode(*box.take())
     assert sum(r.events for r in records) == 1
     assert box.stats().invalid == 1 and box.stats().buffered == 1
 

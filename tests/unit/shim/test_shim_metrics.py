@@ -109,7 +109,7 @@ def test_invalid_events_counted_once_the_sender_validates_them() -> None:
     for _ in range(3):
         box.put({**good, "source_service": "bad name"})
     assert shim_values(registry) == (0, 0, 0, 0, 8)
-    records = box.encode(box._take())  # what the sender does before sending
+    records = box.encode(*box.take())  # what the sender does before sending
     assert sum(r.events for r in records) == 5
     assert shim_values(registry) == (0, 0, 0, 3, 5)
 

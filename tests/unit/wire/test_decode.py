@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import enum
+from http import HTTPStatus
 from typing import Any
 
 import orjson
@@ -276,3 +278,59 @@ def test_edge_key_round_trip() -> None:
     assert split_edge_key(key) == ("orders", "payments", "grpc")
     with pytest.raises(ValueError):
         split_edge_key("orders-payments")
+
+
+class Service(enum.StrEnum):
+    ORDERS = "orders"
+    PAYMENTS = "payments"
+
+
+class Protocol(enum.StrEnum):
+    GRPC = "grpc"
+
+
+class Millis(float):
+    """A float subclass (as numpy.float64 is)."""
+
+
+class Tagged(str):
+    """A str subclass whose ``__str__``, ``__eq__`` and ``__hash__`` say something else: the
+    decoder must read the characters themselves."""
+
+    def __str__(self) -> str:
+        return "bogus name"
+
+    def __eq__(self, other: object) -> bool:
+        return False
+
+    def __hash__(self) -> int:
+        raise TypeError("unhashable on purpose")
+
+
+def test_int_float_and_str_subclasses_are_accepted_as_their_plain_values() -> None:
+    event = validate_event(base(
+        kind="error", source_service=Service.ORDERS, target_service=Tagged("payments"),
+        protocol=Protocol.GRPC, status_code=HTTPStatus.SERVICE_UNAVAILABLE,
+        latency_ms=Millis(12.5), error_type=Tagged("http_5xx"), attempt=HTTPStatus.CONTINUE,
+        method=Tagged("POST /pay"), correlation_id=Tagged("corr-1"),
+        event_id=Tagged("e" * 32), error_message=Tagged("refused"), ts=Millis(TS)))
+    assert event == Event(kind="error", event_id="e" * 32, correlation_id="corr-1",
+                          source_service="orders", target_service="payments", protocol="grpc",
+                          ts=TS, method="POST /pay", latency_ms=12.5, status_code=503,
+                          error_type="http_5xx", error_message="refused", attempt=100)
+    # the event holds plain values, not the subclasses it was given
+    assert [type(v) for v in event if v is not None] == [
+        str, str, str, str, str, str, float, str, float, int, str, str, int, int]
+    health = validate_event(base(kind="health", health_status=enum.StrEnum(
+        "H", {"OK": "healthy"}).OK, check_type=Tagged("readiness")))
+    assert (type(health.health_status), health.health_status) == (str, "healthy")
+    assert health.check_type == "readiness"
+
+
+def test_bool_is_still_not_a_number_and_subclass_values_still_follow_the_rules() -> None:
+    assert refused(base(status_code=True)).reason == "expected an integer, got bool"
+    assert refused(base(latency_ms=False)).reason == "expected a number, got bool"
+    assert refused(base(status_code=HTTPStatus.OK, attempt=0)).field == "attempt"
+    assert "does not match" in refused(base(source_service=Tagged("bad name"))).reason
+    assert refused(base(payload_size=Millis(1.0))).reason == (
+        "expected an integer, got Millis")

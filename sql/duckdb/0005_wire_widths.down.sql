@@ -1,0 +1,1 @@
+-- 0005 down (DuckDB): nothing to change (see 0005_wire_widths.up.sql).

@@ -1,0 +1,4 @@
+-- 0005 (DuckDB): nothing to change. sql/postgres/0005 widens protocol and check_type to
+-- what the wire format accepts; DuckDB ignores the length of VARCHAR(n) (every VARCHAR is
+-- unbounded, information_schema shows no length), so these columns already hold any
+-- valid event. The version exists so that both databases count their schema alike.
