@@ -1,6 +1,7 @@
-"""Helpers for the three-broker tests (test_kafka_cluster.py): topics led by one broker, a
-consumer group coordinated by it, load through the shim, and the exact expectation of what
-the table and both databases must hold, computed from the events emitted."""
+"""Helpers for the three-broker tests (test_kafka_cluster.py) and the rebalance tests
+(test_rebalance.py): topics led by one broker, a consumer group coordinated by it, load
+through the shim, the exact expectation of what the table and both databases must hold,
+computed from the events emitted, and what the table and ``/metrics`` hold per edge."""
 
 from __future__ import annotations
 
@@ -16,9 +17,15 @@ from typing import Any
 import orjson
 
 from pipeline import Emitter, Settings
+from pipeline.core.edge import EdgeMeta
+from pipeline.core.store import parse_id
 from pipeline.dev.kafka_cluster import KafkaCluster
 from pipeline.dev.process import run_sync
+from pipeline.wire.events import split_edge_key
+from tests.integration.test_metrics import scrape
+from tests.integration.workers import read_state
 
+BUFFER = 50_000  # the shim's bound: far above what a failover holds back at 400 events/s
 WINDOW = 10.0
 # No event may count as late: the tests compare every window's counts, and records the shim
 # sends again after a failover may arrive behind newer ones. Windows close for idleness.
@@ -95,6 +102,49 @@ def create_topics_led_by(cluster: KafkaCluster, settings: Settings, node_id: int
     for name in (settings.topic, f"{settings.app_id}-state-changelog"):
         leaders = cluster.partition_leaders(name)
         assert set(leaders.values()) == {node_id}, (name, leaders)
+
+
+def table_totals(bootstrap: str, app_id: str) -> dict[tuple[str, str, str], Counter[str]]:
+    """Per edge, the cumulative counts in the worker's changelog (all partitions added);
+    :func:`read_state` also checks each key is in its source partition's changelog."""
+    out: dict[tuple[str, str, str], Counter[str]] = defaultdict(Counter)
+    for key, value in read_state(bootstrap, app_id).items():
+        if parse_id(key)[0] != "e":
+            continue
+        assert isinstance(value, EdgeMeta)
+        t = value.totals
+        counts = out[split_edge_key(parse_id(key)[2] or "")]
+        counts.update({"request": t.requests, "response": t.responses, "timeout": t.timeouts})
+        counts.update({f"error:{k}": n for k, n in t.errors.items()})
+    return {edge: +counts for edge, counts in out.items()}
+
+
+def reported_totals(port: int) -> dict[tuple[str, str, str], Counter[str]]:
+    """Per edge, the counts a worker's ``/metrics`` reports (requests, responses, errors)."""
+    reported: dict[tuple[str, str, str], Counter[str]] = defaultdict(Counter)
+    for (name, labels), value in scrape({"COMMPIPE_METRICS_PORT": str(port)}).items():
+        label = dict(labels)
+        if not name.startswith("commpipe_communication_") or "source_service" not in label:
+            continue
+        edge = (label["source_service"], label["target_service"], label["protocol"])
+        kind = name.removeprefix("commpipe_communication_").removesuffix("_total")
+        if kind in ("requests", "responses"):
+            reported[edge][kind[:-1]] += int(value)
+        elif kind == "errors":
+            reported[edge][f"error:{label['error_type']}"] += int(value)
+    return {e: +c for e, c in reported.items()}
+
+
+def finish_load(load: Load, emitter: Emitter) -> None:
+    """Stop the load, deliver what the shim holds, check nothing was lost or held unbounded."""
+    load.finish()
+    assert emitter.flush(timeout=120) is True
+    emitter.close()
+    stats = emitter.stats()
+    assert (stats.sent, stats.dropped, stats.failed, stats.invalid, stats.buffered) == (
+        len(load.emitted), 0, 0, 0, 0), stats
+    assert load.max_buffered <= BUFFER
+    assert load.slowest_emit < 0.5, load.slowest_emit  # emit never waited for the brokers
 
 
 class Load(threading.Thread):
@@ -188,15 +238,16 @@ def dump_for_reproduction(path: Path, bootstrap: str, app_id: str, topic: str,
                           emitted: list[dict[str, Any]]) -> Path:
     """Everything needed to find where a count went wrong, as JSON lines in ``path`` (field
     ``what``): the events emitted, the input topic's records (partition, offset, timestamp,
-    shim headers,
-    events' correlation ids), every changelog record of an edge key (partition, offset,
-    source offset applied, totals) and the group's committed offsets."""
+    shim headers, events' correlation ids, events per edge), every changelog record of an
+    edge or partition key (partition, offset, source offset applied, its whole value) and
+    the group's committed offsets."""
     from aiokafka import TopicPartition
     from aiokafka.admin import AIOKafkaAdminClient
 
-    from pipeline.core.edge import EdgeMeta
-    from pipeline.core.store import decode_state, parse_id
+    from pipeline.core.edge import PartitionMeta
+    from pipeline.core.store import decode_state
     from pipeline.wire.decode import decode_record
+    from pipeline.wire.events import edge_key
     from tests.integration.workers import read_topic
 
     with open(path, "wb") as out:
@@ -207,19 +258,24 @@ def dump_for_reproduction(path: Path, bootstrap: str, app_id: str, topic: str,
             line("emitted", **e)
         for r in read_topic(bootstrap, topic):
             headers = {k: v.decode(errors="replace") for k, v in (r.headers or ())}
-            ids = [ev.correlation_id for ev in decode_record(r.value).events]
+            try:
+                events = decode_record(r.value).events
+            except Exception:  # noqa: BLE001 - a bad record (a dead letter)
+                events = []
+            per_edge = Counter(edge_key(ev.source_service, ev.target_service, ev.protocol)
+                               for ev in events)
             line("input", partition=r.partition, offset=r.offset, timestamp=r.timestamp,
                  key=r.key.decode(errors="replace") if r.key else None, headers=headers,
-                 events=ids)
+                 events=[ev.correlation_id for ev in events], edges=dict(per_edge))
         for r in read_topic(bootstrap, f"{app_id}-state-changelog"):
             key = r.key.decode()
-            if parse_id(key)[0] != "e":
+            if parse_id(key)[0] not in ("e", "p"):
                 continue
             value = decode_state(r.value) if r.value is not None else None
+            known = isinstance(value, EdgeMeta | PartitionMeta)
             line("changelog", partition=r.partition, offset=r.offset, timestamp=r.timestamp,
-                 key=key, applied=value.offset if isinstance(value, EdgeMeta) else None,
-                 totals=orjson.loads(orjson.dumps(value.to_json()))["totals"]
-                 if isinstance(value, EdgeMeta) else None)
+                 key=key, applied=value.offset if known else None,
+                 value=orjson.loads(orjson.dumps(value.to_json())) if known else None)
 
         async def committed() -> dict[str, int]:
             admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import random
-import re
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,12 +30,10 @@ import pytest
 
 from agents.topics import commpipe_topics, ensure_commpipe_topics
 from pipeline import Emitter, Settings
-from pipeline.core.edge import EdgeMeta
-from pipeline.core.store import parse_id
 from pipeline.dev.kafka_cluster import KafkaCluster
 from pipeline.dev.process import free_port, run_sync
-from pipeline.wire.events import split_edge_key
 from tests.integration.cluster import (
+    BUFFER,
     GRACE,
     ROLLUPS_SQL,
     WINDOW,
@@ -45,18 +42,20 @@ from tests.integration.cluster import (
     dump_for_reproduction,
     expected_edge_totals,
     expected_windows,
+    finish_load,
     group_led_by,
+    reported_totals,
     rollup_rows,
+    table_totals,
     wait_for,
     warm_up_offsets_topic,
 )
 from tests.integration.test_metrics import scrape
 from tests.integration.test_sink import Databases
-from tests.integration.workers import WorkerProcess, read_state, worker_environment
+from tests.integration.workers import WorkerProcess, assigned, read_state, worker_environment
 
 pytestmark = [pytest.mark.integration, pytest.mark.kafka, pytest.mark.timeout(900)]
 
-BUFFER = 50_000  # the shim's bound: far above what a failover holds back at 400 events/s
 PARTITIONS = 6  # of the scale-out test's topics
 
 
@@ -88,36 +87,9 @@ def db(pg_database: str, tmp_path: Path) -> Databases:
     return Databases(pg_database, str(tmp_path / "commpipe.duckdb"))
 
 
-def table_totals(bootstrap: str, app_id: str) -> dict[tuple[str, str, str], Counter[str]]:
-    """Per edge, the cumulative counts in the worker's changelog (all partitions added);
-    :func:`read_state` also checks each key is in its source partition's changelog."""
-    out: dict[tuple[str, str, str], Counter[str]] = defaultdict(Counter)
-    for key, value in read_state(bootstrap, app_id).items():
-        if parse_id(key)[0] != "e":
-            continue
-        assert isinstance(value, EdgeMeta)
-        t = value.totals
-        counts = out[split_edge_key(parse_id(key)[2] or "")]
-        counts.update({"request": t.requests, "response": t.responses, "timeout": t.timeouts})
-        counts.update({f"error:{k}": n for k, n in t.errors.items()})
-    return {edge: +counts for edge, counts in out.items()}
-
-
 def emitter_for(cluster: KafkaCluster, topic: str) -> Emitter:
     return Emitter(cluster.bootstrap, topic, settings=Settings.from_env(
         {}, shim_buffer_size=BUFFER, shim_linger_ms=20))
-
-
-def finish_load(load: Load, emitter: Emitter) -> None:
-    """Stop the load, deliver what the shim holds, check nothing was lost or held unbounded."""
-    load.finish()
-    assert emitter.flush(timeout=120) is True
-    emitter.close()
-    stats = emitter.stats()
-    assert (stats.sent, stats.dropped, stats.failed, stats.invalid, stats.buffered) == (
-        len(load.emitted), 0, 0, 0, 0), stats
-    assert load.max_buffered <= BUFFER
-    assert load.slowest_emit < 0.5, load.slowest_emit  # emit never waited for the brokers
 
 
 def check_exact(cluster: KafkaCluster, app_id: str, topic: str, load: Load, db: Databases,
@@ -144,7 +116,7 @@ def check_exact(cluster: KafkaCluster, app_id: str, topic: str, load: Load, db: 
 
     def metrics_done() -> bool:
         assert metrics_port is not None
-        got["metrics"] = _reported_totals(metrics_port)
+        got["metrics"] = reported_totals(metrics_port)
         return bool(got["metrics"] == want)
 
     checks: list[tuple[str, Callable[[], bool]]] = [
@@ -179,20 +151,6 @@ def _edge_diff(got: dict[Any, Counter[str]], want: dict[Any, Counter[str]]) -> s
             lines.append(f"  {edge}: holds {dict(got.get(edge, {}))}, emitted "
                          f"{dict(want.get(edge, {}))}")
     return "\n".join(lines)
-
-
-def assigned(worker: WorkerProcess, topic: str) -> set[int] | None:
-    """The input partitions of the worker's latest assignment (None before its first)."""
-    chunks = worker.log().split("Setting newly assigned partitions")
-    if len(chunks) < 2:
-        return None
-    table = chunks[-1].split("for group")[0]
-    found = re.search(rf"\|\s*{re.escape(topic)}\s*\|\s*\{{([0-9, -]+)\}}", table)
-    out: set[int] = set()
-    for part in (found.group(1).split(",") if found else []):
-        low, _, high = part.strip().partition("-")
-        out.update(range(int(low), int(high or low) + 1))
-    return out
 
 
 # --- topic configs ------------------------------------------------------------------------
@@ -383,22 +341,6 @@ def _scale_out_and_in(first: WorkerProcess, second: WorkerProcess, third: Worker
         finish_load(load, emitter)
     assert first.alive
     return code
-
-
-def _reported_totals(port: int) -> dict[tuple[str, str, str], Counter[str]]:
-    """Per edge, the counts a worker's ``/metrics`` reports (requests, responses, errors)."""
-    reported: dict[tuple[str, str, str], Counter[str]] = defaultdict(Counter)
-    for (name, labels), value in scrape({"COMMPIPE_METRICS_PORT": str(port)}).items():
-        label = dict(labels)
-        if not name.startswith("commpipe_communication_") or "source_service" not in label:
-            continue
-        edge = (label["source_service"], label["target_service"], label["protocol"])
-        kind = name.removeprefix("commpipe_communication_").removesuffix("_total")
-        if kind in ("requests", "responses"):
-            reported[edge][kind[:-1]] += int(value)
-        elif kind == "errors":
-            reported[edge][f"error:{label['error_type']}"] += int(value)
-    return {e: +c for e, c in reported.items()}
 
 
 # --- consumer lag ------------------------------------------------------------------------------

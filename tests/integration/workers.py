@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -113,6 +114,21 @@ class WorkerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+def assigned(worker: WorkerProcess, topic: str) -> set[int] | None:
+    """The input partitions of the worker's latest assignment (None before its first; the
+    worker logs it at ``COMMPIPE_WORKER_LOGLEVEL=info``)."""
+    chunks = worker.log().split("Setting newly assigned partitions")
+    if len(chunks) < 2:
+        return None
+    table = chunks[-1].split("for group")[0]
+    found = re.search(rf"\|\s*{re.escape(topic)}\s*\|\s*\{{([0-9, -]+)\}}", table)
+    out: set[int] = set()
+    for part in (found.group(1).split(",") if found else []):
+        low, _, high = part.strip().partition("-")
+        out.update(range(int(low), int(high or low) + 1))
+    return out
 
 
 def run(coro_factory: Callable[[], Any]) -> Any:
