@@ -29,7 +29,13 @@ import faust
 from faust.serializers import codecs
 
 from agents.acks import Acks
-from agents.consumer import ReadyPartitions, patch_consumers, set_fetch_wait
+from agents.consumer import (
+    ReadyPartitions,
+    patch_consumers,
+    positions_readable,
+    scheduler,
+    set_fetch_wait,
+)
 from agents.dead_letters import DeadLetters
 from pipeline.core.batch import PartitionBatch
 from pipeline.core.rollups import Rollups
@@ -107,6 +113,7 @@ class Pipeline:
             table_cleanup_interval=3600.0,
             producer_max_batch_size=settings.worker_producer_batch_bytes,
             producer_acks=-1,  # all in-sync replicas: the changelog and dead letters
+            ConsumerScheduler=scheduler(),  # no record fetched before a seek (consumer.py)
         )
         self.app.setup_consumer = self._setup_consumer
         self.ready = self.app.ready = ReadyPartitions(settings.topic)
@@ -168,6 +175,7 @@ class Pipeline:
     def _setup_consumer(self, consumer: Any) -> None:
         """The worker's aiokafka consumer, before it starts (agents/consumer.py)."""
         set_fetch_wait(consumer, self.settings.worker_fetch_wait_ms)
+        positions_readable(consumer)
 
     async def _stop(self, exc: BaseException) -> None:
         """Stop the worker (exit 1): its restart reads every unacknowledged record again."""
