@@ -17,14 +17,19 @@ from typing import Any, Literal, get_args, get_type_hints
 
 from pipeline.errors import ConfigError
 
-__all__ = ["MAX_WORKER_BATCH_RECORDS", "Secret", "Settings", "redact_dsn", "scrub_dsn"]
+__all__ = ["MAX_UNWRITTEN_RECORDS", "MAX_WORKER_BATCH_RECORDS", "Secret", "Settings",
+           "redact_dsn", "scrub_dsn"]
 
 PREFIX = "COMMPIPE_"
 
 MAX_WORKER_BATCH_RECORDS = 512
-"""Most records the worker takes per batch: an edge remembers the offsets of this many
-records it skipped as copies (:data:`pipeline.core.dedup.MAX_DUP_OFFSETS`), so that a
-replay of one batch decides as the first run did."""
+"""Most records the worker takes per batch."""
+
+MAX_UNWRITTEN_RECORDS = 4096
+"""Most records of one partition whose changes wait in the worker's cache, unwritten: an
+edge remembers the offsets of this many records it skipped as copies
+(:data:`pipeline.core.dedup.MAX_DUP_OFFSETS`), so that replaying them after a crash
+decides as the first run did."""
 
 
 class Secret:
@@ -138,6 +143,10 @@ class Settings:
     :data:`MAX_WORKER_BATCH_RECORDS`)."""
     worker_batch_within_s: float = 0.1
     """Longest a batch waits to fill up."""
+    worker_cache_interval_s: float = 0.25
+    """How long a partition's changes gather in the worker before they are written to its
+    table and changelog, each changed key once (Kafka Streams' record cache); the records
+    behind them are acknowledged once written. 0 writes after every batch."""
     worker_fetch_wait_ms: int = 100
     """How long the worker's fetch waits for data when its partitions have none. Faust
     fixes 1,500 ms, and aiokafka sends no other fetch meanwhile: a worker catching up
@@ -255,14 +264,14 @@ class Settings:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be > 0, got {getattr(self, name)}")
         for name in ("shim_linger_ms", "shim_close_timeout_s", "grace_s", "max_future_s",
-                     "idle_close_s", "breaker_recovery_timeout_s", "worker_batch_within_s"):
+                     "idle_close_s", "breaker_recovery_timeout_s", "worker_batch_within_s",
+                     "worker_cache_interval_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be >= 0, got {getattr(self, name)}")
         if self.worker_batch_records > MAX_WORKER_BATCH_RECORDS:
             raise ConfigError(
-                f"{PREFIX}WORKER_BATCH_RECORDS must be at most {MAX_WORKER_BATCH_RECORDS} (an "
-                f"edge remembers the offsets of up to {MAX_WORKER_BATCH_RECORDS} skipped copies, "
-                f"for replays of one batch), got {self.worker_batch_records}")
+                f"{PREFIX}WORKER_BATCH_RECORDS must be at most {MAX_WORKER_BATCH_RECORDS}, "
+                f"got {self.worker_batch_records}")
         for name, most, what in (
                 ("shim_batch_bytes", WORKER_RECORD_BYTES, "the largest record"),
                 ("shim_batch_events", WORKER_BATCH_EVENTS, "the most events of one record")):
