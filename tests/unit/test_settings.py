@@ -12,7 +12,7 @@ def test_defaults_without_environment() -> None:
     s = Settings.from_env({})
     assert (s.kafka_bootstrap, s.topic, s.dlq_topic, s.partitions) == (
         "localhost:9092", "comm.events", "comm.events.dlq", 4)
-    assert s.shim_buffer_size == 100_000 and s.shim_linger_ms == 50.0
+    assert s.shim_buffer_size == 100_000 and s.shim_linger_ms == 500.0
     assert s.worker_cache_interval_s == 0.25
 
 
