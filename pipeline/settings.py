@@ -283,6 +283,12 @@ class Settings:
                               f"([a-zA-Z_:][a-zA-Z0-9_:]*), got {self.metrics_namespace!r}")
         if not self.kafka_bootstrap.strip():
             raise ConfigError(f"{PREFIX}KAFKA_BOOTSTRAP is empty; set it to host:port[,host:port]")
+        for name in ("topic", "dlq_topic"):
+            if self.otlp_topic and self.otlp_topic == getattr(self, name):
+                raise ConfigError(
+                    f"{PREFIX}OTLP_TOPIC is {PREFIX}{name.upper()} ({self.otlp_topic!r}): the "
+                    "OTLP bridge would read what the worker writes there; set it to the topic "
+                    "the Collector's Kafka exporter writes (otlp_spans by default)")
 
 
 def _parse(name: str, raw: str, hint: Any) -> Any:
