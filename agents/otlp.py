@@ -163,7 +163,12 @@ class OtlpBridge:
     def _producer(self) -> Any:
         from aiokafka import AIOKafkaProducer
 
+        # batches of up to 512 KiB: one OTLP record becomes a record per edge, and with
+        # aiokafka's 16 KiB default each partition's small records wait for a round trip
+        # per 16 KiB (on the embedded broker 250 OTLP records of 200 spans bridged in 20 s
+        # instead of 36)
         return AIOKafkaProducer(acks="all", linger_ms=5, max_request_size=2 * 1024 * 1024,
+                                max_batch_size=512 * 1024,
                                 **self.settings.kafka_client_options())
 
     async def run(self) -> None:
