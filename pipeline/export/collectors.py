@@ -205,6 +205,12 @@ class WorkerCollector(Collector):
                                   value=pl.batches)
         yield CounterMetricFamily(f"{ns}_worker_batch_records_total", "Records in those batches",
                                   value=pl.batch_records)
+        yield GaugeMetricFamily(f"{ns}_worker_unwritten_records", "Records applied whose "
+                                "changes wait in the worker's cache, not yet written (nor "
+                                "acknowledged)", value=pl.cache.unwritten())
+        yield CounterMetricFamily(f"{ns}_worker_write_outs_total", "Times the cache wrote a "
+                                  "partition's changes out (each changed key once)",
+                                  value=pl.cache.write_outs)
         dead = CounterMetricFamily(f"{ns}_dead_letters_total", "Records and events sent to the "
                                    "dead-letter topic", labels=["reason"])
         for reason, n in sorted(pl.dead_letters.counts.items()):
