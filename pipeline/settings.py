@@ -166,8 +166,9 @@ class Settings:
     # The sink (runs inside each worker, for the partitions it owns)
     sink_interval_s: float = 1.0
     """How often the sink looks for closed windows and kept events to store."""
-    sink_batch_rows: int = 5_000
-    """Most windows (or events) per database transaction."""
+    sink_batch_rows: int = 50_000
+    """Most windows (or events) per database transaction (each transaction also recomputes
+    the patterns of the edges it touched: larger ones amortise that)."""
     sink_backoff_max_s: float = 30.0
     """Longest wait between retries while a database is away (exponential from 0.5 s)."""
     sink_auto_migrate: bool = True
