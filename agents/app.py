@@ -140,6 +140,7 @@ class Pipeline:
         self.duplicates = 0
         self.batches = 0
         self.batch_records = 0
+        self.input_paused = False
         self.app.agent(self.events, name="aggregate")(self._aggregate)
         self.slo = load_config(settings.slo_file)
         self.sink: Sink | None = build_sink(settings, self.rollups, self.slo)
@@ -223,6 +224,22 @@ class Pipeline:
         if self.app.in_recovery or self.app.rebalancing:
             return  # the table may be partly restored: wait for the whole of it
         self.delete(await self.sink.flush())
+        self._hold_input(self.sink.holding())
+
+    def _hold_input(self, hold: bool) -> None:
+        """Back-pressure from the sink (pipeline/sink/backlog.py): while a database is away
+        and the backlog is past COMMPIPE_SINK_MAX_BACKLOG, read no more input records (they
+        wait in Kafka), so the table stops growing; read again once it has drained.
+        Re-applied every round while holding: Faust resumes partitions after a rebalance."""
+        if not hold and not self.input_paused:
+            return
+        consumer = self.app.consumer
+        tps = {tp for tp in consumer.assignment() if tp.topic == self.settings.topic}
+        if hold:
+            consumer.pause_partitions(tps)
+        else:
+            consumer.resume_partitions(tps)
+        self.input_paused = hold
 
     async def _close_sink(self, sender: Any, **_: Any) -> None:
         if self.sink is not None:

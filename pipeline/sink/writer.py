@@ -10,7 +10,9 @@ being away delays only PostgreSQL, which retries with exponential backoff
 (0.5 s doubling up to ``backoff_max_s``) and catches up from the table, where
 everything waits until every target has it. Only then, and only for windows
 the watermark has closed for good, does :meth:`Sink.flush` return keys the
-worker deletes from its table.
+worker deletes from its table. What waits is bounded (:mod:`pipeline.sink.backlog`):
+past ``COMMPIPE_SINK_MAX_BACKLOG`` the worker stops reading (:meth:`Sink.holding`), or
+the away database's copy of the oldest windows is given up and counted.
 
 Exactness: what a target has stored is remembered per key with the source
 offset it had; a window that changes again (closed for idleness, then more
@@ -34,6 +36,7 @@ from pipeline.core.slo import SloConfig, load_config
 from pipeline.core.store import SEP, parse_id
 from pipeline.core.window import WindowStats
 from pipeline.settings import Settings
+from pipeline.sink.backlog import Backlog, BacklogLimit
 from pipeline.sink.targets import DuckDBTarget, PostgresTarget, Target, connect_duckdb
 from pipeline.wire.events import split_edge_key
 
@@ -62,12 +65,16 @@ class TargetStatus:
     last_duration_s: float = 0.0
     last_error: str | None = None
     retry_at: float = 0.0
+    abandoned: set[str] = field(default_factory=set)
+    """Keys given up for this target (``drop`` policy): they may leave without it."""
+    dropped_windows: int = 0
+    dropped_events: int = 0
 
     def has(self, key: str, offset: int) -> bool:
-        return self.stored.get(key) == offset
+        return self.stored.get(key) == offset or key in self.abandoned
 
     def has_detail(self, key: str) -> bool:
-        return key in self.stored_details
+        return key in self.stored_details or key in self.abandoned
 
 
 class Sink:
@@ -75,7 +82,8 @@ class Sink:
 
     def __init__(self, rollups: Rollups, targets: Sequence[Target], *, batch_rows: int = 50_000,
                  lookback_s: float = 300.0, backoff_max_s: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic, retain_s: float = 0.0) -> None:
+                 clock: Callable[[], float] = time.monotonic, retain_s: float = 0.0,
+                 backlog: BacklogLimit | None = None) -> None:
         self.rollups = rollups
         self.retain_s = retain_s
         """Event time a final window stays in the table past its close (no database: the
@@ -84,6 +92,7 @@ class Sink:
         self.batch_rows = batch_rows
         self.lookback_s = lookback_s
         self.backoff_max_s = backoff_max_s
+        self.backlog = Backlog(backlog)
         self._clock = clock
 
     async def flush(self) -> list[str]:
@@ -108,9 +117,15 @@ class Sink:
         final = [(k, off) for k, p, w, off in windows
                  if offset_of(k) == off and is_final(p, w.window_end + self.retain_s)
                  and w.window_start < newest[k.rpartition(SEP)[0]]]
+        self._bound(windows, final, details)
         done = [k for k, off in final if all(s.has(k, off) for s in self.status)]
         done += [k for k, _ in details if all(s.has_detail(k) for s in self.status)]
         return done
+
+    def holding(self) -> bool:
+        """True while the worker should stop reading its input: past the backlog bound with
+        the ``pause`` policy, until the backlog is down to half of it."""
+        return self.backlog.holding()
 
     def forget(self, keys: Sequence[str]) -> None:
         """The worker deleted ``keys`` from its table: stop tracking them."""
@@ -118,6 +133,47 @@ class Sink:
             for key in keys:
                 s.stored.pop(key, None)
                 s.stored_details.discard(key)
+                s.abandoned.discard(key)
+
+    def _bound(self, windows: list[Closed], final: list[tuple[str, int]],
+               details: list[tuple[str, DetailBatch]]) -> None:
+        """Count what some target lacks; with ``drop``, give up a failing target's copy of
+        the oldest final windows and kept events past the bound."""
+        lacking_w = {k for k, _, _, off in windows if not all(s.has(k, off) for s in self.status)}
+        lacking_d = sum(len(d.events) for k, d in details
+                        if not all(s.has_detail(k) for s in self.status))
+        self.backlog.update(len(lacking_w), lacking_d)
+        limit = self.backlog.limit
+        if limit.policy != "drop" or not limit.max_items:
+            return
+        for s in self.status:
+            if not s.consecutive_failures:
+                continue  # up and catching up: it will store them
+            mine_w = [(k, off) for k, off in final if not s.has(k, off)]
+            mine_d = [(k, d) for k, d in details if not s.has_detail(k)]
+            excess = len(mine_w) + sum(len(d.events) for _, d in mine_d) - limit.max_items
+            if excess <= 0:
+                continue
+            excess += limit.max_items - limit.low_water
+            windows_before, events_before = s.dropped_windows, s.dropped_events
+            by_age = {k: w.window_end for k, _, w, _ in windows}
+            for k, _ in sorted(mine_w, key=lambda kv: by_age[kv[0]]):
+                if excess <= 0:
+                    break
+                s.abandoned.add(k)
+                s.dropped_windows += 1
+                excess -= 1
+            for k, d in mine_d:  # oldest first (Rollups.details orders by offset)
+                if excess <= 0:
+                    break
+                s.abandoned.add(k)
+                s.dropped_events += len(d.events)
+                excess -= len(d.events)
+            log.warning("sink %s: away with more than %d windows and kept events waiting "
+                        "(COMMPIPE_SINK_MAX_BACKLOG); gave up its copy of %d windows and %d "
+                        "kept events (COMMPIPE_SINK_BACKLOG_POLICY=drop; %d and %d so far)",
+                        s.target.name, limit.max_items, s.dropped_windows - windows_before,
+                        s.dropped_events - events_before, s.dropped_windows, s.dropped_events)
 
     async def _flush_target(self, status: TargetStatus, windows: list[Closed],
                             details: list[tuple[str, DetailBatch]]) -> None:
@@ -207,9 +263,11 @@ def build_sink(settings: Settings, rollups: Rollups, slo: SloConfig | None = Non
         log.warning("sink: no database configured (COMMPIPE_POSTGRES_DSN, "
                     "COMMPIPE_DUCKDB_PATH): closed windows are dropped %g s after they close",
                     settings.retain_without_sink_s)
-        return Sink(rollups, [], retain_s=settings.retain_without_sink_s)
+        return Sink(rollups, [], retain_s=settings.retain_without_sink_s,
+                    backlog=BacklogLimit(0))
     slo = slo or load_config(settings.slo_file)
     for target in targets:
         target.slo = slo
     return Sink(rollups, targets, batch_rows=settings.sink_batch_rows,
-                lookback_s=settings.patterns_lookback_s, backoff_max_s=settings.sink_backoff_max_s)
+                lookback_s=settings.patterns_lookback_s, backoff_max_s=settings.sink_backoff_max_s,
+                backlog=BacklogLimit(settings.sink_max_backlog, settings.sink_backlog_policy))
