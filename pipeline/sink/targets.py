@@ -53,6 +53,10 @@ class Target(ABC):
               lookback_s: float) -> int:
         """Store one batch in one transaction; raise on any failure (nothing half-done)."""
 
+    def probe(self) -> None:  # noqa: B027 - optional hook
+        """Raise if the database cannot be reached (asked, in a thread, before a target that
+        failed last time gets its whole backlog sorted into batches)."""
+
     def describe(self, exc: BaseException) -> str:
         """``exc`` as a log line, without secrets."""
         return f"{type(exc).__name__}: {exc}".strip()
@@ -91,6 +95,10 @@ class PostgresTarget(Target):
         except BaseException:
             self.close()
             raise
+
+    def probe(self) -> None:
+        if self._conn is None or self._conn.closed:  # a failed write closed it
+            self._conn = self._connect()
 
     def describe(self, exc: BaseException) -> str:
         return scrub_dsn(super().describe(exc), self._dsn)
