@@ -87,39 +87,42 @@ def run(ctx: Context) -> list[Row]:
                          COMMPIPE_GRACE_S=60, COMMPIPE_IDLE_CLOSE_S=2,
                          COMMPIPE_POSTGRES_DSN=dsn, COMMPIPE_SINK_MAX_BACKLOG=4 * n,
                          COMMPIPE_SINK_BACKOFF_MAX_S=1, COMMPIPE_PATTERNS_LOOKBACK_S=300)
-        with workers("commpipe", env, ctx) as procs:
-            worker = procs[0]
-            wait_ready(procs)
-            rss_idle = worker.memory()[0]
-            server.stop()
-            ctx.say(f"catchup: PostgreSQL away, {n:,} windows ({2 * n:,} events) in")
-            away = time.monotonic()
-            produce(broker.bootstrap, topic, records)
-            first = None
-            while (done := (worker.progress() or {}).get("events", 0)) < 2 * n:
-                if first is None and done:
-                    first = time.monotonic()
-                if time.monotonic() - away > 600:
-                    raise TimeoutError(f"{done:,} of {2 * n:,} events read in 600 s; logs in "
-                                       f"{worker.log_path.parent}")
-                time.sleep(0.05)
-            read_s = time.monotonic() - (first or away)
-            time.sleep(3.0)  # each edge's last window closes for idleness (2 s)
-            outage = time.monotonic() - away
-            rss_away = worker.memory()[0]
-            ctx.say("catchup: PostgreSQL back")
-            server.start()
-            back = time.monotonic()
-            got = None
-            while (got := _table(dsn)) is None or got[0] < want[0]:
-                if time.monotonic() - back > 900:
-                    raise TimeoutError(f"PostgreSQL holds {got} of {want} after 900 s; logs "
-                                       f"in {worker.log_path.parent}")
-                time.sleep(0.2)
-            drain = time.monotonic() - back
-            time.sleep(1.0)  # a last round could still be writing: read the table settled
-            got = _table(dsn)
-            _, peak = worker.memory()
+        try:
+            with workers("commpipe", env, ctx) as procs:
+                worker = procs[0]
+                wait_ready(procs)
+                rss_idle = worker.memory()[0]
+                server.stop()
+                ctx.say(f"catchup: PostgreSQL away, {n:,} windows ({2 * n:,} events) in")
+                away = time.monotonic()
+                produce(broker.bootstrap, topic, records)
+                first = None
+                while (done := (worker.progress() or {}).get("events", 0)) < 2 * n:
+                    if first is None and done:
+                        first = time.monotonic()
+                    if time.monotonic() - away > 600:
+                        raise TimeoutError(f"{done:,} of {2 * n:,} events read in 600 s; logs in "
+                                           f"{worker.log_path.parent}")
+                    time.sleep(0.05)
+                read_s = time.monotonic() - (first or away)
+                time.sleep(3.0)  # each edge's last window closes for idleness (2 s)
+                outage = time.monotonic() - away
+                rss_away = worker.memory()[0]
+                ctx.say("catchup: PostgreSQL back")
+                server.start()
+                back = time.monotonic()
+                got = None
+                while (got := _table(dsn)) is None or got[0] < want[0]:
+                    if time.monotonic() - back > 900:
+                        raise TimeoutError(f"PostgreSQL holds {got} of {want} after 900 s; logs "
+                                           f"in {worker.log_path.parent}")
+                    time.sleep(0.2)
+                drain = time.monotonic() - back
+                time.sleep(1.0)  # a last round could still be writing: read the table settled
+                got = _table(dsn)
+                _, peak = worker.memory()
+        finally:
+            server.start()  # a failed case leaves it running for the next ones
     lost = want[0] - (got[0] if got else 0)
     exact = got == want
     note = (f"{n:,} windows of {EDGES:,} edges ({windows} per edge), {2 * n:,} events; "
