@@ -150,6 +150,12 @@ class Pipeline:
             self.app.timer(settings.sink_interval_s, name="sink")(self._flush)
             self.app.on_before_shutdown.connect(self._close_sink)
         self.registry = self._registry()
+        if settings.otlp_topic:  # OpenTelemetry spans in, published to settings.topic
+            from agents.otlp import OtlpBridge
+
+            self.otlp = OtlpBridge(settings)
+            self.app.task(self.otlp.run)
+            self.registry.register(self.otlp.collector())
         if settings.metrics_port > 0:
             registry = self.registry
 

@@ -19,7 +19,8 @@ from typing import Any
 
 from bench.common import Context, Row
 
-CASES = ("shim", "stream", "freshness", "sink", "catchup", "growth", "scaleout")
+CASES = ("shim", "stream", "freshness", "sink", "catchup", "growth", "scaleout",
+         "otlp")
 
 
 def _number(value: float | None) -> str:

@@ -148,6 +148,13 @@ class Settings:
     """Kafka consumer session timeout; 6 s makes dev and tests join in seconds."""
     broker_heartbeat_interval_s: float = 3.0
     worker_loglevel: str = "info"
+    otlp_topic: str = ""
+    """OpenTelemetry spans in: a topic the Collector's Kafka exporter writes (``otlp_spans``,
+    ``otlp_proto`` or ``otlp_json``); the worker turns its CLIENT and PRODUCER spans into
+    events on ``topic`` (agents/otlp.py). Empty (the default): off."""
+    otlp_auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    """Where the OTLP bridge starts reading a partition it has never committed: ``earliest``
+    (every span the topic still holds) or ``latest`` (only spans written from now on)."""
     worker_producer_batch_bytes: int = 16_384
     """The worker producer's batch size (changelog, dead letters). On the embedded Tansu
     broker set 1: Tansu reports a partition's end offset as the last batch's *first*
@@ -287,6 +294,12 @@ class Settings:
                               f"([a-zA-Z_:][a-zA-Z0-9_:]*), got {self.metrics_namespace!r}")
         if not self.kafka_bootstrap.strip():
             raise ConfigError(f"{PREFIX}KAFKA_BOOTSTRAP is empty; set it to host:port[,host:port]")
+        for name in ("topic", "dlq_topic"):
+            if self.otlp_topic and self.otlp_topic == getattr(self, name):
+                raise ConfigError(
+                    f"{PREFIX}OTLP_TOPIC is {PREFIX}{name.upper()} ({self.otlp_topic!r}): the "
+                    "OTLP bridge would read what the worker writes there; set it to the topic "
+                    "the Collector's Kafka exporter writes (otlp_spans by default)")
 
 
 def _parse(name: str, raw: str, hint: Any) -> Any:
