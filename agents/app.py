@@ -162,6 +162,9 @@ class Pipeline:
         self.duplicates = 0
         self.batches = 0
         self.batch_records = 0
+        self.input_paused = False
+        self.kafka_consumer: Any = None
+        """The worker's aiokafka consumer (set before it starts; paused by _hold_input)."""
         self.app.agent(self.events, name="aggregate")(self._aggregate)
         self.slo = load_config(settings.slo_file)
         self.sink: Sink | None = build_sink(settings, self.rollups, self.slo)
@@ -209,6 +212,7 @@ class Pipeline:
     def _setup_consumer(self, consumer: Any) -> None:
         """The worker's aiokafka consumer, before it starts (agents/consumer.py)."""
         set_fetch_wait(consumer, self.settings.worker_fetch_wait_ms)
+        self.kafka_consumer = consumer
 
     async def _stop(self, exc: BaseException) -> None:
         """Stop the worker (exit 1): its restart reads every unacknowledged record again."""
@@ -264,6 +268,33 @@ class Pipeline:
         if self.app.in_recovery or self.app.rebalancing:
             return  # the table may be partly restored: wait for the whole of it
         await self.delete(await self.sink.flush())
+        await self._hold_input(self.sink.holding())
+
+    async def _hold_input(self, hold: bool) -> None:
+        """Back-pressure from the sink (pipeline/sink/backlog.py): while a database is away
+        and the backlog is past COMMPIPE_SINK_MAX_BACKLOG, read no more input records (they
+        wait in Kafka), so the table stops growing; read again once it has drained.
+
+        The pause is aiokafka's, in the consumer's own thread: it fetches nothing more for
+        those partitions and throws away what it had fetched without moving its position,
+        so reading resumes at the first record the worker has not applied. (Faust's
+        ``pause_partitions`` instead drops fetched records after aiokafka has moved past
+        them, which is only right followed by a seek to the committed offsets; the
+        records in between were never applied: measured, a paused worker resumed 366
+        events short.) Re-applied every round while holding: a rebalance unpauses."""
+        if not hold and not self.input_paused:
+            return
+        kafka = self.kafka_consumer
+        if kafka is None:
+            return
+        topic = self.settings.topic
+
+        async def apply() -> None:
+            tps = [tp for tp in kafka.assignment() if tp.topic == topic]
+            (kafka.pause if hold else kafka.resume)(*tps)
+
+        await self.app.consumer._thread.call_thread(apply)  # noqa: SLF001 - its own loop
+        self.input_paused = hold
 
     async def _close_sink(self, sender: Any, **_: Any) -> None:
         if self.sink is not None:

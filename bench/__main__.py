@@ -19,7 +19,8 @@ from typing import Any
 
 from bench.common import Context, Row
 
-CASES = ("shim", "stream", "fleet", "freshness", "sink", "growth", "scaleout", "otlp")
+CASES = ("shim", "stream", "fleet", "freshness", "sink", "catchup", "growth", "scaleout",
+         "otlp")
 
 
 def _number(value: float | None) -> str:

@@ -78,6 +78,7 @@ def scrub_dsn(text: str, dsn: str) -> str:
 
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+BacklogPolicy = Literal["pause", "drop"]
 
 # What the worker's decoder accepts in one record (pipeline.wire.decode.MAX_RECORD_BYTES and
 # MAX_BATCH_EVENTS; this root module cannot import wire, tests/unit/test_settings.py keeps
@@ -188,8 +189,17 @@ class Settings:
     # The sink (runs inside each worker, for the partitions it owns)
     sink_interval_s: float = 1.0
     """How often the sink looks for closed windows and kept events to store."""
-    sink_batch_rows: int = 5_000
-    """Most windows (or events) per database transaction."""
+    sink_batch_rows: int = 50_000
+    """Most windows (or events) per database transaction (each transaction also recomputes
+    the patterns of the edges it touched: larger ones amortise that)."""
+    sink_max_backlog: int = 250_000
+    """Most closed windows plus kept events the worker holds for a database that has not
+    stored them (one that is away); past it ``sink_backlog_policy`` applies. 0: no bound."""
+    sink_backlog_policy: BacklogPolicy = "pause"
+    """``pause``: stop reading the input until the backlog is down to half the bound (Kafka
+    keeps the records; nothing is lost while its retention lasts). ``drop``: keep reading,
+    and give up that database's copy of the oldest final windows and kept events beyond
+    the bound (counted per database, logged)."""
     sink_backoff_max_s: float = 30.0
     """Longest wait between retries while a database is away (exponential from 0.5 s)."""
     sink_auto_migrate: bool = True
@@ -277,8 +287,8 @@ class Settings:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be > 0, got {getattr(self, name)}")
         for name in ("shim_linger_ms", "shim_close_timeout_s", "grace_s", "max_future_s",
-                     "idle_close_s", "breaker_recovery_timeout_s", "worker_batch_within_s",
-                     "worker_cache_interval_s"):
+                     "sink_max_backlog", "idle_close_s", "breaker_recovery_timeout_s",
+                     "worker_batch_within_s", "worker_cache_interval_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be >= 0, got {getattr(self, name)}")
         if self.worker_batch_records > MAX_WORKER_BATCH_RECORDS:

@@ -239,7 +239,24 @@ class WorkerCollector(Collector):
                                                  "Duration of the last sink transaction",
                                                  labels=["database"]),
         }
+        dropped = CounterMetricFamily(f"{ns}_sink_dropped_total", "Windows and kept events a "
+                                      "database's copy was given up for (backlog policy drop)",
+                                      labels=["database", "kind"])
         for status in self.sink.status:
             for attr, family in families.items():
                 family.add_metric([status.target.name], getattr(status, attr))
+            for kind in ("windows", "events"):
+                dropped.add_metric([status.target.name, kind],
+                                   getattr(status, f"dropped_{kind}", 0))
         yield from families.values()
+        yield dropped
+        backlog = getattr(self.sink, "backlog", None)
+        if backlog is not None:
+            waiting = GaugeMetricFamily(f"{ns}_sink_backlog", "Closed windows and kept events "
+                                        "some database has not stored yet", labels=["kind"])
+            waiting.add_metric(["windows"], backlog.windows)
+            waiting.add_metric(["events"], backlog.events)
+            yield waiting
+            yield GaugeMetricFamily(f"{ns}_sink_input_paused", "1 while the worker reads no "
+                                    "input because the sink's backlog is past its bound",
+                                    value=int(backlog.paused))
