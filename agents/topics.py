@@ -17,8 +17,10 @@ configs rather than the broker's defaults: the input (``cleanup.policy=delete``,
 latest value of every key is the table; never deleted by age) and Faust's leader topic,
 all with ``COMMPIPE_TOPIC_REPLICATION_FACTOR`` replicas and, when set,
 ``COMMPIPE_TOPIC_MIN_INSYNC_REPLICAS``. Faust would create the last two itself, with one
-replica; created here first, it finds them and leaves them alone. Configs of topics
-that already exist are not changed.
+replica; created here first, it finds them and leaves them alone. The OTLP topic
+(``COMMPIPE_OTLP_TOPIC``, when set) is created like the input when missing and left as it
+is, whatever its partition count, when it exists. Configs of topics that already exist
+are not changed.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pipeline.errors import ConfigError, ServiceError
 from pipeline.settings import Settings
 
 __all__ = ["changelog_topic", "commpipe_topics", "ensure_commpipe_topics", "ensure_topics",
-           "leader_topic"]
+           "leader_topic", "otlp_topics"]
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +47,11 @@ async def ensure_topics(
     replication_factor: int = 1,
     configs: Mapping[str, Mapping[str, str]] | None = None,
     timeout_ms: int = 10_000,
+    any_count: frozenset[str] = frozenset(),
 ) -> dict[str, bool]:
-    """Make sure each ``name -> partitions`` topic exists with exactly that many partitions.
+    """Make sure each ``name -> partitions`` topic exists with exactly that many partitions
+    (a topic named in ``any_count``: created with that many when missing, left as it is
+    when it exists).
 
     ``client_options`` are aiokafka client keyword arguments, at least
     ``bootstrap_servers`` (see :meth:`Settings.kafka_client_options`).
@@ -86,8 +91,10 @@ async def ensure_topics(
                     f"Kafka at {bootstrap} refused to create topic {name!r} "
                     f"(error {code}: {message or 'no message'})"
                 )
-        if existing:
-            for name, found in (await _partition_counts(admin, existing)).items():
+        checked = [n for n in existing if n not in any_count]
+        created.update({n: False for n in existing if n in any_count})
+        if checked:
+            for name, found in (await _partition_counts(admin, checked)).items():
                 if found != topics[name]:
                     raise ConfigError(
                         f"topic {name!r} exists with {found} partitions but {topics[name]} "
@@ -99,8 +106,11 @@ async def ensure_topics(
     finally:
         await admin.close()
     for name, new in created.items():
-        log.info("topic %s %s with %s partitions",
-                 name, "created" if new else "exists", topics[name])
+        if new or name not in any_count:
+            log.info("topic %s %s with %s partitions",
+                     name, "created" if new else "exists", topics[name])
+        else:
+            log.info("topic %s exists", name)
     return created
 
 
@@ -115,7 +125,15 @@ def leader_topic(settings: Settings) -> str:
 
 
 def commpipe_topics(settings: Settings) -> dict[str, tuple[int, dict[str, str]]]:
-    """``{name: (partitions, configs)}`` of every topic the worker uses (module docstring)."""
+    """``{name: (partitions, configs)}`` of every topic the worker uses (module docstring),
+    with ``settings.otlp_topic`` when set (see :func:`otlp_topics`)."""
+    topics = _own_topics(settings)
+    for name in otlp_topics(settings, topics):
+        topics[name] = (settings.partitions, topics[settings.topic][1])  # the input's configs
+    return topics
+
+
+def _own_topics(settings: Settings) -> dict[str, tuple[int, dict[str, str]]]:
     replicas = ({"min.insync.replicas": str(settings.topic_min_insync_replicas)}
                 if settings.topic_min_insync_replicas else {})
     n = settings.partitions
@@ -129,6 +147,16 @@ def commpipe_topics(settings: Settings) -> dict[str, tuple[int, dict[str, str]]]
     }
 
 
+def otlp_topics(settings: Settings, ours: Mapping[str, Any] = ()) -> frozenset[str]:
+    """``settings.otlp_topic`` (when set and not one of ``ours``): created with
+    ``settings.partitions`` and the input's configs when missing, left as it is when it
+    exists. The OTLP bridge reads any partition count (its records are keyed again by edge),
+    and the topic may be the Collector's already."""
+    if not settings.otlp_topic:
+        return frozenset()
+    return frozenset((settings.otlp_topic,)) - set(ours)
+
+
 async def ensure_commpipe_topics(settings: Settings) -> dict[str, bool]:
     """Create every topic of :func:`commpipe_topics` that does not exist yet."""
     topics = commpipe_topics(settings)
@@ -137,6 +165,7 @@ async def ensure_commpipe_topics(settings: Settings) -> dict[str, bool]:
         client_options=settings.kafka_client_options(),
         replication_factor=settings.topic_replication_factor,
         configs={name: configs for name, (_, configs) in topics.items()},
+        any_count=otlp_topics(settings, _own_topics(settings)),
     )
 
 

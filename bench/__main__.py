@@ -22,7 +22,8 @@ from typing import Any
 
 from bench.common import BROKERS, Context, Row
 
-CASES = ("shim", "stream", "freshness", "sink", "growth", "scaleout")
+CASES = ("shim", "stream", "fleet", "freshness", "sink", "catchup", "growth", "scaleout",
+         "otlp")
 NO_BROKER = {"sink"}  # writes the databases directly: run once, whatever --broker says
 
 

@@ -125,6 +125,13 @@ class Context:
             admin.execute(f'CREATE DATABASE "{name}"')
         return make_conninfo(self._postgres.dsn, dbname=name)
 
+    def postgres_server(self) -> Any:
+        """The run's :class:`~pipeline.dev.postgres.EmbeddedPostgres` (started on first use;
+        a case may stop and start it)."""
+        if self._postgres is None:
+            self.postgres_database()
+        return self._postgres
+
     def close(self, *, keep: bool = False) -> None:
         """Stop PostgreSQL; remove the scratch directory (worker logs) unless ``keep``."""
         if self._postgres is not None:
@@ -188,8 +195,11 @@ def create_topics(bootstrap: str, names: Sequence[str], partitions: int = 4) -> 
                                    client_options={"bootstrap_servers": bootstrap}))
 
 
-def produce(bootstrap: str, topic: str, records: Sequence[Any]) -> None:
-    """Write the records (key = edge), waiting for every acknowledgement."""
+def produce(bootstrap: str, topic: str, records: Sequence[Any], *,
+            with_headers: bool = False) -> None:
+    """Write the records (key = edge), waiting for every acknowledgement; ``with_headers``:
+    with each record's ``headers`` too (the producer and sequence numbers the worker's
+    dedup reads; without them a record is taken as it comes)."""
     from aiokafka import AIOKafkaProducer
 
     async def main() -> None:
@@ -197,7 +207,9 @@ def produce(bootstrap: str, topic: str, records: Sequence[Any]) -> None:
                                     max_batch_size=256 * 1024, max_request_size=2 * 1024 * 1024)
         await producer.start()
         try:
-            futures = [await producer.send(topic, r.value, key=r.key) for r in records]
+            futures = [await producer.send(topic, r.value, key=r.key,
+                                           headers=r.headers if with_headers else None)
+                       for r in records]
             await asyncio.gather(*futures)
         finally:
             await producer.stop()
