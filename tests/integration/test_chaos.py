@@ -246,8 +246,8 @@ def explain_shortfall(env: dict[str, str]) -> str:
     held: dict[tuple[int, Edge], EdgeMeta] = {}
     metas: dict[int, int] = {}
     for key, value in state.items():
-        kind, partition, rest = parse_id(key)
-        if isinstance(value, EdgeMeta):
+        _, partition, rest, _ = parse_id(key)
+        if isinstance(value, EdgeMeta) and rest is not None:
             held[(partition, split_edge_key(rest))] = value
         elif isinstance(value, PartitionMeta):
             metas[partition] = value.offset
