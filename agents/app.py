@@ -154,7 +154,8 @@ class Pipeline:
         self.cache = RecordCache(
             self.config, self.state, interval_s=settings.worker_cache_interval_s,
             max_records=MAX_UNWRITTEN_RECORDS - settings.worker_batch_records,
-            put=self._put, send=self._send, release=self._release)
+            put=self._put, send=self._send, settle=self.dead_letters.settle,
+            release=self._release)
         if settings.worker_cache_interval_s > 0:
             self.app.timer(settings.worker_cache_interval_s / 2,
                            name="write_out")(self._write_out_due)
@@ -203,8 +204,8 @@ class Pipeline:
     async def _write_out_due(self) -> None:
         await self.cache.write_out_due()
 
-    def _release(self, records: list[Any], writes: list[Any], letters: list[Any]) -> None:
-        self.acks.release_when(records, writes, lambda: self.dead_letters.settle(letters))
+    def _release(self, records: list[Any], writes: list[Any]) -> None:
+        self.acks.release_when(records, writes)
 
     async def _revoked(self, sender: Any, revoked: Any, **_: Any) -> None:
         self.ready.revoked()
