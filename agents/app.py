@@ -30,7 +30,7 @@ from faust.serializers import codecs
 
 from agents.acks import Acks
 from agents.cache import RecordCache
-from agents.consumer import ReadyPartitions, patch_consumers, set_fetch_wait
+from agents.consumer import ReadyPartitions, check_recovered, patch_consumers, set_fetch_wait
 from agents.dead_letters import DeadLetters
 from pipeline.core.batch import PartitionBatch
 from pipeline.core.rollups import Rollups
@@ -361,6 +361,11 @@ class Pipeline:
                                "its table was recovered")
         work = self.cache.open(partition)
         try:
+            if partition in self.ready.unchecked:
+                self.ready.unchecked.discard(partition)
+                committed = self.app.consumer._committed_offset.get(  # noqa: SLF001 - Faust's
+                    records[0].message.tp)
+                check_recovered(partition, work.meta.offset, committed)
             await self._apply_records(work, records)
         except BaseException:
             self.cache.abandon(partition)
@@ -375,6 +380,7 @@ class Pipeline:
                 decoded = decode_record(message.value)
             except EventValidationError as e:
                 await self.dead_letters.send(message, message.value, e.reason, field=e.field)
+                work.meta.offset = max(work.meta.offset, message.offset)  # seen, settled
                 continue
             if decoded.errors:
                 await self.dead_letters.send_events(message, decoded.errors)
