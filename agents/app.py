@@ -146,16 +146,16 @@ class Pipeline:
         if self.sink is not None:
             self.app.timer(settings.sink_interval_s, name="sink")(self._flush)
             self.app.on_before_shutdown.connect(self._close_sink)
-        self.registry = self._registry()
+        self.exposition = self._exposition()
         if settings.metrics_port > 0:
-            registry = self.registry
+            from pipeline.export.exposition import CONTENT_TYPE
+
+            exposition = self.exposition
 
             async def metrics(view: Any, request: Any) -> Any:
-                """``GET /metrics``, read in the event loop: never in the middle of a write."""
-                from prometheus_client import generate_latest
-
-                return view.bytes(generate_latest(registry),
-                                  content_type="text/plain; version=0.0.4")
+                """``GET /metrics``: a snapshot taken in the event loop (never in the middle
+                of a write), rendered in a thread (pipeline/export/exposition.py)."""
+                return view.bytes(await exposition.scrape(), content_type=CONTENT_TYPE)
 
             self.app.page("/metrics")(metrics)
 
@@ -173,19 +173,21 @@ class Pipeline:
         """Stop the worker (exit 1): its restart reads every unacknowledged record again."""
         await self.app.crash(exc)
 
-    def _registry(self) -> Any:
+    def _exposition(self) -> Any:
         from prometheus_client import CollectorRegistry
 
-        from pipeline.export.collectors import EdgeCollector, WorkerCollector
+        from pipeline.core.totals import parse_buckets
+        from pipeline.export.collectors import WorkerCollector
+        from pipeline.export.edges import EdgeExporter
+        from pipeline.export.exposition import Exposition
 
         s = self.settings
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(EdgeCollector(self.rollups, namespace=s.metrics_namespace,
-                                        stale_s=s.metrics_stale_s,
-                                        max_edges=s.metrics_max_edges,
-                                        slo=self.slo))
         registry.register(WorkerCollector(self, namespace=s.metrics_namespace, sink=self.sink))
-        return registry
+        edges = EdgeExporter(self.rollups, namespace=s.metrics_namespace,
+                             stale_s=s.metrics_stale_s, max_series=s.metrics_max_series,
+                             buckets=parse_buckets(s.metrics_latency_buckets), slo=self.slo)
+        return Exposition(edges, registry)
 
     def lag(self) -> dict[int, int]:
         """Records between each owned input partition's read position and its end."""

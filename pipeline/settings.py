@@ -191,8 +191,12 @@ class Settings:
     """Metric name prefix; ``domainflow`` gives the specification's names."""
     metrics_stale_s: float = 300.0
     """An edge without events for this long (worker clock) leaves ``/metrics``."""
-    metrics_max_edges: int = 10_000
-    """Most edges one worker reports; the rest are counted as refused."""
+    metrics_max_series: int = 400_000
+    """Most per-edge series one worker reports (about 35 per edge: 10,000 edges fit); edges
+    past it are refused, newest first, and counted (``exporter_edges_refused``)."""
+    metrics_latency_buckets: str = "0.005,0.01,0.025,0.05,0.1,0.25,0.5,1.0,2.5,10.0"
+    """Bounds (seconds) of the latency histogram in ``/metrics``: a subset of 0.001, 0.0025,
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60 (what is stored)."""
 
     def postgres_conninfo(self) -> str:
         """The DSN every PostgreSQL connection uses: ``postgres_dsn`` with ``postgres_sslmode``
@@ -250,7 +254,7 @@ class Settings:
                     "broker_session_timeout_s", "broker_heartbeat_interval_s",
                     "breaker_failure_threshold", "breaker_half_open_probes", "sink_interval_s",
                     "sink_batch_rows", "sink_backoff_max_s", "patterns_lookback_s",
-                    "metrics_stale_s", "metrics_max_edges")
+                    "metrics_stale_s", "metrics_max_series")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be > 0, got {getattr(self, name)}")
@@ -274,6 +278,12 @@ class Settings:
         if not re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", self.metrics_namespace):
             raise ConfigError(f"{PREFIX}METRICS_NAMESPACE must be a Prometheus name prefix "
                               f"([a-zA-Z_:][a-zA-Z0-9_:]*), got {self.metrics_namespace!r}")
+        from pipeline.core.totals import parse_buckets
+
+        try:
+            parse_buckets(self.metrics_latency_buckets)
+        except ValueError as e:
+            raise ConfigError(f"{PREFIX}METRICS_LATENCY_BUCKETS {e}") from None
         if not self.kafka_bootstrap.strip():
             raise ConfigError(f"{PREFIX}KAFKA_BOOTSTRAP is empty; set it to host:port[,host:port]")
 
