@@ -19,7 +19,7 @@ from typing import Any
 
 from bench.common import Context, Row
 
-CASES = ("shim", "stream", "freshness", "sink", "growth", "scaleout")
+CASES = ("shim", "stream", "freshness", "sink", "growth", "scaleout", "metrics")
 
 
 def _number(value: float | None) -> str:

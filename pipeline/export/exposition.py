@@ -17,7 +17,7 @@ from pipeline.export.edges import EdgeExporter
 
 __all__ = ["CONTENT_TYPE", "Exposition"]
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CONTENT_TYPE = "text/plain; version=0.0.4"
 
 
 class Exposition:
