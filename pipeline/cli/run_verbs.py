@@ -89,19 +89,25 @@ def add_commands(app: Any, console: Any, out: Any) -> None:
     def worker(
         loglevel: Annotated[str | None, typer.Option(
             "--loglevel", "-l",
-            help="crit, error, warn, info or debug (default: COMMPIPE_WORKER_LOGLEVEL)")] = None,
+            help="critical, error, warn, info or debug (default: COMMPIPE_WORKER_LOGLEVEL)")
+        ] = None,
     ) -> None:
         """Run the stream job: create the topics if needed, then a Faust worker."""
+        from rich.markup import escape
+
         from agents.topics import ensure_commpipe_topics
         from pipeline.dev.process import run_sync
         from pipeline.errors import CommpipeError
-        from pipeline.settings import Settings
+        from pipeline.settings import Settings, check_files, unknown_variables
 
+        for warning in unknown_variables():
+            console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
         try:
             settings = Settings.from_env(worker_loglevel=loglevel)
+            check_files(settings)  # before any topic is created
             run_sync(lambda: ensure_commpipe_topics(settings))
         except CommpipeError as e:
-            console.print(f"[red]error:[/] {e}", highlight=False, markup=False)
+            console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
             raise typer.Exit(1) from None
         from faust import Worker
 
