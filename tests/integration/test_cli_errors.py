@@ -67,3 +67,42 @@ def test_migrate_into_a_folder_that_cannot_be_created(tmp_path: Path) -> None:
                     " (Not a directory): set COMMPIPE_DUCKDB_PATH to a file in a folder that "
                     "exists or can be created")
     assert not (blocker / "sub").exists()
+
+
+def _topics(bootstrap: str) -> list[str]:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from pipeline.dev.process import run_sync
+
+    async def topics() -> list[str]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            return list(await admin.list_topics())
+        finally:
+            await admin.close()
+
+    return run_sync(topics)
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"COMMPIPE_WINDOW_S": "nan"}, "error: COMMPIPE_WINDOW_S must be a finite number, got nan"),
+    ({"COMMPIPE_SLO_FILE": "/nonexistent/slo.toml"},
+     "error: COMMPIPE_SLO_FILE: no such file '/nonexistent/slo.toml'"),
+    ({"COMMPIPE_WORKER_FETCH_WAIT_MS": "-1"},
+     "error: COMMPIPE_WORKER_FETCH_WAIT_MS must be >= 0, got -1")])
+def test_the_worker_refuses_a_setting_that_cannot_work_before_creating_topics(
+        kafka_bootstrap: str, env: dict[str, str], message: str, tmp_path: Path) -> None:
+    import uuid
+
+    topic = f"test.refused.{uuid.uuid4().hex[:8]}"
+    done = commpipe({"COMMPIPE_KAFKA_BOOTSTRAP": kafka_bootstrap, "COMMPIPE_TOPIC": topic,
+                     "COMMPIPE_DLQ_TOPIC": f"{topic}.dlq", "COMMPIPE_WINDOWS_S": "5",
+                     "COMMPIPE_WORKER_DATADIR": str(tmp_path), **env}, "worker")
+    warning, _, rest = done.stderr.partition("\n")
+    assert warning == ("warning: COMMPIPE_WINDOWS_S is not a commpipe setting and is ignored "
+                       "(did you mean COMMPIPE_WINDOW_S?)")
+    assert one_error(subprocess.CompletedProcess(done.args, done.returncode, done.stdout,
+                                                 rest)) == message
+    assert "[red]" not in done.stderr
+    assert not [t for t in _topics(kafka_bootstrap) if t.startswith(topic)]
