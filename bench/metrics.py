@@ -41,17 +41,20 @@ PER_RECORD = 50
 INTERVAL_S = 10.0
 FIRST_S = 5.0
 _EDGES = re.compile(rb"^commpipe_exporter_edges (\d+)", re.M)
+_COST = re.compile(rb'^commpipe_exporter_scrape_seconds\{part="(\w+)"\} (\S+)', re.M)
 
 
-def scrape(port: int) -> tuple[float, int, int]:
-    """(seconds, bytes, edges reported) of one ``GET /metrics``."""
+def scrape(port: int) -> tuple[float, int, int, dict[str, float]]:
+    """(seconds, bytes, edges reported, the previous scrape's cost as the worker measured
+    it) of one ``GET /metrics``."""
     began = time.monotonic()
     url = f"http://127.0.0.1:{port}/metrics"
     with urllib.request.urlopen(url, timeout=30) as r:  # noqa: S310 - loopback
         body = r.read()
     took = time.monotonic() - began
     found = _EDGES.search(body)
-    return took, len(body), int(found.group(1)) if found else -1
+    cost = {m.group(1).decode(): float(m.group(2)) for m in _COST.finditer(body)}
+    return took, len(body), int(found.group(1)) if found else -1, cost
 
 
 class Scraper:
@@ -60,7 +63,7 @@ class Scraper:
     def __init__(self, worker: WorkerProcess, until_s: float) -> None:
         self.worker = worker
         self.until_s = until_s
-        self.done: list[tuple[float, int, int]] = []
+        self.done: list[tuple[float, int, int, dict[str, float]]] = []
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -104,7 +107,9 @@ def run(ctx: Context) -> list[Row]:
         create_topics(broker.bootstrap, [topic, f"{topic}.dlq"])
         ctx.say(f"metrics: producing {n:,} events over {edges:,} edges")
         produce_chunks(broker.bootstrap, topic, n, edges)
-        env = worker_env(broker.bootstrap, topic, COMMPIPE_RETAIN_WITHOUT_SINK_S=60)
+        # no restart here, so Tansu's end offsets do not matter: the producer's usual batches
+        env = worker_env(broker.bootstrap, topic, COMMPIPE_RETAIN_WITHOUT_SINK_S=60,
+                         COMMPIPE_WORKER_PRODUCER_BATCH_BYTES=16384)
         ctx.say(f"metrics: worker, not scraped ({cap} s)")
         with workers("commpipe", env, ctx) as procs:
             quiet = measure(procs, n, cap_s=cap)
@@ -115,16 +120,17 @@ def run(ctx: Context) -> list[Row]:
                 scraped: Measured = measure(procs, n, cap_s=cap, on_poll=scraper.start)
             finally:
                 scraper.stop()
-            cpu_before = procs[0].cpu_seconds()
-            idle = scrape(procs[0].port)  # one more, once the stream has stopped
-            idle_cpu = procs[0].cpu_seconds() - cpu_before
+            last = scrape(procs[0].port)  # the last one's cost, as the worker measured it
     times = [s[0] for s in scraper.done]
     worst = max(times, default=float("nan"))
     sizes = sorted({s[2] for s in scraper.done})
+    costs = [s[3] for s in scraper.done[1:]] + [last[3]]
     note = (f"{len(times)} scrapes while streaming: {', '.join(f'{t:.2f}' for t in times)} s, "
             f"{scraper.done[-1][1] / 1e6 if scraper.done else 0:.1f} MB each, edges reported "
-            f"{sizes}; after the stream: {idle[0]:.2f} s, worker CPU {idle_cpu:.2f} s; "
-            f"{n:,} events, {edges:,} edges, ~{PER_RECORD} events/record, sink off")
+            f"{sizes}; the worker's own measure of each (loop / render / render CPU, s): "
+            + "; ".join(f"{c.get('loop', 0):.3f} / {c.get('render', 0):.2f} / "
+                        f"{c.get('render_cpu', 0):.2f}" for c in costs)
+            + f"; {n:,} events, {edges:,} edges, ~{PER_RECORD} events/record, sink off")
     return [
         Row(NAME, f"slowest scrape at {edges:,} edges, streaming (s)", worst, INTERVAL_S,
             "Prometheus' scrape interval", "< 1 s", worst < 1.0, note),

@@ -10,6 +10,7 @@ arrive together are answered one after the other (each from a fresh snapshot).
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -28,18 +29,34 @@ class Exposition:
         self.registry = registry
         self._pool: ThreadPoolExecutor | None = None
         self._lock = asyncio.Lock()
+        self.last: tuple[float, float, float] = (0.0, 0.0, 0.0)
+        """The previous scrape's seconds: on the loop, rendering (wall), rendering (CPU)."""
 
     async def scrape(self) -> bytes:
         from prometheus_client import generate_latest
 
         async with self._lock:
+            began = time.perf_counter()
             snapshot = self.edges.snapshot()
             worker = generate_latest(self.registry)
+            on_loop = time.perf_counter() - began
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="commpipe-metrics")
-            edges = await asyncio.get_running_loop().run_in_executor(
-                self._pool, self.edges.render, snapshot)
-        return edges + worker
+            edges, wall, cpu = await asyncio.get_running_loop().run_in_executor(
+                self._pool, self._render, snapshot)
+            previous, self.last = self.last, (on_loop, wall, cpu)
+        ns = self.edges.ns
+        cost = "".join(f'{ns}_exporter_scrape_seconds{{part="{part}"}} {value!r}\n'
+                       for part, value in zip(("loop", "render", "render_cpu"), previous,
+                                              strict=True))
+        return (edges + worker + f"# HELP {ns}_exporter_scrape_seconds The previous scrape's "
+                f"cost: on the event loop, rendering in its thread, and that thread's CPU\n"
+                f"# TYPE {ns}_exporter_scrape_seconds gauge\n{cost}".encode())
+
+    def _render(self, snapshot: Any) -> tuple[bytes, float, float]:
+        began, cpu = time.perf_counter(), time.thread_time()
+        body = self.edges.render(snapshot)
+        return body, time.perf_counter() - began, time.thread_time() - cpu
 
     def close(self) -> None:
         if self._pool is not None:
