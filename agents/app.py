@@ -96,10 +96,7 @@ class Pipeline:
             store="memory://",
             topic_partitions=settings.partitions,
             datadir=settings.worker_datadir,
-            web_enabled=settings.metrics_port > 0,
-            web_port=settings.metrics_port or None,
-            web_bind=settings.metrics_host,
-            web_host=settings.metrics_host,
+            web_enabled=False,  # its pages would show table contents: MetricsServer instead
             broker_session_timeout=settings.broker_session_timeout_s,
             broker_heartbeat_interval=settings.broker_heartbeat_interval_s,
             consumer_auto_offset_reset="earliest",
@@ -147,17 +144,21 @@ class Pipeline:
             self.app.timer(settings.sink_interval_s, name="sink")(self._flush)
             self.app.on_before_shutdown.connect(self._close_sink)
         self.exposition = self._exposition()
+        self.metrics_server: Any = None
         if settings.metrics_port > 0:
-            from pipeline.export.exposition import CONTENT_TYPE
+            from pipeline.export.server import MetricsServer
 
-            exposition = self.exposition
+            # /metrics and /health in threads of their own (pipeline/export/server.py)
+            self.metrics_server = MetricsServer(self.exposition, settings.metrics_host,
+                                                settings.metrics_port)
+            self.app.task(self._serve_metrics)
+            self.app.on_before_shutdown.connect(self._stop_metrics)
 
-            async def metrics(view: Any, request: Any) -> Any:
-                """``GET /metrics``: a snapshot taken in the event loop (never in the middle
-                of a write), rendered in a thread (pipeline/export/exposition.py)."""
-                return view.bytes(await exposition.scrape(), content_type=CONTENT_TYPE)
+    async def _serve_metrics(self) -> None:
+        self.metrics_server.start(asyncio.get_running_loop())
 
-            self.app.page("/metrics")(metrics)
+    async def _stop_metrics(self, sender: Any, **_: Any) -> None:
+        self.metrics_server.stop()
 
     async def _recovered(self) -> None:
         self.ready.recovered(self.app.consumer.assignment())

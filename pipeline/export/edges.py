@@ -107,8 +107,9 @@ class EdgeExporter:
     """Per-edge metrics (see the module docstring)."""
 
     FAMILIES = ("requests", "responses", "timeouts", "retries", "late_events", "errors",
-                "latency", "quantile", "ratio", "circuit", "slo_ok", "slo_measured",
-                "slo_threshold")
+                "latency", "circuit",  # from the edge's state: _edge_lines
+                "quantile", "ratio", "slo_ok", "slo_measured", "slo_threshold")  # _window_lines
+    EDGE_FAMILIES = 8
 
     def __init__(self, rollups: Rollups, *, namespace: str = "commpipe",
                  stale_s: float = 300.0, max_series: int = 400_000,
@@ -127,7 +128,9 @@ class EdgeExporter:
         self._lock = threading.Lock()
         # per edge: partition -> that partition's last (totals, late events, offset) seen
         self._kept: dict[Edge, dict[int, tuple[EdgeTotals, int, int]]] = {}
+        # per edge: (version, lines, samples) of its state's half and of its window's half
         self._cache: dict[Edge, tuple[Any, tuple[str, ...], int]] = {}
+        self._window_cache: dict[Edge, tuple[Any, tuple[str, ...], int]] = {}
         self._admitted: set[Edge] = set()
         self._refused: set[Edge] = set()
         self.refusals = 0
@@ -181,25 +184,30 @@ class EdgeExporter:
     def _render(self, snap: Snapshot) -> bytes:
         edges, parts = self._group(snap)
         live = self._live(edges, snap.now)
-        chunks: dict[Edge, tuple[str, ...]] = {}
+        halves: dict[Edge, tuple[tuple[str, ...], tuple[str, ...]]] = {}
         sizes: dict[Edge, int] = {}
         cache: dict[Edge, tuple[Any, tuple[str, ...], int]] = {}
+        window_cache: dict[Edge, tuple[Any, tuple[str, ...], int]] = {}
         for i, (edge, (_, state)) in enumerate(live.items()):
             if not i % YIELD_EVERY:
                 time.sleep(0)  # let the event loop take Python's lock now
-            version, closed = self._version(edge, state, parts, snap.now)
+            version, window_version, closed = self._version(edge, state, parts, snap.now)
             hit = self._cache.get(edge)
             if hit is None or hit[0] != version:
-                hit = (version, *self._lines(edge, self._rows(edge, state, closed)))
-            cache[edge] = hit
-            chunks[edge], sizes[edge] = hit[1], hit[2]
-        self._cache = cache
+                hit = (version, *self._edge_lines(edge, state))
+            whit = self._window_cache.get(edge)
+            if whit is None or whit[0] != window_version:
+                whit = (window_version, *self._window_lines(edge, closed))
+            cache[edge], window_cache[edge] = hit, whit
+            halves[edge], sizes[edge] = (hit[1], whit[1]), hit[2] + whit[2]
+        self._cache, self._window_cache = cache, window_cache
         reported = self._admit(live, sizes)
         out: list[str] = []
         for i, family in enumerate(self.FAMILIES):
             name, kind, text = self._heads[family]
             out.append(f"# HELP {name} {text}\n# TYPE {name} {kind}\n")
-            out.extend(chunks[e][i] for e in reported)
+            half, at = (0, i) if i < self.EDGE_FAMILIES else (1, i - self.EDGE_FAMILIES)
+            out.extend(halves[e][half][at] for e in reported)
         ns = self.ns
         refused = len(live) - len(reported)
         out.append(f"# HELP {ns}_exporter_edges Edges reported\n# TYPE {ns}_exporter_edges "
@@ -264,9 +272,10 @@ class EdgeExporter:
         return live
 
     def _version(self, edge: Edge, state: _Edge, parts: dict[int, PartitionMeta], now: float
-                 ) -> tuple[Any, list[tuple[int, WindowStats]]]:
-        """What the edge's lines depend on (offsets of its state and of its last closed
-        window), and that window's rows; keeps the owned partitions' totals."""
+                 ) -> tuple[Any, Any, list[tuple[int, WindowStats]]]:
+        """What each half of the edge's lines depends on (the offsets of its state, and of
+        its last closed window), and that window's rows; keeps the owned partitions'
+        totals."""
         kept = self._kept.setdefault(edge, {})
         for partition, meta in state.parts.items():
             old = kept.get(partition)
@@ -286,44 +295,34 @@ class EdgeExporter:
                 closed.append((partition, stats))
         if len(kept) == 1 and len(closed) <= 1:  # the usual edge: one partition
             (p, (_, _, offset)), = kept.items()
-            return (p, offset, closed[0][1].offset if closed else None), closed
+            return (p, offset), (closed[0][0], closed[0][1].offset) if closed else None, closed
         version = (tuple(sorted((p, v[2]) for p, v in kept.items())),
-                   tuple(sorted((p, meta.offset) for p, meta in state.parts.items())),
-                   closed_start, tuple(sorted((p, s.offset) for p, s in closed)))
-        return version, closed
+                   tuple(sorted((p, meta.offset) for p, meta in state.parts.items())))
+        return version, (closed_start, tuple(sorted((p, s.offset) for p, s in closed))), closed
 
-    def _rows(self, edge: Edge, state: _Edge, closed: list[tuple[int, WindowStats]]
-              ) -> tuple[EdgeTotals, int, EdgeMeta, WindowStats | None]:
-        """The edge's totals (every partition kept), newest state and last closed window."""
+    @staticmethod
+    def _labels(edge: Edge) -> str:
+        return (f'source_service="{_escape(edge[0])}",target_service="{_escape(edge[1])}",'
+                f'protocol="{_escape(edge[2])}"')
+
+    def _edge_lines(self, edge: Edge, state: _Edge) -> tuple[tuple[str, ...], int]:
+        """The edge's counters (every partition it had here), histogram and circuit: one
+        string per family of the first :attr:`EDGE_FAMILIES`, and their sample count."""
         kept = self._kept[edge]
         if len(kept) == 1:
-            (totals, late, _), = kept.values()
+            (t, late, _), = kept.values()
         else:
-            totals, late = EdgeTotals(), 0
-            for t, n, _ in kept.values():
-                totals.merge(t)
+            t, late = EdgeTotals(), 0
+            for totals, n, _ in kept.values():
+                t.merge(totals)
                 late += n
-        newest = max(state.parts.values(), key=lambda m: m.last_ts or -math.inf)
-        window = closed[0][1] if len(closed) == 1 else None
-        if len(closed) > 1:
-            window = WindowStats(closed[0][1].window_start, closed[0][1].window_end)
-            for _, stats in closed:
-                window.merge(stats)
-        return totals, late, newest, window
-
-    def _lines(self, edge: Edge, rows: tuple[EdgeTotals, int, Any, WindowStats | None]
-               ) -> tuple[tuple[str, ...], int]:
-        """One string per family (in :attr:`FAMILIES` order) of one edge's samples, and
-        how many samples they hold."""
-        t, late, meta, window = rows
+        meta = max(state.parts.values(), key=lambda m: m.last_ts or -math.inf)
         n = self._names
-        lab = (f'source_service="{_escape(edge[0])}",target_service="{_escape(edge[1])}",'
-               f'protocol="{_escape(edge[2])}"')
+        lab = self._labels(edge)
         errors = "".join(f'{n[5]}{{{lab},error_type="{_escape(k)}"}} {c}\n'
                          for k, c in sorted(t.errors.items()))
-        counts, below = t.buckets, 0
+        counts, below, at = t.buckets, 0, 0
         hist = []
-        at = 0
         for bound, index in self._bounds:
             while at <= index:
                 below += counts[at]
@@ -332,37 +331,48 @@ class EdgeExporter:
         total = below + sum(counts[at:])
         hist.append(f'{n[6]}_bucket{{{lab},le="+Inf"}} {total}\n{n[6]}_count{{{lab}}} {total}\n'
                     f"{n[6]}_sum{{{lab}}} {t.latency_sum_ms / 1000.0!r}\n")
-        size = 8 + len(t.errors) + len(self._bounds)
-        quantile = ratio = ok = measured = threshold = ""
-        if window is not None:
-            sketch = window.latency
-            if sketch.count:
-                v = sketch.quantiles(QUANTILES)  # latencies: finite, >= 0
-                q = self._quantiles
-                quantile = (f'{n[7]}{{{lab},quantile="{q[0]}"}} {v[0] / 1000.0!r}\n'
-                            f'{n[7]}{{{lab},quantile="{q[1]}"}} {v[1] / 1000.0!r}\n'
-                            f'{n[7]}{{{lab},quantile="{q[2]}"}} {v[2] / 1000.0!r}\n')
-                size += len(QUANTILES)
-            ratio = f"{n[8]}{{{lab}}} {window.error_rate!r}\n"
-            results = evaluate(edge, window, self.slo.for_edge(edge))
-            ok = "".join(f'{n[10]}{{{lab},objective="{r.objective}"}} {1 if r.ok else 0}\n'
-                         for r in results)
-            measured = "".join(f'{n[11]}{{{lab},objective="{r.objective}"}} '
-                               f"{_fmt(r.measured)}\n" for r in results)
-            threshold = "".join(f'{n[12]}{{{lab},objective="{r.objective}"}} '
-                                f"{_fmt(r.threshold)}\n" for r in results)
-            size += 1 + 3 * len(results)
         circuit = []
-        for source, state in (("reported", meta.reported.state if meta.reported else None),
-                              ("derived", meta.derived.track.state)):
-            if state is not None:
-                circuit.extend(f'{n[9]}{{{lab},state="{s}",source="{source}"}} '
-                               f'{1 if s == state else 0}\n' for s in STATES)
-        size += len(circuit)
-        return (f"{n[0]}{{{lab}}} {t.requests}\n", f"{n[1]}{{{lab}}} {t.responses}\n",
-                f"{n[2]}{{{lab}}} {t.timeouts}\n", f"{n[3]}{{{lab}}} {t.retries}\n",
-                f"{n[4]}{{{lab}}} {late}\n", errors, "".join(hist), quantile, ratio,
-                "".join(circuit), ok, measured, threshold), size
+        for source, now in (("reported", meta.reported.state if meta.reported else None),
+                            ("derived", meta.derived.track.state)):
+            if now is not None:
+                circuit.extend(f'{n[7]}{{{lab},state="{s}",source="{source}"}} '
+                               f'{1 if s == now else 0}\n' for s in STATES)
+        return ((f"{n[0]}{{{lab}}} {t.requests}\n", f"{n[1]}{{{lab}}} {t.responses}\n",
+                 f"{n[2]}{{{lab}}} {t.timeouts}\n", f"{n[3]}{{{lab}}} {t.retries}\n",
+                 f"{n[4]}{{{lab}}} {late}\n", errors, "".join(hist), "".join(circuit)),
+                8 + len(t.errors) + len(self._bounds) + len(circuit))
+
+    def _window_lines(self, edge: Edge, closed: list[tuple[int, WindowStats]]
+                      ) -> tuple[tuple[str, ...], int]:
+        """The edge's last closed window (merged over partitions): quantiles, error ratio
+        and objectives, one string per family after :attr:`EDGE_FAMILIES`."""
+        if not closed:
+            return ("", "", "", "", ""), 0
+        window = closed[0][1]
+        if len(closed) > 1:
+            window = WindowStats(window.window_start, window.window_end)
+            for _, stats in closed:
+                window.merge(stats)
+        n = self._names
+        lab = self._labels(edge)
+        quantile, size = "", 0
+        sketch = window.latency
+        if sketch.count:
+            v = sketch.quantiles(QUANTILES)  # latencies: finite, >= 0
+            q = self._quantiles
+            quantile = (f'{n[8]}{{{lab},quantile="{q[0]}"}} {v[0] / 1000.0!r}\n'
+                        f'{n[8]}{{{lab},quantile="{q[1]}"}} {v[1] / 1000.0!r}\n'
+                        f'{n[8]}{{{lab},quantile="{q[2]}"}} {v[2] / 1000.0!r}\n')
+            size = len(QUANTILES)
+        results = evaluate(edge, window, self.slo.for_edge(edge))
+        ok = "".join(f'{n[10]}{{{lab},objective="{r.objective}"}} {1 if r.ok else 0}\n'
+                     for r in results)
+        measured = "".join(f'{n[11]}{{{lab},objective="{r.objective}"}} {_fmt(r.measured)}\n'
+                           for r in results)
+        threshold = "".join(f'{n[12]}{{{lab},objective="{r.objective}"}} '
+                            f"{_fmt(r.threshold)}\n" for r in results)
+        return ((quantile, f"{n[9]}{{{lab}}} {window.error_rate!r}\n", ok, measured, threshold),
+                size + 1 + 3 * len(results))
 
     def _admit(self, live: dict[Edge, tuple[float, _Edge]], sizes: dict[Edge, int]
                ) -> list[Edge]:

@@ -1,24 +1,24 @@
-"""``GET /metrics`` without stopping the stream: snapshot on the event loop, text in a thread.
+"""The ``/metrics`` body without stopping the stream: snapshot on the event loop, text elsewhere.
 
-:meth:`Exposition.scrape` takes the per-edge snapshot and renders the worker's own
-(small) metrics on the loop, then renders the per-edge text in one worker thread
-(:meth:`pipeline.export.edges.EdgeExporter.render`), so the loop goes on consuming while a
-scrape is built; the thread holds Python's lock only part of the time. Scrapes that
-arrive together are answered one after the other (each from a fresh snapshot).
+:meth:`Exposition.on_loop` runs in the event loop, between two of its steps (never in the
+middle of a table write): it takes the per-edge snapshot and renders the worker's own
+(small) metrics. Everything else, the per-edge text
+(:meth:`pipeline.export.edges.EdgeExporter.render`) above all, runs in the caller's
+thread: :meth:`scrape_from_thread` is what the HTTP server's request thread calls
+(:mod:`pipeline.export.server`), :meth:`scrape` the same from a coroutine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from pipeline.export.edges import EdgeExporter
+from pipeline.export.edges import EdgeExporter, Snapshot
 
 __all__ = ["CONTENT_TYPE", "Exposition"]
 
-CONTENT_TYPE = "text/plain; version=0.0.4"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Exposition:
@@ -27,38 +27,43 @@ class Exposition:
     def __init__(self, edges: EdgeExporter, registry: Any) -> None:
         self.edges = edges
         self.registry = registry
-        self._pool: ThreadPoolExecutor | None = None
-        self._lock = asyncio.Lock()
         self.last: tuple[float, float, float] = (0.0, 0.0, 0.0)
         """The previous scrape's seconds: on the loop, rendering (wall), rendering (CPU)."""
 
-    async def scrape(self) -> bytes:
+    async def on_loop(self) -> tuple[Snapshot, bytes, float]:
+        """(per-edge snapshot, the worker's own metrics, seconds it took): run it in the
+        event loop."""
         from prometheus_client import generate_latest
 
-        async with self._lock:
-            began = time.perf_counter()
-            snapshot = self.edges.snapshot()
-            worker = generate_latest(self.registry)
-            on_loop = time.perf_counter() - began
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="commpipe-metrics")
-            edges, wall, cpu = await asyncio.get_running_loop().run_in_executor(
-                self._pool, self._render, snapshot)
-            previous, self.last = self.last, (on_loop, wall, cpu)
+        began = time.perf_counter()
+        snapshot = self.edges.snapshot()
+        worker = generate_latest(self.registry)
+        return snapshot, worker, time.perf_counter() - began
+
+    def scrape_from_thread(self, loop: asyncio.AbstractEventLoop, timeout: float = 30.0
+                           ) -> bytes:
+        """The body, from a thread other than ``loop``'s."""
+        snapshot, worker, on_loop = asyncio.run_coroutine_threadsafe(
+            self.on_loop(), loop).result(timeout)
+        return self._finish(snapshot, worker, on_loop)
+
+    async def scrape(self) -> bytes:
+        """The body, from a coroutine in the loop (the text is rendered in a thread)."""
+        snapshot, worker, on_loop = await self.on_loop()
+        return await asyncio.to_thread(self._finish, snapshot, worker, on_loop)
+
+    def _finish(self, snapshot: Snapshot, worker: bytes, on_loop: float) -> bytes:
+        began, cpu = time.perf_counter(), time.thread_time()
+        edges = self.edges.render(snapshot)
+        previous = self.last
+        self.last = (on_loop, time.perf_counter() - began, time.thread_time() - cpu)
         ns = self.edges.ns
         cost = "".join(f'{ns}_exporter_scrape_seconds{{part="{part}"}} {value!r}\n'
                        for part, value in zip(("loop", "render", "render_cpu"), previous,
                                               strict=True))
         return (edges + worker + f"# HELP {ns}_exporter_scrape_seconds The previous scrape's "
-                f"cost: on the event loop, rendering in its thread, and that thread's CPU\n"
+                f"cost: on the event loop, rendering, and the rendering thread's CPU\n"
                 f"# TYPE {ns}_exporter_scrape_seconds gauge\n{cost}".encode())
 
-    def _render(self, snapshot: Any) -> tuple[bytes, float, float]:
-        began, cpu = time.perf_counter(), time.thread_time()
-        body = self.edges.render(snapshot)
-        return body, time.perf_counter() - began, time.thread_time() - cpu
-
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        """Nothing to release (kept for the server's stop)."""

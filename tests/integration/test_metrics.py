@@ -3,9 +3,11 @@ text parser, every value computed independently from the events sent."""
 
 from __future__ import annotations
 
+import gzip
 import math
 import random
 import time
+import urllib.error
 import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
@@ -59,6 +61,10 @@ def scrape(env: dict[str, str]) -> dict[tuple[str, tuple[tuple[str, str], ...]],
     with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - loopback
         assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
         text = response.read().decode()
+    return parse(text)
+
+
+def parse(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     out = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -159,3 +165,18 @@ def test_metrics_equal_the_events_then_stale_edges_leave(
     left = scrape(metrics_env)
     assert not [k for k in left if k[0].startswith(f"{p}_")]
     assert left[(f"{NS}_events_consumed_total", ())] == total
+    # only /metrics and /health: Faust's pages showed table contents (correlation ids...)
+    base = f"http://127.0.0.1:{metrics_env['COMMPIPE_METRICS_PORT']}"
+    with urllib.request.urlopen(f"{base}/health", timeout=5) as r:  # noqa: S310 - loopback
+        assert (r.status, r.read()) == (200, b"ok\n")
+    for page in ("/table/state/", "/router/state/", "/"):
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(base + page, timeout=5)  # noqa: S310 - loopback
+        assert info.value.code == 404, page
+    # Prometheus asks for gzip: the same series, compressed
+    request = urllib.request.Request(f"{base}/metrics", headers={"Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(request, timeout=5) as r:  # noqa: S310 - loopback
+        assert r.headers["Content-Encoding"] == "gzip"
+        unzipped = gzip.decompress(r.read()).decode()
+    assert {k for k in parse(unzipped) if k[0] != f"{NS}_exporter_scrape_seconds"} == {
+        k for k in left if k[0] != f"{NS}_exporter_scrape_seconds"}
