@@ -177,10 +177,10 @@ class Pipeline:
     def _exposition(self) -> Any:
         from prometheus_client import CollectorRegistry
 
-        from pipeline.core.totals import parse_buckets
         from pipeline.export.collectors import WorkerCollector
         from pipeline.export.edges import EdgeExporter
         from pipeline.export.exposition import Exposition
+        from pipeline.settings import parse_buckets
 
         s = self.settings
         registry = CollectorRegistry(auto_describe=False)

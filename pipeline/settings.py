@@ -18,7 +18,7 @@ from typing import Any, Literal, get_args, get_type_hints
 
 from pipeline.errors import ConfigError
 
-__all__ = ["MAX_WORKER_BATCH_RECORDS", "Secret", "Settings", "check_files", "redact_dsn",
+__all__ = ["MAX_WORKER_BATCH_RECORDS", "Secret", "Settings", "parse_buckets", "redact_dsn",
            "scrub_dsn", "unknown_variables"]
 
 PREFIX = "COMMPIPE_"
@@ -316,8 +316,6 @@ class Settings:
         if not re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", self.metrics_namespace):
             raise ConfigError(f"{PREFIX}METRICS_NAMESPACE must be a Prometheus name prefix "
                               f"([a-zA-Z_:][a-zA-Z0-9_:]*), got {self.metrics_namespace!r}")
-        from pipeline.core.totals import parse_buckets
-
         try:
             parse_buckets(self.metrics_latency_buckets)
         except ValueError as e:
@@ -326,18 +324,24 @@ class Settings:
             raise ConfigError(f"{PREFIX}KAFKA_BOOTSTRAP is empty; set it to host:port[,host:port]")
 
 
-def check_files(settings: Settings) -> None:
-    """What the worker reads at start, checked before it creates anything: the objectives
-    file exists and parses (the shim never reads it, so it is not checked there)."""
-    if settings.slo_file:
-        from pipeline.core.slo import load_config
+STORED_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0, 30.0, 60.0)
+"""The latency bounds each edge's totals keep (pipeline.core.totals.LATENCY_BUCKETS_S; this
+root module cannot import core, tests/unit/test_settings.py keeps them equal)."""
 
-        if not os.path.isfile(settings.slo_file):
-            raise ConfigError(f"{PREFIX}SLO_FILE: no such file {settings.slo_file!r}")
-        try:
-            load_config(settings.slo_file)
-        except ConfigError as e:
-            raise ConfigError(f"{PREFIX}SLO_FILE: {e}") from None
+
+def parse_buckets(text: str) -> tuple[float, ...]:
+    """Reported bounds from ``"0.005,0.01,..."``: a non-empty, increasing subset of
+    :data:`STORED_BUCKETS_S`; ValueError saying so otherwise."""
+    try:
+        bounds = tuple(float(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        bounds = ()
+    if (not bounds or any(b not in STORED_BUCKETS_S for b in bounds)
+            or list(bounds) != sorted(set(bounds))):
+        raise ValueError("must be increasing bounds in seconds, comma-separated, from "
+                         + ",".join(repr(b) for b in STORED_BUCKETS_S) + f"; got {text!r}")
+    return bounds
 
 
 def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:

@@ -96,15 +96,16 @@ def add_commands(app: Any, console: Any, out: Any) -> None:
         from rich.markup import escape
 
         from agents.topics import ensure_commpipe_topics
+        from pipeline.core.slo import check_file
         from pipeline.dev.process import run_sync
         from pipeline.errors import CommpipeError
-        from pipeline.settings import Settings, check_files, unknown_variables
+        from pipeline.settings import Settings, unknown_variables
 
         for warning in unknown_variables():
             console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
         try:
             settings = Settings.from_env(worker_loglevel=loglevel)
-            check_files(settings)  # before any topic is created
+            check_file(settings.slo_file)  # before any topic is created
             run_sync(lambda: ensure_commpipe_topics(settings))
         except CommpipeError as e:
             console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)

@@ -56,7 +56,8 @@ from pipeline.errors import ConfigError
 if TYPE_CHECKING:
     from pipeline.core.window import WindowStats
 
-__all__ = ["OBJECTIVES", "Objectives", "Result", "SloConfig", "evaluate", "load_config"]
+__all__ = ["OBJECTIVES", "Objectives", "Result", "SloConfig", "check_file", "evaluate",
+           "load_config"]
 
 OBJECTIVES: Final = ("latency_p95", "latency_max", "delivery_success", "retry_backoff",
                      "circuit_reaction")
@@ -128,6 +129,19 @@ def load_config(path: str | Path | None) -> SloConfig:
             for rule in rules))
     except (ValidationError, TypeError) as e:
         raise ConfigError(f"{path}: {_describe(e)}") from None
+
+
+def check_file(path: str) -> None:
+    """Raise :class:`ConfigError` naming ``COMMPIPE_SLO_FILE`` when ``path`` (non-empty) is
+    missing or does not parse: the worker checks it before it creates anything."""
+    if not path:
+        return
+    if not Path(path).is_file():
+        raise ConfigError(f"COMMPIPE_SLO_FILE: no such file {path!r}")
+    try:
+        load_config(path)
+    except ConfigError as e:
+        raise ConfigError(f"COMMPIPE_SLO_FILE: {e}") from None
 
 
 def _describe(error: ValidationError | TypeError) -> str:

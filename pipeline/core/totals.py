@@ -18,7 +18,7 @@ from typing import Any, Final
 
 from pipeline.wire.events import Event
 
-__all__ = ["DEFAULT_BUCKETS_S", "LATENCY_BUCKETS_S", "EdgeTotals", "parse_buckets"]
+__all__ = ["DEFAULT_BUCKETS_S", "LATENCY_BUCKETS_S", "EdgeTotals"]
 
 LATENCY_BUCKETS_S: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                             2.5, 5.0, 10.0, 30.0, 60.0)
@@ -29,20 +29,6 @@ lie (the sketch's quantile gauges give each edge's tail within 1 %; ``histogram_
 over these is for aggregates across edges, workers and time)."""
 _BOUNDS_MS: Final = tuple(b * 1000.0 for b in LATENCY_BUCKETS_S)
 _OUTCOMES: Final = frozenset({"response", "error", "timeout"})
-
-
-def parse_buckets(text: str) -> tuple[float, ...]:
-    """Reported bounds from ``"0.005,0.01,..."``: a non-empty, increasing subset of
-    :data:`LATENCY_BUCKETS_S` (what is stored); ValueError saying so otherwise."""
-    try:
-        bounds = tuple(float(b) for b in text.split(",") if b.strip())
-    except ValueError:
-        bounds = ()
-    if (not bounds or any(b not in LATENCY_BUCKETS_S for b in bounds)
-            or list(bounds) != sorted(set(bounds))):
-        raise ValueError("must be increasing bounds in seconds, comma-separated, from "
-                         + ",".join(repr(b) for b in LATENCY_BUCKETS_S) + f"; got {text!r}")
-    return bounds
 
 
 @dataclass(slots=True)

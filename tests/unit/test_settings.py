@@ -6,8 +6,9 @@ from typing import Any
 
 import pytest
 
+from pipeline.core.slo import check_file
 from pipeline.errors import ConfigError
-from pipeline.settings import Secret, Settings, check_files, redact_dsn, unknown_variables
+from pipeline.settings import Secret, Settings, redact_dsn, unknown_variables
 
 
 def test_defaults_without_environment() -> None:
@@ -90,13 +91,13 @@ def test_values_that_cannot_work_are_refused_naming_the_variable(
 def test_the_worker_refuses_a_missing_or_bad_objectives_file(tmp_path: Any) -> None:
     settings = Settings.from_env({"COMMPIPE_SLO_FILE": str(tmp_path / "slo.toml")})
     with pytest.raises(ConfigError) as info:
-        check_files(settings)
+        check_file(settings.slo_file)
     assert str(info.value) == f"COMMPIPE_SLO_FILE: no such file {str(tmp_path / 'slo.toml')!r}"
     (tmp_path / "slo.toml").write_text("latency_p95_ms = -1\n")
     with pytest.raises(ConfigError, match="^COMMPIPE_SLO_FILE: .*latency_p95_ms"):
-        check_files(settings)
+        check_file(settings.slo_file)
     (tmp_path / "slo.toml").write_text("latency_p95_ms = 50\n")
-    check_files(settings)
+    check_file(settings.slo_file)
 
 
 def test_a_misspelt_variable_is_named_with_the_closest_setting() -> None:
@@ -109,9 +110,11 @@ def test_a_misspelt_variable_is_named_with_the_closest_setting() -> None:
 
 
 def test_the_default_histogram_bounds_are_the_exporters() -> None:
-    from pipeline.core.totals import DEFAULT_BUCKETS_S, parse_buckets
+    from pipeline.core.totals import DEFAULT_BUCKETS_S, LATENCY_BUCKETS_S
+    from pipeline.settings import STORED_BUCKETS_S, parse_buckets
 
     assert parse_buckets(Settings().metrics_latency_buckets) == DEFAULT_BUCKETS_S
+    assert STORED_BUCKETS_S == LATENCY_BUCKETS_S
 
 
 def test_unknown_override_is_refused() -> None:
@@ -158,7 +161,8 @@ def test_worker_security_settings_reach_faust_and_metrics_bind_loopback() -> Non
     from agents.app import create_app
 
     default = create_app(Settings.from_env({}))
-    assert default.app.conf.web_bind == "127.0.0.1"
+    assert default.metrics_server.host == "127.0.0.1"
+    assert default.app.conf.web_enabled is False  # Faust's pages show table contents
     assert default.app.conf.broker_credentials is None
     s = Settings.from_env({"COMMPIPE_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
                            "COMMPIPE_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
@@ -171,7 +175,7 @@ def test_worker_security_settings_reach_faust_and_metrics_bind_loopback() -> Non
     assert credentials.mechanism.value == "SCRAM-SHA-512"
     assert credentials.protocol.value == "SASL_SSL"
     assert isinstance(credentials.ssl_context, ssl.SSLContext)
-    assert pipeline.app.conf.web_bind == "0.0.0.0"
+    assert (pipeline.metrics_server.host, pipeline.metrics_server.port) == ("0.0.0.0", 9464)
     assert isinstance(s.kafka_client_options()["ssl_context"], ssl.SSLContext)
 
 
