@@ -159,6 +159,9 @@ class Settings:
     broker_session_timeout_s: float = 60.0
     """Kafka consumer session timeout; 6 s makes dev and tests join in seconds."""
     broker_heartbeat_interval_s: float = 3.0
+    broker_wait_s: float = 60.0
+    """How long ``commpipe worker`` waits at start for a broker that cannot be reached yet
+    (retrying every second, one line each); 0: fail at once."""
     worker_loglevel: str = "info"
     worker_producer_batch_bytes: int = 16_384
     """The worker producer's batch size (changelog, dead letters). On the embedded Tansu
@@ -278,7 +281,7 @@ class Settings:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be > 0, got {getattr(self, name)}")
         for name in ("shim_linger_ms", "shim_close_timeout_s", "grace_s", "max_future_s",
                      "idle_close_s", "breaker_recovery_timeout_s", "worker_batch_within_s",
-                     "worker_fetch_wait_ms", "retain_without_sink_s"):
+                     "worker_fetch_wait_ms", "retain_without_sink_s", "broker_wait_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be >= 0, got {getattr(self, name)}")
         if self.worker_batch_records > MAX_WORKER_BATCH_RECORDS:

@@ -95,7 +95,7 @@ def add_commands(app: Any, console: Any, out: Any) -> None:
         """Run the stream job: create the topics if needed, then a Faust worker."""
         from rich.markup import escape
 
-        from agents.topics import ensure_commpipe_topics
+        from agents.topics import wait_and_ensure_commpipe_topics
         from pipeline.core.slo import check_file
         from pipeline.dev.process import run_sync
         from pipeline.errors import CommpipeError
@@ -106,7 +106,10 @@ def add_commands(app: Any, console: Any, out: Any) -> None:
         try:
             settings = Settings.from_env(worker_loglevel=loglevel)
             check_file(settings.slo_file)  # before any topic is created
-            run_sync(lambda: ensure_commpipe_topics(settings))
+            run_sync(lambda: wait_and_ensure_commpipe_topics(
+                settings, wait_s=settings.broker_wait_s,
+                on_retry=lambda m: console.print(f"[yellow]worker:[/] {escape(m)}",
+                                                 highlight=False)))
         except CommpipeError as e:
             console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
             raise typer.Exit(1) from None

@@ -63,10 +63,6 @@ log = logging.getLogger("commpipe.exporter")
 
 QUANTILES = (0.5, 0.95, 0.99)  # _lines writes three
 STATES = ("closed", "open", "half_open")
-YIELD_EVERY = 32
-"""Edges rendered between two offers of Python's lock to the event loop: a thread that
-only lets go when the interpreter asks (every 5 ms) would add up to 5 ms to each of the
-loop's network round trips while a scrape renders."""
 Edge = tuple[str, str, str]
 
 
@@ -188,9 +184,7 @@ class EdgeExporter:
         sizes: dict[Edge, int] = {}
         cache: dict[Edge, tuple[Any, tuple[str, ...], int]] = {}
         window_cache: dict[Edge, tuple[Any, tuple[str, ...], int]] = {}
-        for i, (edge, (_, state)) in enumerate(live.items()):
-            if not i % YIELD_EVERY:
-                time.sleep(0)  # let the event loop take Python's lock now
+        for edge, (_, state) in live.items():
             version, window_version, closed = self._version(edge, state, parts, snap.now)
             hit = self._cache.get(edge)
             if hit is None or hit[0] != version:

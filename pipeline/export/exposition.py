@@ -11,7 +11,11 @@ thread: :meth:`scrape_from_thread` is what the HTTP server's request thread call
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sys
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from pipeline.export.edges import EdgeExporter, Snapshot
@@ -19,6 +23,33 @@ from pipeline.export.edges import EdgeExporter, Snapshot
 __all__ = ["CONTENT_TYPE", "Exposition"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+SWITCH_S = 0.0005
+"""Python's thread switch interval while a scrape renders (its default is 5 ms). The event
+loop gives up Python's lock at every socket call and must wait for it to come back; with
+a thread rendering beside it, each wait lasted up to the interval, and at 10,000 edges
+the loop crawled (measured: 341,400 events in 36 s unscraped, 5,900 scraped)."""
+
+_switches = threading.Lock()
+_rendering = 0
+
+
+@contextlib.contextmanager
+def _short_switches() -> Iterator[None]:
+    global _rendering
+    with _switches:
+        if _rendering == 0:
+            _short_switches.saved = sys.getswitchinterval()  # type: ignore[attr-defined]
+            sys.setswitchinterval(SWITCH_S)
+        _rendering += 1
+    try:
+        yield
+    finally:
+        with _switches:
+            _rendering -= 1
+            if _rendering == 0:
+                sys.setswitchinterval(_short_switches.saved)  # type: ignore[attr-defined]
 
 
 class Exposition:
@@ -54,7 +85,8 @@ class Exposition:
 
     def _finish(self, snapshot: Snapshot, worker: bytes, on_loop: float) -> bytes:
         began, cpu = time.perf_counter(), time.thread_time()
-        edges = self.edges.render(snapshot)
+        with _short_switches():
+            edges = self.edges.render(snapshot)
         previous = self.last
         self.last = (on_loop, time.perf_counter() - began, time.thread_time() - cpu)
         ns = self.edges.ns

@@ -106,3 +106,45 @@ def test_the_worker_refuses_a_setting_that_cannot_work_before_creating_topics(
                                                  rest)) == message
     assert "[red]" not in done.stderr
     assert not [t for t in _topics(kafka_bootstrap) if t.startswith(topic)]
+
+
+def test_the_worker_waits_for_a_broker_that_is_not_up_yet(tmp_path: Path) -> None:
+    """As honcho starts it beside the broker: it retries, one line each, then runs."""
+    import time
+    import urllib.request
+
+    from pipeline.dev.broker import EmbeddedBroker
+    from pipeline.dev.process import free_port, terminate_process
+
+    port, metrics = free_port(), free_port()
+    env = {**os.environ, "COMMPIPE_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}",
+           "COMMPIPE_METRICS_PORT": str(metrics), "COMMPIPE_WORKER_DATADIR": str(tmp_path),
+           "COMMPIPE_APP_ID": "waits", "COMMPIPE_DUCKDB_PATH": "", "COMMPIPE_POSTGRES_DSN": "",
+           "COMMPIPE_WORKER_PRODUCER_BATCH_BYTES": "1", "COMMPIPE_BROKER_WAIT_S": "60",
+           "COMMPIPE_BROKER_SESSION_TIMEOUT_S": "6", "COMMPIPE_BROKER_HEARTBEAT_INTERVAL_S": "1",
+           "COLUMNS": "300"}
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        worker = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker"], env=env,
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        waiting = (f"worker: Kafka at 127.0.0.1:{port} is not reachable yet (attempt 2); "
+                   "retrying for up to")
+        deadline = time.monotonic() + 30
+        while waiting not in log.read_text():
+            assert worker.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        with EmbeddedBroker(port, log_path=tmp_path / "tansu.log"):
+            deadline = time.monotonic() + 60
+            while True:
+                assert worker.poll() is None, log.read_text()
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/health",
+                                                timeout=2) as r:  # noqa: S310 - loopback
+                        assert r.read() == b"ok\n"
+                        break
+                except OSError:
+                    assert time.monotonic() < deadline, log.read_text()
+                    time.sleep(0.5)
+    finally:
+        terminate_process(worker, timeout=20, group=True)
