@@ -145,6 +145,12 @@ class Pipeline:
             self.app.on_before_shutdown.connect(self._close_sink)
         self.exposition = self._exposition()
         self.metrics_server: Any = None
+        if settings.otlp_topic:  # OpenTelemetry spans in, published to settings.topic
+            from agents.otlp import OtlpBridge
+
+            self.otlp = OtlpBridge(settings)
+            self.app.task(self.otlp.run)
+            self.exposition.registry.register(self.otlp.collector())
         if settings.metrics_port > 0:
             from pipeline.export.server import MetricsServer
 

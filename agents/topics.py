@@ -35,8 +35,11 @@ async def ensure_topics(
     client_options: Mapping[str, Any],
     replication_factor: int = 1,
     timeout_ms: int = 10_000,
+    any_count: frozenset[str] = frozenset(),
 ) -> dict[str, bool]:
-    """Make sure each ``name -> partitions`` topic exists with exactly that many partitions.
+    """Make sure each ``name -> partitions`` topic exists with exactly that many partitions
+    (a topic named in ``any_count``: created with that many when missing, left as it is
+    when it exists).
 
     ``client_options`` are aiokafka client keyword arguments, at least
     ``bootstrap_servers`` (see :meth:`Settings.kafka_client_options`).
@@ -74,8 +77,10 @@ async def ensure_topics(
                     f"Kafka at {bootstrap} refused to create topic {name!r} "
                     f"(error {code}: {message or 'no message'})"
                 )
-        if existing:
-            for name, found in (await _partition_counts(admin, existing)).items():
+        checked = [n for n in existing if n not in any_count]
+        created.update({n: False for n in existing if n in any_count})
+        if checked:
+            for name, found in (await _partition_counts(admin, checked)).items():
                 if found != topics[name]:
                     raise ConfigError(
                         f"topic {name!r} exists with {found} partitions but {topics[name]} "
@@ -87,19 +92,27 @@ async def ensure_topics(
     finally:
         await admin.close()
     for name, new in created.items():
-        log.info("topic %s %s with %s partitions",
-                 name, "created" if new else "exists", topics[name])
+        if new or name not in any_count:
+            log.info("topic %s %s with %s partitions",
+                     name, "created" if new else "exists", topics[name])
+        else:
+            log.info("topic %s exists", name)
     return created
 
 
 async def ensure_commpipe_topics(
     settings: Settings, *, replication_factor: int = 1
 ) -> dict[str, bool]:
-    """Create ``settings.topic`` and ``settings.dlq_topic`` with ``settings.partitions`` each."""
+    """Create ``settings.topic`` and ``settings.dlq_topic`` with ``settings.partitions`` each,
+    and ``settings.otlp_topic`` (when set) with as many if it is missing: the OTLP bridge
+    reads any partition count (its records are keyed again by edge), and the topic may be
+    the Collector's already."""
+    topics = {settings.topic: settings.partitions, settings.dlq_topic: settings.partitions}
+    otlp = frozenset((settings.otlp_topic,)) - set(topics) if settings.otlp_topic else frozenset()
+    topics.update({name: settings.partitions for name in otlp})
     return await ensure_topics(
-        {settings.topic: settings.partitions, settings.dlq_topic: settings.partitions},
-        client_options=settings.kafka_client_options(),
-        replication_factor=replication_factor,
+        topics, client_options=settings.kafka_client_options(),
+        replication_factor=replication_factor, any_count=otlp,
     )
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from bench.common import Context, Row
 
-CASES = ("shim", "stream", "freshness", "sink", "growth", "scaleout", "metrics")
+CASES = ("shim", "stream", "freshness", "sink", "growth", "scaleout", "otlp", "metrics")
 
 
 def _number(value: float | None) -> str:

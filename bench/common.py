@@ -169,8 +169,11 @@ def create_topics(bootstrap: str, names: Sequence[str], partitions: int = 4) -> 
                                    client_options={"bootstrap_servers": bootstrap}))
 
 
-def produce(bootstrap: str, topic: str, records: Sequence[Any]) -> None:
-    """Write the records (key = edge), waiting for every acknowledgement."""
+def produce(bootstrap: str, topic: str, records: Sequence[Any], *,
+            with_headers: bool = False) -> None:
+    """Write the records (key = edge), waiting for every acknowledgement; ``with_headers``:
+    with each record's ``headers`` too (the producer and sequence numbers the worker's
+    dedup reads; without them a record is taken as it comes)."""
     from aiokafka import AIOKafkaProducer
 
     async def main() -> None:
@@ -178,7 +181,9 @@ def produce(bootstrap: str, topic: str, records: Sequence[Any]) -> None:
                                     max_batch_size=256 * 1024, max_request_size=2 * 1024 * 1024)
         await producer.start()
         try:
-            futures = [await producer.send(topic, r.value, key=r.key) for r in records]
+            futures = [await producer.send(topic, r.value, key=r.key,
+                                           headers=r.headers if with_headers else None)
+                       for r in records]
             await asyncio.gather(*futures)
         finally:
             await producer.stop()

@@ -163,6 +163,13 @@ class Settings:
     """How long ``commpipe worker`` waits at start for a broker that cannot be reached yet
     (retrying every second, one line each); 0: fail at once."""
     worker_loglevel: str = "info"
+    otlp_topic: str = ""
+    """OpenTelemetry spans in: a topic the Collector's Kafka exporter writes (``otlp_spans``,
+    ``otlp_proto`` or ``otlp_json``); the worker turns its CLIENT and PRODUCER spans into
+    events on ``topic`` (agents/otlp.py). Empty (the default): off."""
+    otlp_auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    """Where the OTLP bridge starts reading a partition it has never committed: ``earliest``
+    (every span the topic still holds) or ``latest`` (only spans written from now on)."""
     worker_producer_batch_bytes: int = 16_384
     """The worker producer's batch size (changelog, dead letters). On the embedded Tansu
     broker set 1: Tansu reports a partition's end offset as the last batch's *first*
@@ -325,6 +332,12 @@ class Settings:
             raise ConfigError(f"{PREFIX}METRICS_LATENCY_BUCKETS {e}") from None
         if not self.kafka_bootstrap.strip():
             raise ConfigError(f"{PREFIX}KAFKA_BOOTSTRAP is empty; set it to host:port[,host:port]")
+        for name in ("topic", "dlq_topic"):
+            if self.otlp_topic and self.otlp_topic == getattr(self, name):
+                raise ConfigError(
+                    f"{PREFIX}OTLP_TOPIC is {PREFIX}{name.upper()} ({self.otlp_topic!r}): the "
+                    "OTLP bridge would read what the worker writes there; set it to the topic "
+                    "the Collector's Kafka exporter writes (otlp_spans by default)")
 
 
 STORED_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,

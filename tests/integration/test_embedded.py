@@ -14,11 +14,12 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from agents.topics import ensure_topics
+from agents.topics import ensure_commpipe_topics, ensure_topics
 from pipeline.dev.broker import EmbeddedBroker
 from pipeline.dev.postgres import EmbeddedPostgres
 from pipeline.dev.process import free_port, run_sync
 from pipeline.errors import ConfigError, ServiceError
+from pipeline.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -175,6 +176,28 @@ def test_ensure_topics_is_idempotent_and_rejects_another_count(topic_factory, ka
     assert run_sync(lambda: ensure_topics({fresh: 3, topic: 2}, client_options=options)) == {
         fresh: True, topic: False}
     assert run_sync(lambda: _partitions(kafka_bootstrap, fresh)) == {0, 1, 2}
+
+
+def test_the_otlp_topic_is_created_when_missing_and_left_alone_when_it_exists(
+        topic_factory, kafka_bootstrap) -> None:
+    """The Collector may have made the OTLP topic with any count; the bridge reads any."""
+    events, theirs = topic_factory(4), topic_factory(2)
+    settings = Settings(kafka_bootstrap=kafka_bootstrap, topic=events, dlq_topic=events + ".dlq",
+                        partitions=4, otlp_topic=theirs)
+    assert run_sync(lambda: ensure_commpipe_topics(settings)) == {
+        events: False, events + ".dlq": True, theirs: False}
+    assert run_sync(lambda: _partitions(kafka_bootstrap, theirs)) == {0, 1}
+    missing = events + ".spans"
+    settings = Settings(kafka_bootstrap=kafka_bootstrap, topic=events, dlq_topic=events + ".dlq",
+                        partitions=4, otlp_topic=missing)
+    assert run_sync(lambda: ensure_commpipe_topics(settings)) == {
+        events: False, events + ".dlq": False, missing: True}
+    assert run_sync(lambda: _partitions(kafka_bootstrap, missing)) == {0, 1, 2, 3}
+    # a topic of commpipe's own still has to have the count asked for
+    with pytest.raises(ConfigError, match="exists with 2 partitions but 4 are wanted"):
+        run_sync(lambda: ensure_commpipe_topics(Settings(
+            kafka_bootstrap=kafka_bootstrap, topic=theirs, dlq_topic=events + ".dlq",
+            partitions=4, otlp_topic=missing)))
 
 
 def test_ensure_topics_without_a_broker_is_a_service_error() -> None:

@@ -42,7 +42,14 @@ def test_overrides_win_over_environment() -> None:
      ({"COMMPIPE_KAFKA_BOOTSTRAP": " "}, "COMMPIPE_KAFKA_BOOTSTRAP is empty"),
      ({"COMMPIPE_WORKER_BATCH_RECORDS": "513"},
       "COMMPIPE_WORKER_BATCH_RECORDS must be at most 512 (an edge remembers the offsets of "
-      "up to 512 skipped copies, for replays of one batch), got 513")],
+      "up to 512 skipped copies, for replays of one batch), got 513"),
+     ({"COMMPIPE_OTLP_TOPIC": "comm.events"},
+      "COMMPIPE_OTLP_TOPIC is COMMPIPE_TOPIC ('comm.events'): the OTLP bridge would read what "
+      "the worker writes there"),
+     ({"COMMPIPE_OTLP_TOPIC": "x.dlq", "COMMPIPE_DLQ_TOPIC": "x.dlq"},
+      "COMMPIPE_OTLP_TOPIC is COMMPIPE_DLQ_TOPIC ('x.dlq')"),
+     ({"COMMPIPE_OTLP_AUTO_OFFSET_RESET": "none"},
+      "COMMPIPE_OTLP_AUTO_OFFSET_RESET must be one of earliest, latest; got 'none'")],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError) as info:
