@@ -148,3 +148,15 @@ def test_the_worker_waits_for_a_broker_that_is_not_up_yet(tmp_path: Path) -> Non
                     time.sleep(0.5)
     finally:
         terminate_process(worker, timeout=20, group=True)
+
+
+def test_the_demo_refuses_a_metrics_port_of_0_at_once(tmp_path: Path) -> None:
+    """Port 0 turns /metrics off, and the demo follows the worker there: it used to show 0
+    edges and wait 60 s for nothing."""
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "demo", "--duration", "5"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                          env={**os.environ, "COLUMNS": "300", "COMMPIPE_METRICS_PORT": "0"})
+    assert one_error(done) == (
+        "error: COMMPIPE_METRICS_PORT=0 turns the worker's /metrics off, and the demo follows "
+        "the worker there: unset it (a free port is chosen) or choose a port")
+    assert not (tmp_path / ".commpipe").exists()  # nothing was started
