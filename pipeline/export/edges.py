@@ -45,7 +45,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,25 +166,53 @@ class EdgeExporter:
         items, owned = self.rollups.snapshot()
         return Snapshot(items, owned, self._clock())
 
-    # ---- in a thread ------------------------------------------------------------------------
+    # ---- rendering -------------------------------------------------------------------------
 
     def render(self, snapshot: Snapshot) -> bytes:
-        """The exposition text (Prometheus 0.0.4) of ``snapshot``."""
+        """The exposition text (Prometheus 0.0.4) of ``snapshot``, at once."""
         with self._lock:
-            return self._render(snapshot)
+            steps = self._render(snapshot)
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as done:
+                    return done.value  # type: ignore[no-any-return]
+
+    async def render_in_slices(self, snapshot: Snapshot, slice_s: float = 0.01
+                               ) -> tuple[bytes, float]:
+        """:meth:`render` in the event loop, giving it back every ``slice_s`` seconds; the
+        text and the seconds of rendering (the loop's time spent on it)."""
+        import asyncio
+
+        with self._lock:
+            steps = self._render(snapshot)
+            spent = 0.0
+            while True:
+                began = time.perf_counter()
+                try:
+                    while time.perf_counter() - began < slice_s:
+                        next(steps)
+                except StopIteration as done:
+                    return done.value, spent + time.perf_counter() - began
+                spent += time.perf_counter() - began
+                await asyncio.sleep(0)
 
     def scrape(self) -> bytes:
         """Snapshot and render in the caller's thread (tests, tools)."""
         return self.render(self.snapshot())
 
-    def _render(self, snap: Snapshot) -> bytes:
-        edges, parts = self._group(snap)
+    def _render(self, snap: Snapshot) -> Iterator[None]:
+        """Yields between pieces of work (a few hundred microseconds each); returns the
+        text."""
+        edges, parts = yield from self._group(snap)
         live = self._live(edges, snap.now)
         halves: dict[Edge, tuple[tuple[str, ...], tuple[str, ...]]] = {}
         sizes: dict[Edge, int] = {}
         cache: dict[Edge, tuple[Any, tuple[str, ...], int]] = {}
         window_cache: dict[Edge, tuple[Any, tuple[str, ...], int]] = {}
-        for edge, (_, state) in live.items():
+        for i, (edge, (_, state)) in enumerate(live.items()):
+            if not i % 16:
+                yield
             version, window_version, closed = self._version(edge, state, parts, snap.now)
             hit = self._cache.get(edge)
             if hit is None or hit[0] != version:
@@ -202,6 +230,7 @@ class EdgeExporter:
             out.append(f"# HELP {name} {text}\n# TYPE {name} {kind}\n")
             half, at = (0, i) if i < self.EDGE_FAMILIES else (1, i - self.EDGE_FAMILIES)
             out.extend(halves[e][half][at] for e in reported)
+            yield
         ns = self.ns
         refused = len(live) - len(reported)
         out.append(f"# HELP {ns}_exporter_edges Edges reported\n# TYPE {ns}_exporter_edges "
@@ -217,12 +246,15 @@ class EdgeExporter:
                    f"{ns}_exporter_edges_refused_total {self.refusals}\n")
         return "".join(out).encode()
 
-    def _group(self, snap: Snapshot) -> tuple[dict[Edge, _Edge], dict[int, PartitionMeta]]:
+    def _group(self, snap: Snapshot
+               ) -> Iterator[None] | Any:  # a generator returning (edges, partitions)
         edges: dict[Edge, _Edge] = {}
         parts: dict[int, PartitionMeta] = {}
         owned = snap.owned
         known, parsed = self._parsed, {}
-        for key, value in snap.items:
+        for i, (key, value) in enumerate(snap.items):
+            if not i % 1024:
+                yield
             kind = key[0]
             if kind == "d":
                 continue
