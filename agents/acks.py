@@ -14,6 +14,15 @@ succeeded (:meth:`Acks.release_when`). Until then no commit can pass the record;
 after a crash it is read again and skipped per key by the offsets the state
 holds. A changelog write that fails for good stops the worker (``on_failure``):
 a restart reads the records again from the last commit.
+
+Releases of one partition acknowledge in the order they were asked for: a later
+one whose writes land first (one with no changelog writes at all, say, records
+that were only dead-lettered) waits for the earlier ones. Faust commits from the
+first run of consecutive acknowledged offsets, and it lets that run start one past
+an unacknowledged record (``Consumer._new_offset`` checks ``min(acked) -
+committed > 1``, and nothing at all before a partition's first commit): a record
+acknowledged out of order let the commit pass the one before it, and a crash then
+lost it (the chaos test, one record short on one partition).
 """
 
 from __future__ import annotations
@@ -35,7 +44,9 @@ class Acks:
                  on_failure: Callable[[BaseException], Awaitable[None]]) -> None:
         self._consumer = consumer
         self._on_failure = on_failure
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[bool]] = set()
+        self._last: dict[Any, asyncio.Task[bool]] = {}
+        """Per topic partition, the latest release asked for."""
         self.held = 0
         """Records held now (their writes not yet delivered)."""
 
@@ -47,14 +58,24 @@ class Acks:
 
     def release_when(self, records: Sequence[Any], writes: Sequence[Awaitable[Any]],
                      then: Callable[[], Awaitable[None]] | None = None) -> None:
-        """Acknowledge ``records`` once every one of ``writes`` succeeded (and ``then``,
-        e.g. the dead letters' delivery, has run); without blocking the caller."""
-        task = asyncio.ensure_future(self._release(records, list(writes), then))
+        """Acknowledge ``records`` (of one topic partition) once every one of ``writes``
+        succeeded, ``then`` (e.g. the dead letters' delivery) has run and every earlier
+        release of their partition has acknowledged; without blocking the caller."""
+        tp = records[0].message.tp if records else None
+        before = self._last.get(tp)
+        task = asyncio.ensure_future(self._release(records, list(writes), then, before))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if tp is not None:
+            self._last[tp] = task
+            task.add_done_callback(lambda t: self._last.pop(tp, None) if
+                                   self._last.get(tp) is t else None)
 
     async def _release(self, records: Sequence[Any], writes: list[Awaitable[Any]],
-                       then: Callable[[], Awaitable[None]] | None) -> None:
+                       then: Callable[[], Awaitable[None]] | None,
+                       before: asyncio.Task[bool] | None) -> bool:
+        """True once ``records`` are acknowledged; False if they never will be (a write
+        failed, here or in an earlier release of the partition: the worker stops)."""
         results = await asyncio.gather(*writes, return_exceptions=True)
         failed = next((r for r in results if isinstance(r, BaseException)), None)
         if failed is not None:
@@ -63,13 +84,16 @@ class Acks:
             log.critical("worker: a changelog write failed (%s: %s); stopping, so that a "
                          "restart reads its records again", type(failed).__name__, failed)
             await self._on_failure(failed)
-            return
+            return False
         if then is not None:
             await then()
+        if before is not None and not await before:
+            return False
         consumer = self._consumer()
         for record in records:
             record.message.ack(consumer)
         self.held -= len(records)
+        return True
 
     async def drain(self) -> None:
         """Wait for every release under way (tests, and a clean stop)."""

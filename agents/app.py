@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ import faust
 from faust.serializers import codecs
 
 from agents.acks import Acks
+from agents.cache import RecordCache
 from agents.consumer import ReadyPartitions, patch_consumers, set_fetch_wait
 from agents.dead_letters import DeadLetters
 from pipeline.core.batch import PartitionBatch
@@ -37,7 +38,7 @@ from pipeline.core.slo import load_config
 from pipeline.core.store import decode_state, encode_state, parse_id
 from pipeline.core.window import WindowConfig
 from pipeline.errors import EventValidationError
-from pipeline.settings import Settings
+from pipeline.settings import MAX_UNWRITTEN_RECORDS, Settings
 from pipeline.sink.writer import Sink, build_sink
 from pipeline.wire.decode import decode_record
 from pipeline.wire.headers import PRODUCER_HEADER, SEQ_HEADER
@@ -74,11 +75,23 @@ class _App(faust.App):
 
     setup_consumer: Callable[[Any], None] | None = None
     ready: ReadyPartitions | None = None
+    giving_up: Callable[[], Awaitable[None]] | None = None
+    """Awaited when the worker starts giving its partitions up (a rebalance, a stop)."""
 
     async def _on_partitions_assigned(self, assigned: Any, generation_id: int = 0) -> None:
         if self.ready is not None:
             self.ready.assigning(self.consumer)
         await super()._on_partitions_assigned(assigned, generation_id)
+
+    async def _on_partitions_revoked(self, revoked: Any) -> None:
+        if self.giving_up is not None:
+            await self.giving_up()
+        await super()._on_partitions_revoked(revoked)
+
+    async def on_stop(self) -> None:
+        if self.giving_up is not None:
+            await self.giving_up()
+        await super().on_stop()
 
 
 class Pipeline:
@@ -108,6 +121,7 @@ class Pipeline:
         self.app.setup_consumer = self._setup_consumer
         self.ready = self.app.ready = ReadyPartitions(settings.topic)
         self.acks = Acks(lambda: self.app.consumer, self._stop)
+        self.app.giving_up = self._giving_up
         self.events = self.app.topic(settings.topic, key_type=bytes, value_type=bytes,
                                      key_serializer="raw", value_serializer="raw",
                                      partitions=settings.partitions)
@@ -116,15 +130,16 @@ class Pipeline:
         # Our own changelog topic, with our codecs and the input's partition count (Faust
         # requires them equal). ``acks=True`` is Faust's consumer-side acknowledgement of a
         # topic's records, not the producer's; producer acks are ``producer_acks`` above.
+        self._changelog = f"{settings.app_id}-state-changelog"
         changelog = self.app.topic(
-            f"{settings.app_id}-state-changelog", partitions=settings.partitions,
+            self._changelog, partitions=settings.partitions,
             key_serializer="commpipe_key", value_serializer="commpipe_state",
             compacting=True, deleting=False, acks=True, internal=True)
         self.state = self.app.Table("state", default=None, partitions=settings.partitions,
                                     changelog_topic=changelog)
         # Faust takes a table's serializers from a Record type's options, else JSON; our
         # values are plain classes with their own codec. The worker writes the table's data
-        # and its changelog itself (_write): the changelog partition is the source
+        # and its changelog itself (_put, _send): the changelog partition is the source
         # partition's, and each write's delivery decides when its records are acknowledged.
         self.state.key_serializer = "commpipe_key"
         self.state.value_serializer = "commpipe_state"
@@ -133,10 +148,20 @@ class Pipeline:
         self.rollups = Rollups(self.state, self.config, idle_close_s=settings.idle_close_s,
                                owned=self.owns)
         self.dead_letters = DeadLetters(self.dlq)
+        self.cache = RecordCache(
+            self.config, self.state, interval_s=settings.worker_cache_interval_s,
+            max_records=MAX_UNWRITTEN_RECORDS - settings.worker_batch_records,
+            put=self._put, send=self._send, release=self._release)
+        if settings.worker_cache_interval_s > 0:
+            self.app.timer(settings.worker_cache_interval_s / 2,
+                           name="write_out")(self._write_out_due)
         self.events_in = 0
         self.duplicates = 0
         self.batches = 0
         self.batch_records = 0
+        self.input_paused = False
+        self.kafka_consumer: Any = None
+        """The worker's aiokafka consumer (set before it starts; paused by _hold_input)."""
         self.app.agent(self.events, name="aggregate")(self._aggregate)
         self.slo = load_config(settings.slo_file)
         self.sink: Sink | None = build_sink(settings, self.rollups, self.slo)
@@ -168,6 +193,19 @@ class Pipeline:
 
     async def _recovered(self) -> None:
         self.ready.recovered(self.app.consumer.assignment())
+        self.cache.relax()
+
+    async def _giving_up(self) -> None:
+        """A rebalance or a stop began: write out what the cache holds, and every batch from
+        now on, so that the records behind them are acknowledged before Faust waits for
+        that (and commits)."""
+        await self.cache.write_out_all()
+
+    async def _write_out_due(self) -> None:
+        await self.cache.write_out_due()
+
+    def _release(self, records: list[Any], writes: list[Any], letters: list[Any]) -> None:
+        self.acks.release_when(records, writes, lambda: self.dead_letters.settle(letters))
 
     async def _revoked(self, sender: Any, revoked: Any, **_: Any) -> None:
         self.ready.revoked()
@@ -175,6 +213,7 @@ class Pipeline:
     def _setup_consumer(self, consumer: Any) -> None:
         """The worker's aiokafka consumer, before it starts (agents/consumer.py)."""
         set_fetch_wait(consumer, self.settings.worker_fetch_wait_ms)
+        self.kafka_consumer = consumer
 
     async def _stop(self, exc: BaseException) -> None:
         """Stop the worker (exit 1): its restart reads every unacknowledged record again."""
@@ -231,34 +270,68 @@ class Pipeline:
         assert self.sink is not None
         if self.app.in_recovery or self.app.rebalancing:
             return  # the table may be partly restored: wait for the whole of it
-        self.delete(await self.sink.flush())
+        await self.delete(await self.sink.flush())
+        await self._hold_input(self.sink.holding())
+
+    async def _hold_input(self, hold: bool) -> None:
+        """Back-pressure from the sink (pipeline/sink/backlog.py): while a database is away
+        and the backlog is past COMMPIPE_SINK_MAX_BACKLOG, read no more input records (they
+        wait in Kafka), so the table stops growing; read again once it has drained.
+
+        The pause is aiokafka's, in the consumer's own thread: it fetches nothing more for
+        those partitions and throws away what it had fetched without moving its position,
+        so reading resumes at the first record the worker has not applied. (Faust's
+        ``pause_partitions`` instead drops fetched records after aiokafka has moved past
+        them, which is only right followed by a seek to the committed offsets; the
+        records in between were never applied: measured, a paused worker resumed 366
+        events short.) Re-applied every round while holding: a rebalance unpauses."""
+        if not hold and not self.input_paused:
+            return
+        kafka = self.kafka_consumer
+        if kafka is None:
+            return
+        topic = self.settings.topic
+
+        async def apply() -> None:
+            tps = [tp for tp in kafka.assignment() if tp.topic == topic]
+            (kafka.pause if hold else kafka.resume)(*tps)
+
+        await self.app.consumer._thread.call_thread(apply)  # noqa: SLF001 - its own loop
+        self.input_paused = hold
 
     async def _close_sink(self, sender: Any, **_: Any) -> None:
         if self.sink is not None:
             self.sink.close()
 
-    def delete(self, keys: list[str]) -> None:
+    async def delete(self, keys: list[str]) -> None:
         """Delete table keys (tombstones in their partition's changelog)."""
         data = self.state.data
+        gone: dict[int, list[tuple[str, Any]]] = defaultdict(list)
         for key in keys:
             if key in data:
                 del data[key]
-                self.state.send_changelog(parse_id(key)[1], key, None,
-                                          value_serializer="raw")
+                gone[parse_id(key)[1]].append((key, None))
+        for partition, tombstones in gone.items():
+            await self.cache.send(partition, tombstones)
         if self.sink is not None:
             self.sink.forget(keys)
 
-    def _write(self, partition: int, changes: list[tuple[str, Any]]) -> list[Any]:
-        """Set ``changes`` in the table and its changelog partition ``partition`` (the
-        source partition's, whatever partitioner the records' producer used, so a restart
-        recovers them on the worker that owns them); returns their delivery futures."""
-        data = self.state.data
-        send = self.state.send_changelog
-        futures = []
-        for key, value in changes:
-            data[key] = value
-            futures.append(send(partition, key, value))
-        return futures
+    def _put(self, changes: list[tuple[str, Any]]) -> None:
+        """Set ``changes`` in the table's data (their changelog records are :meth:`_send`'s)."""
+        self.state.data.update(changes)
+
+    async def _send(self, partition: int, changes: list[tuple[str, Any]]) -> list[Any]:
+        """Hand ``changes`` to the changelog's partition ``partition`` (the source
+        partition's, whatever partitioner the records' producer used, so a restart recovers
+        them on the worker that owns them), in order (``None``: a tombstone); returns their
+        delivery futures. Straight to the producer, not through Faust's producer buffer:
+        past 100 queued messages it makes every incoming record wait for 100 sends, and a
+        write-out is often more than 100."""
+        send = self.app.producer.send
+        topic = self._changelog
+        return [await send(topic, key.encode(), None if value is None else encode_state(value),
+                           partition, None, None)
+                for key, value in changes]
 
     async def _aggregate(self, stream: Any) -> None:
         settings = self.settings
@@ -288,7 +361,15 @@ class Pipeline:
         if partition not in self.ready:
             raise RuntimeError(f"records of partition {partition} reached the stream before "
                                "its table was recovered")
-        work = PartitionBatch(partition, self.config, self.state)
+        work = self.cache.open(partition)
+        try:
+            await self._apply_records(work, records)
+        except BaseException:
+            self.cache.abandon(partition)
+            raise
+        await self.cache.add(partition, records, self.dead_letters.take_pending())
+
+    async def _apply_records(self, work: PartitionBatch, records: list[Any]) -> None:
         now = time.time()
         for record in records:
             message = record.message
@@ -304,11 +385,10 @@ class Pipeline:
                                  now=now, producer=_producer(message.headers))
             for event, reason in refused:
                 await self.dead_letters.send_refused(message, event, reason)
-            self.events_in += len(decoded.events) - len(refused) - (work.duplicates - copies)
-        self.duplicates += work.duplicates
-        writes = self._write(partition, work.changes())
-        letters = self.dead_letters.take_pending()
-        self.acks.release_when(records, writes, lambda: self.dead_letters.settle(letters))
+            copied = work.duplicates - copies
+            self.duplicates += copied
+            self.events_in += len(decoded.events) - len(refused) - copied
+
 
 
 def _producer(headers: Any) -> tuple[str, int] | None:

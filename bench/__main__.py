@@ -19,7 +19,8 @@ from typing import Any
 
 from bench.common import Context, Row
 
-CASES = ("shim", "stream", "freshness", "sink", "growth", "scaleout", "otlp", "metrics")
+CASES = ("shim", "stream", "fleet", "freshness", "sink", "catchup", "growth", "scaleout",
+         "otlp", "metrics")
 
 
 def _number(value: float | None) -> str:

@@ -106,6 +106,13 @@ class Context:
             admin.execute(f'CREATE DATABASE "{name}"')
         return make_conninfo(self._postgres.dsn, dbname=name)
 
+    def postgres_server(self) -> Any:
+        """The run's :class:`~pipeline.dev.postgres.EmbeddedPostgres` (started on first use;
+        a case may stop and start it)."""
+        if self._postgres is None:
+            self.postgres_database()
+        return self._postgres
+
     def close(self, *, keep: bool = False) -> None:
         """Stop PostgreSQL; remove the scratch directory (worker logs) unless ``keep``."""
         if self._postgres is not None:

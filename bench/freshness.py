@@ -2,7 +2,7 @@
 
 One real worker (``bench.workers commpipe``) with ``/metrics``, the sink writing to
 PostgreSQL and DuckDB, windows of ``WINDOW_S`` = 2 s, grace ``GRACE_S`` = 0.5 s and a
-sink round every ``SINK_S`` = 0.5 s. Through the shim (default linger 50 ms) this
+sink round every ``SINK_S`` = 0.5 s. Through the shim (at its default linger, 500 ms) this
 process emits background traffic (~1,000 events/s over 20 edges) and, every 100 ms, a
 probe: a ``request`` event of the edge ``bench-probe -> fresh``. Probe ``i`` is visible
 
@@ -170,7 +170,9 @@ def _rows(emitted: list[float], to_metrics: dict[int, float], to_sql: dict[str, 
                     + percentile(transport, 0.5) for ts in emitted]
     metrics = delays_ms(to_metrics)
     note = (f"{probes} probes at 10/s beside ~1,000 events/s; window {WINDOW_S:g} s, grace "
-            f"{GRACE_S:g} s, sink every {SINK_S:g} s, shim linger 50 ms")
+            f"{GRACE_S:g} s, sink every {SINK_S:g} s, shim linger "
+            f"{Settings().shim_linger_ms:g} ms, worker cache "
+            f"{Settings().worker_cache_interval_s:g} s")
     rows = [
         Row(NAME, "emit -> /metrics p50 (ms)", percentile(metrics, 0.5),
             percentile(transport, 0.5), "bare consumer sees the record", note=note),

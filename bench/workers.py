@@ -48,8 +48,6 @@ def _serve_progress(app: Any, topic: str, read: Any) -> None:
 
 
 def run_commpipe(settings: Settings) -> None:
-    from faust import Worker
-
     from agents.app import create_app
     from agents.topics import ensure_commpipe_topics
     from pipeline.dev.process import run_sync
@@ -61,13 +59,22 @@ def run_commpipe(settings: Settings) -> None:
         pipeline.app, settings.topic,
         lambda: {"events": pipeline.events_in, "records": pipeline.batch_records,
                  "batches": pipeline.batches, "keys": len(pipeline.state.data)})
-    Worker(pipeline.app, loglevel=settings.worker_loglevel).execute_from_commandline()
+    _run(pipeline.app, settings)
+
+
+def _run(app: Any, settings: Settings) -> None:
+    """As ``commpipe worker`` runs a worker: without Faust's terminal spinner, which sets
+    the root logger to DEBUG (every library then builds debug records it drops)."""
+    from faust import Worker
+
+    worker = Worker(app, loglevel=settings.worker_loglevel)
+    worker.spinner = None
+    worker.execute_from_commandline()
 
 
 def run_naive(settings: Settings) -> None:
     import faust
     import orjson
-    from faust import Worker
 
     app = faust.App(
         settings.app_id, broker=f"kafka://{settings.kafka_bootstrap}", store="memory://",
@@ -107,7 +114,7 @@ def run_naive(settings: Settings) -> None:
 
     _serve_progress(app, settings.topic, lambda: {"events": counted["events"], "records": 0,
                                                   "keys": len(table.table)})
-    Worker(app, loglevel=settings.worker_loglevel).execute_from_commandline()
+    _run(app, settings)
 
 
 if __name__ == "__main__":

@@ -18,15 +18,19 @@ from typing import Any, Literal, get_args, get_type_hints
 
 from pipeline.errors import ConfigError
 
-__all__ = ["MAX_WORKER_BATCH_RECORDS", "Secret", "Settings", "parse_buckets", "redact_dsn",
-           "scrub_dsn", "unknown_variables"]
+__all__ = ["MAX_UNWRITTEN_RECORDS", "MAX_WORKER_BATCH_RECORDS", "Secret", "Settings",
+           "parse_buckets", "redact_dsn", "scrub_dsn", "unknown_variables"]
 
 PREFIX = "COMMPIPE_"
 
 MAX_WORKER_BATCH_RECORDS = 512
-"""Most records the worker takes per batch: an edge remembers the offsets of this many
-records it skipped as copies (:data:`pipeline.core.dedup.MAX_DUP_OFFSETS`), so that a
-replay of one batch decides as the first run did."""
+"""Most records the worker takes per batch."""
+
+MAX_UNWRITTEN_RECORDS = 4096
+"""Most records of one partition whose changes wait in the worker's cache, unwritten: an
+edge remembers the offsets of this many records it skipped as copies
+(:data:`pipeline.core.dedup.MAX_DUP_OFFSETS`), so that replaying them after a crash
+decides as the first run did."""
 
 
 class Secret:
@@ -86,6 +90,7 @@ _MOST = {"partitions": 10_000, "shim_buffer_size": 100_000_000,
 partitions is past what one Kafka cluster serves well per topic)."""
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+BacklogPolicy = Literal["pause", "drop"]
 
 # What the worker's decoder accepts in one record (pipeline.wire.decode.MAX_RECORD_BYTES and
 # MAX_BATCH_EVENTS; this root module cannot import wire, tests/unit/test_settings.py keeps
@@ -120,8 +125,14 @@ class Settings:
     shim_buffer_bytes: int = 64 * 1024 * 1024
     """Bytes held (the events' JSON as emitted, error messages already cut to 1,024
     characters) while the broker is slow or away; beyond it emits are dropped and counted."""
-    shim_linger_ms: float = 50.0
-    """How long the sender lets events gather before it sends a batch."""
+    shim_linger_ms: float = 500.0
+    """How long the sender lets events gather before a round sends them, one record per
+    edge. A record's size, not the event rate, decides what it costs the worker (a Kafka
+    record costs Faust ~150 us before commpipe's code runs), and a fleet of instances each
+    calling a few edges sends few events per record: at 50 ms, ~2 per record in the
+    fleet benchmark; at 500 ms, ~9. Events reach ``/metrics`` this much later at most
+    (``flush()`` sends at once); the freshness benchmark keeps emit -> ``/metrics`` p99
+    under 2 s with the defaults."""
     shim_batch_events: int = 500
     """Most events in one Kafka record (one edge's batch); at most 10,000 (the worker's)."""
     shim_batch_bytes: int = 512 * 1024
@@ -151,6 +162,10 @@ class Settings:
     :data:`MAX_WORKER_BATCH_RECORDS`)."""
     worker_batch_within_s: float = 0.1
     """Longest a batch waits to fill up."""
+    worker_cache_interval_s: float = 0.25
+    """How long a partition's changes gather in the worker before they are written to its
+    table and changelog, each changed key once (Kafka Streams' record cache); the records
+    behind them are acknowledged once written. 0 writes after every batch."""
     worker_fetch_wait_ms: int = 100
     """How long the worker's fetch waits for data when its partitions have none. Faust
     fixes 1,500 ms, and aiokafka sends no other fetch meanwhile: a worker catching up
@@ -189,8 +204,17 @@ class Settings:
     # The sink (runs inside each worker, for the partitions it owns)
     sink_interval_s: float = 1.0
     """How often the sink looks for closed windows and kept events to store."""
-    sink_batch_rows: int = 5_000
-    """Most windows (or events) per database transaction."""
+    sink_batch_rows: int = 50_000
+    """Most windows (or events) per database transaction (each transaction also recomputes
+    the patterns of the edges it touched: larger ones amortise that)."""
+    sink_max_backlog: int = 250_000
+    """Most closed windows plus kept events the worker holds for a database that has not
+    stored them (one that is away); past it ``sink_backlog_policy`` applies. 0: no bound."""
+    sink_backlog_policy: BacklogPolicy = "pause"
+    """``pause``: stop reading the input until the backlog is down to half the bound (Kafka
+    keeps the records; nothing is lost while its retention lasts). ``drop``: keep reading,
+    and give up that database's copy of the oldest final windows and kept events beyond
+    the bound (counted per database, logged)."""
     sink_backoff_max_s: float = 30.0
     """Longest wait between retries while a database is away (exponential from 0.5 s)."""
     sink_auto_migrate: bool = True
@@ -287,15 +311,15 @@ class Settings:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be > 0, got {getattr(self, name)}")
         for name in ("shim_linger_ms", "shim_close_timeout_s", "grace_s", "max_future_s",
-                     "idle_close_s", "breaker_recovery_timeout_s", "worker_batch_within_s",
-                     "worker_fetch_wait_ms", "retain_without_sink_s", "broker_wait_s"):
+                     "sink_max_backlog", "idle_close_s", "breaker_recovery_timeout_s",
+                     "worker_batch_within_s", "worker_cache_interval_s", "worker_fetch_wait_ms",
+                     "retain_without_sink_s", "broker_wait_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be >= 0, got {getattr(self, name)}")
         if self.worker_batch_records > MAX_WORKER_BATCH_RECORDS:
             raise ConfigError(
-                f"{PREFIX}WORKER_BATCH_RECORDS must be at most {MAX_WORKER_BATCH_RECORDS} (an "
-                f"edge remembers the offsets of up to {MAX_WORKER_BATCH_RECORDS} skipped copies, "
-                f"for replays of one batch), got {self.worker_batch_records}")
+                f"{PREFIX}WORKER_BATCH_RECORDS must be at most {MAX_WORKER_BATCH_RECORDS}, "
+                f"got {self.worker_batch_records}")
         for name, most, what in (
                 ("shim_batch_bytes", WORKER_RECORD_BYTES, "the largest record"),
                 ("shim_batch_events", WORKER_BATCH_EVENTS, "the most events of one record")):

@@ -84,6 +84,7 @@ class PartitionBatch:
         self.config = config
         self._store = store
         self.meta: PartitionMeta = _copy(store.get(partition_id(partition))) or PartitionMeta()
+        self._floor = self.meta.offset  # every record up to here is skipped outright on replay
         self._windows: dict[str, WindowStats] = {}
         self._edges: dict[str, EdgeMeta] = {}
         self.details: list[DetailBatch] = []
@@ -95,7 +96,14 @@ class PartitionBatch:
         self.duplicates = 0
 
     def changes(self) -> list[tuple[str, State]]:
-        """Changed values in write order: windows, edges, details, the partition meta."""
+        """Changed values in write order: windows, edges, details, the partition meta.
+
+        An edge forgets the offsets of copies it skipped at or before the partition meta
+        this batch started from: a replay skips those records whole, without asking."""
+        floor = self._floor
+        for meta in self._edges.values():
+            if meta.dup_offsets and meta.dup_offsets[0] <= floor:
+                meta.dup_offsets = [o for o in meta.dup_offsets if o > floor]
         kept: list[tuple[str, State]] = []
         part = 0
         for i, details in enumerate(self.details):

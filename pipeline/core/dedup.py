@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final
 
-from pipeline.settings import MAX_WORKER_BATCH_RECORDS
+from pipeline.settings import MAX_UNWRITTEN_RECORDS
 
 __all__ = ["CALL_HORIZON_S", "MAX_CALLS", "MAX_DUP_OFFSETS", "MAX_GAPS", "MAX_PRODUCERS",
            "PRODUCER_HORIZON_S", "ProducerSeqs", "first_time"]
@@ -20,9 +20,10 @@ MAX_CALLS: Final = 1_000
 """Most retried calls an edge follows for the backoff objective (beyond: the older half,
 and any not retried for CALL_HORIZON_S of event time, are forgotten)."""
 CALL_HORIZON_S: Final = 120.0
-MAX_DUP_OFFSETS: Final = MAX_WORKER_BATCH_RECORDS
-"""Most offsets of skipped copies an edge remembers (for replays after a crash): one batch's
-worth of records, all copies at worst (the worker takes at most that many per batch)."""
+MAX_DUP_OFFSETS: Final = MAX_UNWRITTEN_RECORDS
+"""Most offsets of skipped copies an edge remembers (for replays after a crash): as many as
+records of one partition can wait unwritten, all copies at worst. Offsets at or before
+the partition's last written meta are forgotten at each write (a replay skips those)."""
 MAX_PRODUCERS: Final = 256
 """Most producers an edge remembers: the ones seen most recently are kept."""
 PRODUCER_HORIZON_S: Final = 3_600.0

@@ -162,6 +162,32 @@ class Rollups:
         return [r for r in self.windows()
                 if r.window_end > since and self.is_closed(r.partition, r.window_end, now=now)]
 
+    def closed_items(self, *, now: float | None = None) -> list[tuple[str, int, WindowStats]]:
+        """``(key, partition, stats)`` of every closed window, in no order: the same windows
+        as :meth:`closed_windows`, for a caller (the sink) that scans them all every round and
+        needs a :class:`WindowRow` only for the few a database still lacks."""
+        now = self._clock() if now is None else now
+        grace = self.config.grace_s
+        by_partition: dict[int, tuple[float, bool]] = {}
+        out = []
+        for key, value in self._items():
+            if not isinstance(value, WindowStats):
+                continue
+            partition = int(key.split(SEP, 2)[1])
+            state = by_partition.get(partition)
+            if state is None:
+                meta = self.partition_meta(partition)
+                if meta is None:  # no watermark yet: nothing is closed
+                    state = (-math.inf, False)
+                else:
+                    state = (meta.watermark, meta.last_seen is not None
+                             and now - meta.last_seen >= self.idle_close_s)
+                by_partition[partition] = state
+            watermark, idle = state
+            if idle or value.window_end + grace <= watermark:
+                out.append((key, partition, value))
+        return out
+
     @staticmethod
     def merged(rows: Iterable[WindowRow]) -> dict[tuple[float, tuple[str, str, str]], WindowStats]:
         """Merge per-partition rows into one value per (window_start, edge)."""

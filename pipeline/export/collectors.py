@@ -60,6 +60,12 @@ class WorkerCollector(Collector):
                                   value=pl.batches)
         yield CounterMetricFamily(f"{ns}_worker_batch_records_total", "Records in those batches",
                                   value=pl.batch_records)
+        yield GaugeMetricFamily(f"{ns}_worker_unwritten_records", "Records applied whose "
+                                "changes wait in the worker's cache, not yet written (nor "
+                                "acknowledged)", value=pl.cache.unwritten())
+        yield CounterMetricFamily(f"{ns}_worker_write_outs_total", "Times the cache wrote a "
+                                  "partition's changes out (each changed key once)",
+                                  value=pl.cache.write_outs)
         dead = CounterMetricFamily(f"{ns}_dead_letters_total", "Records and events sent to the "
                                    "dead-letter topic", labels=["reason"])
         for reason, n in sorted(pl.dead_letters.counts.items()):
@@ -88,7 +94,24 @@ class WorkerCollector(Collector):
                                                  "Duration of the last sink transaction",
                                                  labels=["database"]),
         }
+        dropped = CounterMetricFamily(f"{ns}_sink_dropped_total", "Windows and kept events a "
+                                      "database's copy was given up for (backlog policy drop)",
+                                      labels=["database", "kind"])
         for status in self.sink.status:
             for attr, family in families.items():
                 family.add_metric([status.target.name], getattr(status, attr))
+            for kind in ("windows", "events"):
+                dropped.add_metric([status.target.name, kind],
+                                   getattr(status, f"dropped_{kind}", 0))
         yield from families.values()
+        yield dropped
+        backlog = getattr(self.sink, "backlog", None)
+        if backlog is not None:
+            waiting = GaugeMetricFamily(f"{ns}_sink_backlog", "Closed windows and kept events "
+                                        "some database has not stored yet", labels=["kind"])
+            waiting.add_metric(["windows"], backlog.windows)
+            waiting.add_metric(["events"], backlog.events)
+            yield waiting
+            yield GaugeMetricFamily(f"{ns}_sink_input_paused", "1 while the worker reads no "
+                                    "input because the sink's backlog is past its bound",
+                                    value=int(backlog.paused))

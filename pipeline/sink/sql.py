@@ -1,49 +1,27 @@
 """What the sink writes, as SQL both databases run: PostgreSQL (psycopg 3) and DuckDB.
 
 One text per statement; :func:`dialect_sql` adapts the two differences that
-matter here (placeholders, the JSON type). Rows travel as one array per column
-and are unnested in SQL, a single statement per table: ~150-200k rows/s in
-DuckDB against ~200 rows/s for its ``executemany``, and as fast as
-``executemany`` in PostgreSQL.
-
-:func:`write_batch` runs inside the caller's transaction, in this order:
-
-1. error, timeout and retry events and the responses of retried calls ->
-   ``communication_events`` (with ``error_message``, ``attempt``, ``backoff_ms``:
-   ``commpipe trace`` reads them) and health events ->
-   ``communication_health_checks`` (``ON CONFLICT (event_id) DO NOTHING``: a
-   replay inserts nothing twice); ``recovered_at`` of unhealthy checks of the
-   services just checked is recomputed (the first later healthy check);
-2. each window's per-partition part -> ``communication_rollup_parts``
-   (upsert: the owner's replay overwrites its own row, never with an older version:
-   ``source_offset`` decides);
-3. every part of the touched (window, edge) keys is read back and merged
-   (counts added, sketches merged) into ``communication_rollups``;
-4. each merged window's service-level objectives (:mod:`pipeline.core.slo`) ->
-   ``communication_slo`` (upsert: recomputed with the window);
-5. ``communication_patterns`` of the touched edges is recomputed from the
-   rollups of its last ``lookback_s`` seconds (:func:`pattern_values`).
-
-Every step is a recomputation or an idempotent insert, so running a batch
-twice leaves the databases as running it once.
+matter here (placeholders, the JSON type). Bulk rows come from a staging relation
+that both databases name alike (:mod:`pipeline.sink.staging`: a binary COPY into a
+temporary table in PostgreSQL, an Arrow table in DuckDB) and move into the real
+tables with one ``INSERT ... SELECT ... ON CONFLICT`` per table; the few rows of
+the rare paths (health checks, windows several partitions share) travel as one
+array per column, unnested in SQL. The order of the steps, and why each is exact
+after a replay, is :func:`pipeline.sink.transaction.write_batch`'s docstring.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Literal
 
 import orjson
 
-from pipeline.core.rollups import WindowRow
-from pipeline.core.slo import SloConfig, evaluate
 from pipeline.core.window import WindowStats
 
-DEFAULT_SLO = SloConfig()
-
-__all__ = ["Dialect", "dialect_sql", "pattern_values", "rollup_values", "write_batch"]
+__all__ = ["Dialect", "dialect_sql", "pattern_values", "rollup_values"]
 
 Dialect = Literal["postgres", "duckdb"]
 Edge = tuple[str, str, str]
@@ -102,7 +80,9 @@ def dialect_sql(sql: str, dialect: Dialect) -> str:
     return sql.replace("%s", "?").replace("{json}", "JSON")
 
 
-def _select_unnest(columns: Sequence[tuple[str, str, str]]) -> str:
+def _select_unnest(columns: Sequence[tuple[str, str, str]], source: str | None = None) -> str:
+    """``SELECT`` of ``columns`` converted to their stored types, from one unnested array
+    parameter per column, or from the relation ``source`` (a staging table)."""
     exprs = []
     for name, _, how in columns:
         if how == "ts":
@@ -115,28 +95,32 @@ def _select_unnest(columns: Sequence[tuple[str, str, str]]) -> str:
             exprs.append(f"u.{name}::timestamptz")
         else:
             exprs.append(f"u.{name}")
+    if source is not None:
+        return f"SELECT {', '.join(exprs)} FROM {source} AS u"
     inner = ", ".join(f"unnest(%s::{typ}[]) AS {name}" for name, typ, _ in columns)
     return f"SELECT {', '.join(exprs)} FROM (SELECT {inner}) AS u"
 
 
 def _insert(table: str, columns: Sequence[tuple[str, str, str]], conflict: str, *,
-            stamp: bool = False) -> str:
-    """``INSERT ... SELECT`` of unnested column arrays; ``stamp`` adds ``updated_at = now()``."""
+            stamp: bool = False, source: str | None = None) -> str:
+    """``INSERT ... SELECT`` of unnested column arrays (or of the staging relation
+    ``source``); ``stamp`` adds ``updated_at = now()``."""
     names = ", ".join(("updated_at",) * stamp + tuple(c[0] for c in columns))
-    select = _select_unnest(columns)
+    select = _select_unnest(columns, source)
     if stamp:
         select = select.replace("SELECT ", "SELECT now(), ", 1)
     return f"INSERT INTO {table} ({names}) {select} ON CONFLICT {conflict}"
 
 
 def _upsert(table: str, columns: Sequence[tuple[str, str, str]], key: Sequence[str], *,
-            newer: str | None = None) -> str:
+            newer: str | None = None, source: str | None = None) -> str:
     """``INSERT ... ON CONFLICT (key) DO UPDATE``; with ``newer`` (a column), a row is only
     replaced by one whose ``newer`` is at least its own."""
     sets = ", ".join(f"{c} = excluded.{c}" for c in
                      ("updated_at", *(c[0] for c in columns if c[0] not in key)))
     where = f" WHERE {table}.{newer} <= excluded.{newer}" if newer else ""
-    return _insert(table, columns, f"({', '.join(key)}) DO UPDATE SET {sets}{where}", stamp=True)
+    return _insert(table, columns, f"({', '.join(key)}) DO UPDATE SET {sets}{where}", stamp=True,
+                   source=source)
 
 
 _KEY = ("window_start", "source_service", "target_service", "protocol")
@@ -149,6 +133,28 @@ UPSERT_SLO = _upsert("communication_slo", _SLO, (*_KEY, "objective"))
 UPSERT_PATTERNS = _upsert("communication_patterns", _PATTERNS,
                           ("source_service", "target_service", "protocol"))
 INSERT_EVENTS = _insert("communication_events", _EVENTS, "(event_id) DO NOTHING")
+
+# The bulk path: the same statements over staging relations (pipeline.sink.staging).
+STAGE_PARTS, STAGE_ROLLUPS, STAGE_SLO, STAGE_EVENTS = (
+    "commpipe_stage_parts", "commpipe_stage_rollups", "commpipe_stage_slo",
+    "commpipe_stage_events")
+STAGED_PARTS = _upsert("communication_rollup_parts", _PARTS, (*_KEY, "source_partition"),
+                       newer="source_offset", source=STAGE_PARTS)
+STAGED_ROLLUPS = _upsert("communication_rollups", _ROLLUPS, _KEY, source=STAGE_ROLLUPS)
+STAGED_SLO = _upsert("communication_slo", _SLO, (*_KEY, "objective"), source=STAGE_SLO)
+STAGED_EVENTS = _insert("communication_events", _EVENTS, "(event_id) DO NOTHING",
+                        source=STAGE_EVENTS)
+# Staged windows whose (window, edge) has a part of another partition, or a newer part of
+# their own: their rollup is merged from the stored parts instead (READ_PARTS).
+SHARED_KEYS = f"""
+SELECT u.window_start, u.source_service, u.target_service, u.protocol
+FROM {STAGE_PARTS} AS u
+WHERE EXISTS (
+    SELECT 1 FROM communication_rollup_parts AS x
+    WHERE x.window_start = to_timestamp(u.window_start) AND x.source_service = u.source_service
+      AND x.target_service = u.target_service AND x.protocol = u.protocol
+      AND (x.source_partition <> u.source_partition OR x.source_offset > u.source_offset))
+"""
 INSERT_CHECKS = _insert("communication_health_checks", _CHECKS, "(event_id) DO NOTHING")
 
 READ_PARTS = """
@@ -248,57 +254,3 @@ def _check_row(e: dict[str, Any]) -> tuple[Any, ...]:
     return (e["event_id"], e["target_service"], e["source_service"], endpoint,
             e.get("check_type") or "health", e["health_status"], e.get("latency_ms") or 0.0,
             e.get("error_type"), e["ts"])
-
-
-def write_batch(cur: Any, dialect: Dialect, windows: Sequence[WindowRow],
-                details: Iterable[dict[str, Any]], *, lookback_s: float,
-                slo: SloConfig | None = None) -> int:
-    """Write one batch inside the caller's transaction (see the module docstring);
-    returns the number of ``communication_rollups`` rows written."""
-    def run(sql: str, params: Sequence[Any]) -> None:
-        cur.execute(dialect_sql(sql, dialect), params)
-
-    unique = {e["event_id"]: e for e in details}  # one event twice in a batch: once
-    events = [_event_row(e) for e in unique.values() if e["kind"] != "health"]
-    checks = [_check_row(e) for e in unique.values() if e["kind"] == "health"]
-    if events:
-        run(INSERT_EVENTS, _columns(events, len(_EVENTS)))
-    if checks:
-        run(INSERT_CHECKS, _columns(checks, len(_CHECKS)))
-        healthy = [c[8] for c in checks if c[5] == "healthy"]
-        run(RECOVERIES, [sorted({c[1] for c in checks}), min(healthy, default=4102444800.0)])
-    # edges whose last_health_check may have moved
-    touched = {(e["source_service"], e["target_service"], e["protocol"])
-               for e in unique.values() if e["kind"] == "health"}
-    merged = 0
-    if windows:
-        parts = [(w.window_start, *w.edge, w.partition, w.window_end, w.stats.offset,
-                  _dumps(w.stats.to_json())) for w in windows]
-        run(UPSERT_PARTS, _columns(parts, len(_PARTS)))
-        keys = sorted({(w.window_start, *w.edge) for w in windows})
-        run(READ_PARTS, _columns(keys, 4))
-        totals: dict[tuple[float, Edge], tuple[WindowStats, int]] = {}
-        for source, target, protocol, stats in cur.fetchall():
-            part = WindowStats.from_json(stats if isinstance(stats, dict) else orjson.loads(stats))
-            key = (part.window_start, (source, target, protocol))
-            total, n = totals.get(key, (None, 0))
-            if total is None:
-                total = WindowStats(part.window_start, part.window_end)
-            total.merge(part)
-            totals[key] = (total, n + 1)
-        rows = [rollup_values(start, total.window_end, edge, total, n)
-                for (start, edge), (total, n) in sorted(totals.items())]
-        run(UPSERT_ROLLUPS, _columns(rows, len(_ROLLUPS)))
-        merged = len(rows)
-        judged = [(start, total.window_end, *edge, *result)
-                  for (start, edge), (total, _) in sorted(totals.items())
-                  for result in evaluate(edge, total, (slo or DEFAULT_SLO).for_edge(edge))]
-        if judged:
-            run(UPSERT_SLO, _columns(judged, len(_SLO)))
-    touched |= {w.edge for w in windows}
-    if touched:
-        run(PATTERN_SUMS, [*_columns(sorted(touched), 3), lookback_s])
-        patterns = [pattern_values(r) for r in cur.fetchall()]
-        if patterns:
-            run(UPSERT_PATTERNS, _columns(patterns, len(_PATTERNS)))
-    return merged

@@ -3,24 +3,21 @@
 Each worker runs one :class:`Sink` for the partitions it owns. Every round
 (:meth:`Sink.flush`) it asks :class:`~pipeline.core.rollups.Rollups` for closed
 windows and kept events (errors, timeouts, retries, health checks, the responses of
-retried calls), and gives each target what that
-target has not stored yet, in transactions of at most ``batch_rows`` rows
-(:func:`pipeline.sink.sql.write_batch`). Targets are independent: PostgreSQL
+retried calls), and gives each target (:mod:`pipeline.sink.targets`) what that
+target has not stored yet, in transactions of at most ``batch_rows`` windows
+(:func:`pipeline.sink.transaction.write_batch`). Targets are independent: PostgreSQL
 being away delays only PostgreSQL, which retries with exponential backoff
 (0.5 s doubling up to ``backoff_max_s``) and catches up from the table, where
 everything waits until every target has it. Only then, and only for windows
 the watermark has closed for good, does :meth:`Sink.flush` return keys the
-worker deletes from its table.
+worker deletes from its table. What waits is bounded (:mod:`pipeline.sink.backlog`):
+past ``COMMPIPE_SINK_MAX_BACKLOG`` the worker stops reading (:meth:`Sink.holding`), or
+the away database's copy of the oldest windows is given up and counted.
 
 Exactness: what a target has stored is remembered per key with the source
 offset it had; a window that changes again (closed for idleness, then more
 events) is written again. After a crash the memory is empty, everything still
 in the table is written again, and the upserts make that a no-op.
-
-DuckDB allows one process to open a file for writing and none to read it
-meanwhile, so :class:`DuckDBTarget` opens the file for each transaction only
-(milliseconds) and :func:`connect_duckdb` (used by ``commpipe query``) waits
-out a write in progress instead of failing.
 """
 
 from __future__ import annotations
@@ -29,146 +26,31 @@ import asyncio
 import logging
 import math
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from pipeline.core.details import DetailBatch
 from pipeline.core.rollups import Rollups, WindowRow
 from pipeline.core.slo import SloConfig, load_config
-from pipeline.core.store import window_id
-from pipeline.errors import ServiceError
-from pipeline.settings import Settings, scrub_dsn
-from pipeline.sink.sql import Dialect, write_batch
-from pipeline.wire.events import edge_key
+from pipeline.core.store import SEP, parse_id
+from pipeline.core.window import WindowStats
+from pipeline.settings import Settings
+from pipeline.sink.backlog import Backlog, BacklogLimit
+from pipeline.sink.targets import DuckDBTarget, PostgresTarget, Target, connect_duckdb
+from pipeline.wire.events import split_edge_key
 
 __all__ = ["DuckDBTarget", "PostgresTarget", "Sink", "Target", "TargetStatus", "build_sink",
            "connect_duckdb"]
 
 log = logging.getLogger("commpipe.sink")
 
-_PG_LOCK = 0x636F6D6D  # "comm": serializes the merge step of sinks on several workers
+SCAN_LONG_S = 0.05
+"""A round's table scans longer than this make the next rounds wait (:meth:`Sink.flush`)."""
+SCAN_REST = 4.0
 
-
-class Target(ABC):
-    """One database the sink writes (blocking calls, run in a thread)."""
-
-    name: str
-    dialect: Dialect
-    slo: SloConfig | None = None
-    """The objectives judged on each stored window (None: the defaults)."""
-
-    @abstractmethod
-    def write(self, windows: Sequence[WindowRow], events: Sequence[dict[str, Any]], *,
-              lookback_s: float) -> int:
-        """Store one batch in one transaction; raise on any failure (nothing half-done)."""
-
-    def describe(self, exc: BaseException) -> str:
-        """``exc`` as a log line, without secrets."""
-        return f"{type(exc).__name__}: {exc}".strip()
-
-    def close(self) -> None:  # noqa: B027 - optional hook
-        """Release connections."""
-
-
-class PostgresTarget(Target):
-    name = "postgres"
-    dialect: Dialect = "postgres"
-
-    def __init__(self, dsn: str, *, migrate: bool = True) -> None:
-        self._dsn = dsn
-        self._migrate = migrate
-        self._conn: Any = None
-
-    def _connect(self) -> Any:
-        import psycopg
-
-        from pipeline.sink import migrations
-
-        migrations.ensure_latest("postgres", self._dsn, migrate=self._migrate)
-        return psycopg.connect(self._dsn, connect_timeout=5, application_name="commpipe-sink")
-
-    def write(self, windows: Sequence[WindowRow], events: Sequence[dict[str, Any]], *,
-              lookback_s: float) -> int:
-        if self._conn is None or self._conn.closed:
-            self._conn = self._connect()
-        conn = self._conn
-        try:
-            with conn.transaction(), conn.cursor() as cur:
-                cur.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_LOCK,))
-                return write_batch(cur, "postgres", windows, events, lookback_s=lookback_s,
-                                   slo=self.slo)
-        except BaseException:
-            self.close()
-            raise
-
-    def describe(self, exc: BaseException) -> str:
-        return scrub_dsn(super().describe(exc), self._dsn)
-
-    def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception as e:  # noqa: BLE001 - closing a broken connection
-                log.debug("closing the PostgreSQL connection: %s", type(e).__name__)
-
-
-def connect_duckdb(path: str | Path, *, read_only: bool = False, wait_s: float = 10.0) -> Any:
-    """Open the DuckDB file, waiting up to ``wait_s`` while another process (the sink, a
-    reader) holds it; then :class:`~pipeline.errors.ServiceError` naming the cause."""
-    import duckdb
-
-    deadline = time.monotonic() + wait_s
-    delay = 0.01
-    while True:
-        try:
-            return duckdb.connect(str(path), read_only=read_only)
-        except duckdb.IOException as e:
-            if "lock" not in str(e).lower():
-                raise ServiceError(f"cannot open DuckDB file {path}: {e}") from None
-            if time.monotonic() >= deadline:
-                raise ServiceError(
-                    f"DuckDB file {path} stayed locked by another process for {wait_s:g} s "
-                    "(a long query or an open duckdb shell holds it; close it and retry)"
-                ) from None
-        time.sleep(delay)
-        delay = min(delay * 2, 0.2)
-
-
-class DuckDBTarget(Target):
-    name = "duckdb"
-    dialect: Dialect = "duckdb"
-
-    def __init__(self, path: str | Path, *, migrate: bool = True, wait_s: float = 2.0) -> None:
-        self.path = Path(path)
-        self._migrate = migrate
-        self._wait_s = wait_s
-        self._ready = False
-
-    def write(self, windows: Sequence[WindowRow], events: Sequence[dict[str, Any]], *,
-              lookback_s: float) -> int:
-        if not self._ready:
-            from pipeline.sink import migrations
-
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            migrations.ensure_latest("duckdb", self.path, migrate=self._migrate)
-            self._ready = True
-        con = connect_duckdb(self.path, wait_s=self._wait_s)
-        try:
-            con.execute("BEGIN TRANSACTION")
-            try:
-                n = write_batch(con, "duckdb", windows, events, lookback_s=lookback_s,
-                                slo=self.slo)
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
-            return n
-        finally:
-            con.close()
+Closed = tuple[str, int, WindowStats, int]
+"""A closed window as one round sees it: key, partition, stats, offset when read."""
 
 
 @dataclass
@@ -187,14 +69,25 @@ class TargetStatus:
     last_duration_s: float = 0.0
     last_error: str | None = None
     retry_at: float = 0.0
+    abandoned: set[str] = field(default_factory=set)
+    """Keys given up for this target (``drop`` policy): they may leave without it."""
+    dropped_windows: int = 0
+    dropped_events: int = 0
+
+    def has(self, key: str, offset: int) -> bool:
+        return self.stored.get(key) == offset or key in self.abandoned
+
+    def has_detail(self, key: str) -> bool:
+        return key in self.stored_details or key in self.abandoned
 
 
 class Sink:
     """Flush rounds over the owned part of the table (see the module docstring)."""
 
-    def __init__(self, rollups: Rollups, targets: Sequence[Target], *, batch_rows: int = 5000,
+    def __init__(self, rollups: Rollups, targets: Sequence[Target], *, batch_rows: int = 50_000,
                  lookback_s: float = 300.0, backoff_max_s: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic, retain_s: float = 0.0) -> None:
+                 clock: Callable[[], float] = time.monotonic, retain_s: float = 0.0,
+                 backlog: BacklogLimit | None = None) -> None:
         self.rollups = rollups
         self.retain_s = retain_s
         """Event time a final window stays in the table past its close (no database: the
@@ -203,33 +96,56 @@ class Sink:
         self.batch_rows = batch_rows
         self.lookback_s = lookback_s
         self.backoff_max_s = backoff_max_s
+        self.backlog = Backlog(backlog)
         self._clock = clock
+        self._rest_until = 0.0
+        """``time.monotonic()`` before which :meth:`flush` skips its round (see there)."""
 
     async def flush(self) -> list[str]:
         """One round for every target not waiting out a failure; returns the table keys
         every target has stored that can no longer change (for the worker to delete at once,
         before it awaits anything: the answer holds for the table as it is on return)."""
-        windows = [(window_id(r.partition, edge_key(*r.edge), r.window_start), r)
-                   for r in self.rollups.closed_windows()]
+        # Every round scans the whole table in the event loop: ~50 us per closed window, so
+        # with a database away and its backlog in the table, rounds every second would
+        # leave the worker no time to read (measured: 20,000 windows waiting, 1 s per round,
+        # the worker read 205 windows/s). After a long scan the next rounds are skipped for
+        # SCAN_REST times its length, so scanning takes at most ~1/(1 + SCAN_REST) of the
+        # loop; small tables are never skipped.
+        if time.monotonic() < self._rest_until:
+            return []
+        began = time.perf_counter()
+        windows: list[Closed] = [(k, p, w, w.offset) for k, p, w in self.rollups.closed_items()]
         details = self.rollups.details()
         now = self._clock()
         due = [s for s in self.status if s.retry_at <= now]
+        scanned = time.perf_counter() - began
         await asyncio.gather(*(self._flush_target(s, windows, details) for s in due))
+        began = time.perf_counter()
         # each edge's newest closed window stays: the exporter reports from it
-        newest: dict[tuple[int, tuple[str, str, str]], float] = {}
-        for _, r in windows:
-            key = (r.partition, r.edge)
-            newest[key] = max(newest.get(key, -math.inf), r.window_start)
+        newest: dict[str, float] = {}
+        for k, _, w, _ in windows:
+            edge = k.rpartition(SEP)[0]
+            if w.window_start > newest.get(edge, -math.inf):
+                newest[edge] = w.window_start
         # Judged on the table as it is now, after the last await: the agent kept applying
         # records while the databases wrote, so a window may hold a newer version than the
         # one stored (the caller deletes these keys before it awaits anything).
-        done = [k for k, r in windows
-                if self.rollups.offset_of(k) == r.stats.offset
-                and self.rollups.is_final(r.partition, r.window_end + self.retain_s)
-                and r.window_start < newest[(r.partition, r.edge)]
-                and all(s.stored.get(k) == r.stats.offset for s in self.status)]
-        done += [k for k, _ in details if all(k in s.stored_details for s in self.status)]
+        offset_of, is_final = self.rollups.offset_of, self.rollups.is_final
+        final = [(k, off) for k, p, w, off in windows
+                 if offset_of(k) == off and is_final(p, w.window_end + self.retain_s)
+                 and w.window_start < newest[k.rpartition(SEP)[0]]]
+        self._bound(windows, final, details)
+        done = [k for k, off in final if all(s.has(k, off) for s in self.status)]
+        done += [k for k, _ in details if all(s.has_detail(k) for s in self.status)]
+        scanned += time.perf_counter() - began
+        if scanned > SCAN_LONG_S:
+            self._rest_until = time.monotonic() + SCAN_REST * scanned
         return done
+
+    def holding(self) -> bool:
+        """True while the worker should stop reading its input: past the backlog bound with
+        the ``pause`` policy, until the backlog is down to half of it."""
+        return self.backlog.holding()
 
     def forget(self, keys: Sequence[str]) -> None:
         """The worker deleted ``keys`` from its table: stop tracking them."""
@@ -237,25 +153,77 @@ class Sink:
             for key in keys:
                 s.stored.pop(key, None)
                 s.stored_details.discard(key)
+                s.abandoned.discard(key)
 
-    async def _flush_target(self, status: TargetStatus, windows: list[tuple[str, WindowRow]],
+    def _bound(self, windows: list[Closed], final: list[tuple[str, int]],
+               details: list[tuple[str, DetailBatch]]) -> None:
+        """Count what some target lacks; with ``drop``, give up a failing target's copy of
+        the oldest final windows and kept events past the bound."""
+        lacking_w = {k for k, _, _, off in windows if not all(s.has(k, off) for s in self.status)}
+        lacking_d = sum(len(d.events) for k, d in details
+                        if not all(s.has_detail(k) for s in self.status))
+        self.backlog.update(len(lacking_w), lacking_d)
+        limit = self.backlog.limit
+        if limit.policy != "drop" or not limit.max_items:
+            return
+        for s in self.status:
+            if not s.consecutive_failures:
+                continue  # up and catching up: it will store them
+            mine_w = [(k, off) for k, off in final if not s.has(k, off)]
+            mine_d = [(k, d) for k, d in details if not s.has_detail(k)]
+            excess = len(mine_w) + sum(len(d.events) for _, d in mine_d) - limit.max_items
+            if excess <= 0:
+                continue
+            excess += limit.max_items - limit.low_water
+            windows_before, events_before = s.dropped_windows, s.dropped_events
+            by_age = {k: w.window_end for k, _, w, _ in windows}
+            for k, _ in sorted(mine_w, key=lambda kv: by_age[kv[0]]):
+                if excess <= 0:
+                    break
+                s.abandoned.add(k)
+                s.dropped_windows += 1
+                excess -= 1
+            for k, d in mine_d:  # oldest first (Rollups.details orders by offset)
+                if excess <= 0:
+                    break
+                s.abandoned.add(k)
+                s.dropped_events += len(d.events)
+                excess -= len(d.events)
+            log.warning("sink %s: away with more than %d windows and kept events waiting "
+                        "(COMMPIPE_SINK_MAX_BACKLOG); gave up its copy of %d windows and %d "
+                        "kept events (COMMPIPE_SINK_BACKLOG_POLICY=drop; %d and %d so far)",
+                        s.target.name, limit.max_items, s.dropped_windows - windows_before,
+                        s.dropped_events - events_before, s.dropped_windows, s.dropped_events)
+
+    async def _flush_target(self, status: TargetStatus, windows: list[Closed],
                             details: list[tuple[str, DetailBatch]]) -> None:
-        present = {k for k, _ in windows}
+        if status.consecutive_failures:
+            # away last time: find out cheaply before sorting and building every row
+            try:
+                await asyncio.to_thread(status.target.probe)
+            except Exception as e:  # noqa: BLE001 - still away: keep everything, retry later
+                lacking = sum(1 for k, _, _, off in windows if not status.has(k, off))
+                self._failed(status, e, lacking,
+                             sum(1 for k, _ in details if not status.has_detail(k)))
+                return
+        present = {k for k, _, _, _ in windows}
         status.stored = {k: v for k, v in status.stored.items() if k in present}
-        todo_w = [(k, r) for k, r in windows if status.stored.get(k) != r.stats.offset]
-        todo_d = [(k, d) for k, d in details if k not in status.stored_details]
-        for chunk_d, chunk_w in _chunks(todo_d, todo_w, self.batch_rows):
+        todo_w = sorted(_row(k, p, w, off) for k, p, w, off in windows
+                        if not status.has(k, off))
+        todo_d = [(k, d) for k, d in details if not status.has_detail(k)]
+        for chunk_d, chunk_w in _chunks(todo_d, [(k, (r, off)) for _, k, r, off in todo_w],
+                                        self.batch_rows):
             events = [e for _, d in chunk_d for e in d.events]
             started = time.perf_counter()
             try:
-                await asyncio.to_thread(status.target.write, [r for _, r in chunk_w], events,
-                                        lookback_s=self.lookback_s)
+                await asyncio.to_thread(status.target.write, [r for _, (r, _) in chunk_w],
+                                        events, lookback_s=self.lookback_s)
             except Exception as e:  # noqa: BLE001 - any failure: keep everything, retry later
                 self._failed(status, e, len(todo_w), len(todo_d))
                 return
             status.last_duration_s = time.perf_counter() - started
-            for k, r in chunk_w:
-                status.stored[k] = r.stats.offset
+            for k, (_, off) in chunk_w:
+                status.stored[k] = off
             status.stored_details.update(k for k, _ in chunk_d)
             status.flushes += 1
             status.rows += len(chunk_w)
@@ -279,6 +247,14 @@ class Sink:
     def close(self) -> None:
         for s in self.status:
             s.target.close()
+
+
+def _row(key: str, partition: int, stats: WindowStats, offset: int
+         ) -> tuple[tuple[float, tuple[str, str, str], int], str, WindowRow, int]:
+    """A window a target lacks, as a row, with its sort key (start, edge, partition)."""
+    edge = split_edge_key(parse_id(key)[2])  # type: ignore[arg-type]
+    row = WindowRow(partition, *edge, stats.window_start, stats.window_end, stats)
+    return (stats.window_start, edge, partition), key, row, offset
 
 
 def _chunks(details: list[tuple[str, DetailBatch]], windows: list[tuple[str, WindowRow]],
@@ -316,9 +292,11 @@ def build_sink(settings: Settings, rollups: Rollups, slo: SloConfig | None = Non
         log.warning("sink: no database configured (COMMPIPE_POSTGRES_DSN, "
                     "COMMPIPE_DUCKDB_PATH): closed windows are dropped %g s after they close",
                     settings.retain_without_sink_s)
-        return Sink(rollups, [], retain_s=settings.retain_without_sink_s)
+        return Sink(rollups, [], retain_s=settings.retain_without_sink_s,
+                    backlog=BacklogLimit(0))
     slo = slo or load_config(settings.slo_file)
     for target in targets:
         target.slo = slo
     return Sink(rollups, targets, batch_rows=settings.sink_batch_rows,
-                lookback_s=settings.patterns_lookback_s, backoff_max_s=settings.sink_backoff_max_s)
+                lookback_s=settings.patterns_lookback_s, backoff_max_s=settings.sink_backoff_max_s,
+                backlog=BacklogLimit(settings.sink_max_backlog, settings.sink_backlog_policy))

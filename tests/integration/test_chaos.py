@@ -215,6 +215,67 @@ def kill_repeatedly(start: Callable[[], WorkerProcess], env: dict[str, str], kil
     return log
 
 
+def explain_shortfall(env: dict[str, str]) -> str:
+    """Per (partition, edge) that the changelog holds short: by how much, the offsets the
+    state and the group's commit reached, and the input records whose events would make
+    up the difference (for the report of a failed run)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from pipeline.core.edge import PartitionMeta
+    from pipeline.wire.decode import decode_record
+
+    bootstrap, topic, app_id = (env["COMMPIPE_KAFKA_BOOTSTRAP"], env["COMMPIPE_TOPIC"],
+                                env["COMMPIPE_APP_ID"])
+    sent: dict[tuple[int, Edge], Counter[str]] = defaultdict(Counter)
+    records: dict[tuple[int, Edge], list[tuple[int, int]]] = defaultdict(list)
+    for record in read_topic(bootstrap, topic):
+        try:
+            events = decode_record(record.value).events
+        except Exception:  # noqa: BLE001 - bad input: dead-lettered, counts nothing
+            continue
+        # the ones stamped too far ahead of their record are dead-lettered, not counted
+        events = [e for e in events if e.ts - record.timestamp / 1000 <= 300]
+        for event in events:
+            edge = (event.source_service, event.target_service, event.protocol)
+            sent[(record.partition, edge)][event.kind] += 1
+        if events:
+            edge = (events[0].source_service, events[0].target_service, events[0].protocol)
+            records[(record.partition, edge)].append((record.offset, len(events)))
+    state = read_state(bootstrap, app_id)
+    held: dict[tuple[int, Edge], EdgeMeta] = {}
+    metas: dict[int, int] = {}
+    for key, value in state.items():
+        kind, partition, rest = parse_id(key)
+        if isinstance(value, EdgeMeta):
+            held[(partition, split_edge_key(rest))] = value
+        elif isinstance(value, PartitionMeta):
+            metas[partition] = value.offset
+
+    async def committed() -> dict[int, int | None]:
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=app_id,
+                                    enable_auto_commit=False)
+        await consumer.start()
+        try:
+            return {p: await consumer.committed(TopicPartition(topic, p)) for p in range(4)}
+        finally:
+            await consumer.stop()
+
+    commits = asyncio.run(committed())
+    lines = []
+    for (partition, edge), want in sorted(sent.items()):
+        meta = held.get((partition, edge))
+        t = meta.totals if meta is not None else EdgeTotals()
+        got = t.requests + t.responses + t.timeouts + t.retries + sum(t.errors.values())
+        short = sum(want.values()) - want["circuit"] - want["health"] - got
+        if short:
+            fits = [o for o, n in records[(partition, edge)] if n == short][:10]
+            lines.append(f"partition {partition} {edge}: {short} events short; edge offset "
+                         f"{meta.offset if meta else None}, partition meta offset "
+                         f"{metas.get(partition)}, committed {commits.get(partition)}; "
+                         f"records of exactly that many events: {fits}")
+    return "\n".join(lines) or "the changelog holds every (partition, edge) in full"
+
+
 def table_totals(bootstrap: str, app_id: str) -> dict[Edge, Counter[str]]:
     """Each edge's cumulative totals as the changelog holds them, merged across partitions."""
     merged: dict[Edge, EdgeTotals] = defaultdict(EdgeTotals)
@@ -342,7 +403,8 @@ def run_chaos(kafka_bootstrap: str, topic_factory: Callable[..., str], tmp_path:
                        timeout=180, what="every event in /metrics", logs=final.log)
         except AssertionError as e:
             raise AssertionError(f"{e}\n/metrics minus sent, per edge: "
-                                 f"{_difference(metric_totals(env), want_metrics)}") from None
+                                 f"{_difference(metric_totals(env), want_metrics)}\n"
+                                 f"{explain_shortfall(env)}") from None
         # the databases get every window once the last ones close (idle 3 s)
         want_windows = {k: +c for k, c in sent.windows.items()}
 

@@ -158,9 +158,17 @@ def test_broker_away_30s_buffers_drops_and_delivers_each_event_once(
     # the worker (never restarted) reconnected by itself and counted each event once
     want = expected_totals(list(delivered.values()))
     app_id = env["COMMPIPE_APP_ID"]
-    wait_until(lambda: edge_totals(env["COMMPIPE_KAFKA_BOOTSTRAP"], app_id) == want,
-               timeout=120, what=f"{stats.sent} events ({second_copies} records sent twice)",
-               logs=worker.log)
+    try:
+        wait_until(lambda: edge_totals(env["COMMPIPE_KAFKA_BOOTSTRAP"], app_id) == want,
+                   timeout=120, what=f"{stats.sent} events ({second_copies} records sent twice)",
+                   logs=worker.log)
+    except AssertionError as e:
+        got = edge_totals(env["COMMPIPE_KAFKA_BOOTSTRAP"], app_id)
+        diff = {edge: dict(got.get(edge, Counter()) - want.get(edge, Counter()))
+                | {f"-{k}": n for k, n in (want.get(edge, Counter())
+                                           - got.get(edge, Counter())).items()}
+                for edge in set(got) | set(want) if got.get(edge) != want.get(edge)}
+        raise AssertionError(f"{e}\nthe changelog minus what was delivered: {diff}") from None
     assert worker.alive and worker.proc is not None and worker.proc.pid == pid
     assert "Traceback" not in worker.log(), worker.log()[-3000:]
 

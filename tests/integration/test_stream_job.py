@@ -223,6 +223,51 @@ def test_restart_resumes_from_changelog_without_reset_or_double_count(
            logs=third.log)
 
 
+def test_sigkill_while_changes_wait_in_the_cache_loses_and_doubles_nothing(
+        kafka_bootstrap: str, topic_factory: Callable[..., str], tmp_path: Path) -> None:
+    """A worker that gathers changes for 60 s (COMMPIPE_WORKER_CACHE_INTERVAL_S) holds them,
+    and the records behind them unacknowledged, when it is killed; a restarted worker
+    (the default interval) must count every event exactly once."""
+    from pipeline.dev.process import free_port
+    from tests.integration.test_metrics import try_scrape
+
+    env = worker_environment(kafka_bootstrap, topic_factory, tmp_path, window_s=WINDOW,
+                             grace_s=GRACE, COMMPIPE_METRICS_PORT=str(free_port()),
+                             COMMPIPE_METRICS_HOST="127.0.0.1")
+    rng = random.Random(13)
+    phases, _ = traffic(rng)
+    expected = Expected()
+    settings = Settings.from_env({}, shim_linger_ms=5)
+    with worker_starter({**env, "COMMPIPE_WORKER_CACHE_INTERVAL_S": "60"}, tmp_path) as start:
+        holder = start()
+        emitter = Emitter(kafka_bootstrap, env["COMMPIPE_TOPIC"], settings=settings)
+        try:
+            emit_all(emitter, phases[0], expected)
+            assert emitter.flush(timeout=30)
+            first = sum(sum(c.values()) for c in expected.counts.values())
+
+            def unwritten() -> float:
+                metrics = try_scrape(env)
+                return metrics.get(("commpipe_worker_unwritten_records", ()), 0.0) if (
+                    metrics.get(("commpipe_events_consumed_total", ()), 0.0) >= first) else 0.0
+
+            wait_until(lambda: unwritten() > 0, timeout=90, what="changes held in the cache",
+                       logs=holder.log)
+            assert read_state(kafka_bootstrap, env["COMMPIPE_APP_ID"]) == {}  # none written
+            holder.kill()
+            for events in phases[1:]:
+                emit_all(emitter, events, expected)
+            assert emitter.flush(timeout=30)
+        finally:
+            emitter.close()
+    total = sum(sum(c.values()) for c in expected.counts.values())
+    with worker_starter(env, tmp_path) as start:
+        second = start()
+        state = settle(kafka_bootstrap, env["COMMPIPE_APP_ID"], total, timeout=120,
+                       what="after the restart", logs=second.log)
+    check_against(expected, state)
+
+
 def test_two_workers_split_partitions_and_agree_with_one(
         worker_env: dict[str, str], workers: Callable[[], WorkerProcess],
         kafka_bootstrap: str) -> None:

@@ -24,6 +24,10 @@ FAST_JOIN = {"COMMPIPE_BROKER_SESSION_TIMEOUT_S": "6", "COMMPIPE_BROKER_HEARTBEA
              "COMMPIPE_WORKER_PRODUCER_BATCH_BYTES": "1"}
 
 
+# COMMPIPE_TEST_WORKER_LOGLEVEL=info keeps the rebalances and recoveries in the workers' logs
+LOGLEVEL = os.environ.get("COMMPIPE_TEST_WORKER_LOGLEVEL", "warn")
+
+
 def worker_environment(kafka_bootstrap: str, topic_factory: Callable[..., str], tmp_path: Path,
                        *, window_s: float, grace_s: float, idle_close_s: float = 3600.0,
                        **extra: str) -> dict[str, str]:
@@ -34,7 +38,7 @@ def worker_environment(kafka_bootstrap: str, topic_factory: Callable[..., str], 
             "COMMPIPE_PARTITIONS": "4", "COMMPIPE_APP_ID": f"t{uuid.uuid4().hex[:10]}",
             "COMMPIPE_WINDOW_S": str(window_s), "COMMPIPE_GRACE_S": str(grace_s),
             "COMMPIPE_IDLE_CLOSE_S": str(idle_close_s),
-            "COMMPIPE_WORKER_DATADIR": str(tmp_path / "w"), "COMMPIPE_WORKER_LOGLEVEL": "warn",
+            "COMMPIPE_WORKER_DATADIR": str(tmp_path / "w"), "COMMPIPE_WORKER_LOGLEVEL": LOGLEVEL,
             "COMMPIPE_DUCKDB_PATH": "", "COMMPIPE_POSTGRES_DSN": "", "COMMPIPE_METRICS_PORT": "0",
             **extra}
 

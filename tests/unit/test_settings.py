@@ -15,7 +15,8 @@ def test_defaults_without_environment() -> None:
     s = Settings.from_env({})
     assert (s.kafka_bootstrap, s.topic, s.dlq_topic, s.partitions) == (
         "localhost:9092", "comm.events", "comm.events.dlq", 4)
-    assert s.shim_buffer_size == 100_000 and s.shim_linger_ms == 50.0
+    assert s.shim_buffer_size == 100_000 and s.shim_linger_ms == 500.0
+    assert s.worker_cache_interval_s == 0.25
 
 
 def test_environment_values_are_typed() -> None:
@@ -41,8 +42,7 @@ def test_overrides_win_over_environment() -> None:
       "SASL_SSL; got 'TLS'"),
      ({"COMMPIPE_KAFKA_BOOTSTRAP": " "}, "COMMPIPE_KAFKA_BOOTSTRAP is empty"),
      ({"COMMPIPE_WORKER_BATCH_RECORDS": "513"},
-      "COMMPIPE_WORKER_BATCH_RECORDS must be at most 512 (an edge remembers the offsets of "
-      "up to 512 skipped copies, for replays of one batch), got 513"),
+      "COMMPIPE_WORKER_BATCH_RECORDS must be at most 512, got 513"),
      ({"COMMPIPE_OTLP_TOPIC": "comm.events"},
       "COMMPIPE_OTLP_TOPIC is COMMPIPE_TOPIC ('comm.events'): the OTLP bridge would read what "
       "the worker writes there"),

@@ -115,3 +115,74 @@ def test_dead_letters_are_delivered_before_the_records_are_acknowledged() -> Non
         return order
 
     assert asyncio.run(scenario()) == ["dead letters, committed so far []", "committed [1]"]
+
+
+def test_fausts_commit_passes_one_unacknowledged_record() -> None:
+    # Why releases must acknowledge in order: with offset 10 the next to commit, and 11
+    # acknowledged before 10, Faust's consumer would commit 12 (past 10), and before a
+    # partition's first commit it passes any number of unacknowledged records.
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from faust.transport.consumer import Consumer
+    from intervaltree import IntervalTree
+
+    def new_offset(committed: int | None, acked: list[int]) -> int | None:
+        tp = ("t", 0)
+        fake = SimpleNamespace(_acked={tp: list(acked)}, _gap=defaultdict(IntervalTree),
+                               _committed_offset=defaultdict(lambda: None, {tp: committed}),
+                               _acked_index={tp: set(acked)})
+        return Consumer._new_offset(fake, tp)  # type: ignore[arg-type]
+
+    assert new_offset(10, [10, 11]) == 12
+    assert new_offset(10, [12, 13]) is None  # two missing: it waits
+    assert new_offset(10, [11]) == 12        # one missing: it commits past 10
+    assert new_offset(None, [15, 16]) == 17  # no commit yet: past anything
+
+
+def test_a_partitions_releases_acknowledge_in_the_order_asked() -> None:
+    # A release with nothing to write (its records were only dead-lettered) comes after
+    # one whose changelog write is still on its way: it must wait for it.
+    async def scenario() -> tuple[list[int], list[int]]:
+        consumer = Committable()
+
+        async def stop(exc: BaseException) -> None:
+            raise AssertionError(exc)
+
+        acks = Acks(lambda: consumer, stop)
+        first, second = [Event(10)], [Event(11)]
+        acks.hold(first + second)
+        write: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        acks.release_when(first, [write])
+        acks.release_when(second, [])
+        stream_ack(first + second, consumer)
+        await asyncio.sleep(0.01)
+        before = list(consumer.offsets)
+        write.set_result(None)
+        await acks.drain()
+        return before, list(consumer.offsets)
+
+    before, after = asyncio.run(scenario())
+    assert before == []
+    assert after == [10, 11]
+
+
+def test_a_failed_earlier_release_keeps_the_later_ones_unacknowledged() -> None:
+    async def scenario() -> tuple[list[int], int]:
+        consumer = Committable()
+        failures: list[str] = []
+
+        async def stop(exc: BaseException) -> None:
+            failures.append(str(exc))
+
+        acks = Acks(lambda: consumer, stop)
+        first, second = [Event(10)], [Event(11)]
+        acks.hold(first + second)
+        write: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        acks.release_when(first, [write])
+        acks.release_when(second, [])
+        write.set_exception(RuntimeError("broker refused it"))
+        await acks.drain()
+        return list(consumer.offsets), len(failures)
+
+    assert asyncio.run(scenario()) == ([], 1)

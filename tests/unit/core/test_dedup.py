@@ -78,6 +78,12 @@ def run(stream: Sequence[Delivered], store: dict[str, Any], sizes: Sequence[int]
 BOOKKEEPING = {"offset", "producers", "duplicates", "dup_offsets"}
 
 
+def without_dup_offsets(store: dict[str, Any]) -> dict[str, Any]:
+    out = dump(store, clock=False)
+    return {k: ({f: x for f, x in v.items() if f != "dup_offsets"} if k != "details" else v)
+            for k, v in out.items()}
+
+
 def aggregates(store: dict[str, Any]) -> dict[str, Any]:
     """The store without offsets and the copy bookkeeping (which differ by construction)."""
     out = dump(store)
@@ -122,7 +128,9 @@ def test_crash_with_copies_in_the_batch_replays_exactly(seed: int) -> None:
             persist(store, persisted[:cut], copy=True)
             # replayed later than every horizon (a restart, or a worker behind)
             run(stream[start:], store, sizes=[length], late_by=REPLAY_LATER_S)
-            assert dump(store, clock=False) == dump(want, clock=False), (start, cut)
+            # which skipped offsets an edge still lists depends on where writes happened
+            # (offsets up to the written partition meta are forgotten): the rest must agree
+            assert without_dup_offsets(store) == without_dup_offsets(want), (start, cut)
 
 
 def test_a_record_overtaken_by_a_later_one_still_counts() -> None:
@@ -136,7 +144,12 @@ def test_a_record_overtaken_by_a_later_one_still_counts() -> None:
     meta = store[edge_id(0, a[0].edge)]
     assert meta.totals.requests == 4
     assert (meta.producers["p"].high, meta.producers["p"].gaps) == (3, [])
-    assert meta.dup_offsets == [3, 4]
+    # each write's partition meta covers the copies before it: they need not be listed
+    assert meta.dup_offsets == []
+    # written at once, the copies a replay would find held by the edge stay listed
+    whole: dict[str, Any] = {}
+    assert run(stream, whole) == 2
+    assert whole[edge_id(0, a[0].edge)].dup_offsets == [3, 4]
 
 
 def test_records_without_producer_headers_are_at_least_once() -> None:

@@ -12,7 +12,7 @@ from pipeline.core.circuit import Breaker, StateTrack
 from pipeline.core.edge import EdgeMeta, PartitionMeta
 from pipeline.core.rollups import CircuitView, Rollups, WindowRow
 from pipeline.core.sketch import GAMMA
-from pipeline.core.store import edge_id, partition_id, window_id
+from pipeline.core.store import edge_id, parse_id, partition_id, window_id
 from pipeline.core.window import WindowConfig, WindowStats
 from pipeline.wire.events import edge_key
 
@@ -109,6 +109,17 @@ def test_closed_windows_watermark_and_idle_rules(now: float) -> None:
     rollups = make(build_store())
     got = rows_key(rollups.closed_windows(now=now))
     assert got == expected_closed(now)
+
+
+@pytest.mark.parametrize("now", [0.0, 1029.999, 1030.0, 2029.999, 2030.0, 1e9])
+def test_closed_items_are_the_closed_windows_by_key(now: float) -> None:
+    """The sink's unsorted scan holds the same windows, under their store keys."""
+    store = build_store()
+    rollups = make(store)
+    items = rollups.closed_items(now=now)
+    assert sorted((w.window_start, parse_id(k)[2], p) for k, p, w in items) == sorted(
+        (start, edge_key(*edge), p) for start, edge, p in expected_closed(now))
+    assert all(store[k] is w for k, _, w in items)
 
 
 def test_closed_windows_watermark_rule_exact_boundaries() -> None:

@@ -231,11 +231,14 @@ def test_worker_metrics() -> None:
     pipeline = SimpleNamespace(events_in=7, duplicates=4, batches=2, batch_records=5,
                                dead_letters=SimpleNamespace(counts=Counter(invalid_json=3)),
                                lag=lambda: {0: 4, 2: 0},
-                               state_keys=lambda: {"window": 3, "edge": 1})
+                               state_keys=lambda: {"window": 3, "edge": 1},
+                               cache=SimpleNamespace(unwritten=lambda: 6, write_outs=9))
     got = scrape(WorkerCollector(pipeline, namespace="w", sink=sink))
     assert got[("w_events_consumed_total", ())] == 7
     assert got[("w_duplicate_events_total", ())] == 4
     assert got[("w_worker_batch_records_total", ())] == 5
+    assert got[("w_worker_unwritten_records", ())] == 6
+    assert got[("w_worker_write_outs_total", ())] == 9
     assert got[("w_dead_letters_total", (("reason", "invalid_json"),))] == 3
     assert got[("w_consumer_lag", (("partition", "0"),))] == 4
     assert got[("w_state_keys", (("kind", "window"),))] == 3
