@@ -6,9 +6,10 @@ A scrape has two halves so that it never stops the stream:
   partitions this worker owns (a few milliseconds at 10,000 edges). Stored values are
   never changed in place (a batch writes fresh copies), so the snapshot stays
   consistent while the loop goes on writing.
-- :meth:`EdgeExporter.render`, in a thread: the exposition text. Each edge's lines are
-  cached with the offsets of the state they came from, so an edge that did not change
-  since the last scrape costs a dictionary lookup.
+- :meth:`EdgeExporter.render_in_slices`, in the loop too, 10 ms at a time (or
+  :meth:`EdgeExporter.render` at once): the exposition text. Each edge's lines are cached
+  in two halves with the offsets of the state they came from, so a half that did not
+  change since the last scrape costs a dictionary lookup.
 
 Per edge (``source_service``, ``target_service``, ``protocol``), by default:
 

@@ -3,10 +3,9 @@
 A scrape at 10,000 edges is megabytes of text. Served by the event loop (Faust's own web
 server), each part of it waited for the loop between two batches, and the transfer took
 many such turns; while the text was built, the loop stood still. Here a small threaded
-HTTP server answers instead: the loop only takes the snapshot
-(:meth:`Exposition.on_loop`, milliseconds, between two batches: never in the middle
-of a table write), and the rendering, the gzip (when asked for) and the transfer happen
-in the request's thread.
+HTTP server answers instead: the loop takes the snapshot between two batches (never in the
+middle of a table write) and renders in 10 ms slices (:meth:`Exposition.scrape`); the gzip
+(when asked for) and the transfer happen in the request's thread.
 
 Only ``/metrics``, ``/health`` (200 ``ok`` while the worker runs) and the pages in
 :attr:`MetricsServer.routes` are served; Faust's own pages (``/table/...`` shows table
