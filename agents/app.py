@@ -109,10 +109,7 @@ class Pipeline:
             store="memory://",
             topic_partitions=settings.partitions,
             datadir=settings.worker_datadir,
-            web_enabled=settings.metrics_port > 0,
-            web_port=settings.metrics_port or None,
-            web_bind=settings.metrics_host,
-            web_host=settings.metrics_host,
+            web_enabled=False,  # its pages would show table contents: MetricsServer instead
             broker_session_timeout=settings.broker_session_timeout_s,
             broker_heartbeat_interval=settings.broker_heartbeat_interval_s,
             consumer_auto_offset_reset="earliest",
@@ -172,24 +169,28 @@ class Pipeline:
         if self.sink is not None:
             self.app.timer(settings.sink_interval_s, name="sink")(self._flush)
             self.app.on_before_shutdown.connect(self._close_sink)
-        self.registry = self._registry()
+        self.exposition = self._exposition()
+        self.metrics_server: Any = None
         if settings.otlp_topic:  # OpenTelemetry spans in, published to settings.topic
             from agents.otlp import OtlpBridge
 
             self.otlp = OtlpBridge(settings)
             self.app.task(self.otlp.run)
-            self.registry.register(self.otlp.collector())
+            self.exposition.registry.register(self.otlp.collector())
         if settings.metrics_port > 0:
-            registry = self.registry
+            from pipeline.export.server import MetricsServer
 
-            async def metrics(view: Any, request: Any) -> Any:
-                """``GET /metrics``, read in the event loop: never in the middle of a write."""
-                from prometheus_client import generate_latest
+            # /metrics and /health in threads of their own (pipeline/export/server.py)
+            self.metrics_server = MetricsServer(self.exposition, settings.metrics_host,
+                                                settings.metrics_port)
+            self.app.task(self._serve_metrics)
+            self.app.on_before_shutdown.connect(self._stop_metrics)
 
-                return view.bytes(generate_latest(registry),
-                                  content_type="text/plain; version=0.0.4")
+    async def _serve_metrics(self) -> None:
+        self.metrics_server.start(asyncio.get_running_loop())
 
-            self.app.page("/metrics")(metrics)
+    async def _stop_metrics(self, sender: Any, **_: Any) -> None:
+        self.metrics_server.stop()
 
     async def _recovered(self) -> None:
         self.ready.recovered(self.app.consumer.assignment())
@@ -219,19 +220,21 @@ class Pipeline:
         """Stop the worker (exit 1): its restart reads every unacknowledged record again."""
         await self.app.crash(exc)
 
-    def _registry(self) -> Any:
+    def _exposition(self) -> Any:
         from prometheus_client import CollectorRegistry
 
-        from pipeline.export.collectors import EdgeCollector, WorkerCollector
+        from pipeline.export.collectors import WorkerCollector
+        from pipeline.export.edges import EdgeExporter
+        from pipeline.export.exposition import Exposition
+        from pipeline.settings import parse_buckets
 
         s = self.settings
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(EdgeCollector(self.rollups, namespace=s.metrics_namespace,
-                                        stale_s=s.metrics_stale_s,
-                                        max_edges=s.metrics_max_edges,
-                                        slo=self.slo))
         registry.register(WorkerCollector(self, namespace=s.metrics_namespace, sink=self.sink))
-        return registry
+        edges = EdgeExporter(self.rollups, namespace=s.metrics_namespace,
+                             stale_s=s.metrics_stale_s, max_series=s.metrics_max_series,
+                             buckets=parse_buckets(s.metrics_latency_buckets), slo=self.slo)
+        return Exposition(edges, registry)
 
     def lag(self) -> dict[int, int]:
         """Records between each owned input partition's read position and its end."""

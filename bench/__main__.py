@@ -20,7 +20,7 @@ from typing import Any
 from bench.common import Context, Row
 
 CASES = ("shim", "stream", "fleet", "freshness", "sink", "catchup", "growth", "scaleout",
-         "otlp")
+         "otlp", "metrics")
 
 
 def _number(value: float | None) -> str:
