@@ -30,7 +30,14 @@ from faust.serializers import codecs
 
 from agents.acks import Acks
 from agents.cache import RecordCache
-from agents.consumer import ReadyPartitions, check_recovered, patch_consumers, set_fetch_wait
+from agents.consumer import (
+    ReadyPartitions,
+    check_recovered,
+    patch_consumers,
+    positions_readable,
+    scheduler,
+    set_fetch_wait,
+)
 from agents.dead_letters import DeadLetters
 from pipeline.core.batch import PartitionBatch
 from pipeline.core.rollups import Rollups
@@ -117,6 +124,7 @@ class Pipeline:
             table_cleanup_interval=3600.0,
             producer_max_batch_size=settings.worker_producer_batch_bytes,
             producer_acks=-1,  # all in-sync replicas: the changelog and dead letters
+            ConsumerScheduler=scheduler(),  # no record fetched before a seek (consumer.py)
         )
         self.app.setup_consumer = self._setup_consumer
         self.ready = self.app.ready = ReadyPartitions(settings.topic)
@@ -214,6 +222,7 @@ class Pipeline:
     def _setup_consumer(self, consumer: Any) -> None:
         """The worker's aiokafka consumer, before it starts (agents/consumer.py)."""
         set_fetch_wait(consumer, self.settings.worker_fetch_wait_ms)
+        positions_readable(consumer)
         self.kafka_consumer = consumer
 
     async def _stop(self, exc: BaseException) -> None:
@@ -237,7 +246,9 @@ class Pipeline:
         return Exposition(edges, registry)
 
     def lag(self) -> dict[int, int]:
-        """Records between each owned input partition's read position and its end."""
+        """Kafka's consumer lag of each owned input partition, as ``kafka-consumer-groups
+        --describe`` reports it: the partition's end offset (the high watermark of the
+        latest fetch) minus the group's committed offset there (0 before any commit)."""
         out: dict[int, int] = {}
         consumer = self.app.consumer
         for tp in self.app.assignor.assigned_actives():
@@ -247,9 +258,11 @@ class Pipeline:
                 high = consumer.highwater(tp)
             except Exception:  # noqa: BLE001 - not known yet (before the first fetch)
                 continue
-            read = consumer._read_offset.get(tp)  # noqa: SLF001 - Faust keeps no public one
+            # what this worker last committed for tp (Kafka's meaning: the next offset to
+            # read), or read back from Kafka at assignment; Faust keeps no public one
+            committed = consumer._committed_offset.get(tp)  # noqa: SLF001
             if high is not None:
-                out[tp.partition] = max(high - (read + 1 if read is not None else 0), 0)
+                out[tp.partition] = max(high - (committed or 0), 0)
         return out
 
     def state_keys(self) -> dict[str, int]:

@@ -1,4 +1,5 @@
-"""How the worker's consumer reads: how long a fetch waits, and nothing before recovery.
+"""How the worker's consumer reads: how long a fetch waits, nothing before recovery, and
+nothing fetched before a seek.
 
 **Fetch wait.** Faust builds its consumer with a fixed ``fetch_max_wait_ms`` of
 1,500 ms, and aiokafka sends no other fetch meanwhile, so a worker catching up
@@ -15,6 +16,24 @@ the flow at the start of every assignment (Faust resumes it once the table is
 recovered and the consumer has sought the committed offsets again), and tells
 which partitions may be applied: those the table has recovered since the last
 revocation.
+
+**No record fetched before a seek.** Faust fetches in its consumer thread and hands
+each fetch's records to the event loop, which reads the group generation only once the
+fetch has come back. A fetch that was in flight across a rebalance therefore reached the
+streams after the rebalance had sought the partitions again (to the committed offsets, or
+a changelog partition to where its recovery starts), as if it had been read from there.
+On an input partition Faust then took the offsets between the committed one and the
+stale record's for a gap, committed past them and dropped them when they came again: a
+worker that kept a partition through a rebalance lost hundreds of records of it
+(tests/integration/test_rebalance.py, on Apache Kafka). On a changelog partition the
+recovery took the stale record's offset for the point it had read up to and skipped the
+records before it (a standby that became active skipped its partition's changelog).
+:func:`patch_consumers` counts the seeks of each partition (aiokafka's partition state
+counts every seek and position reset; a new assignment brings new states) and notes, in
+the consumer thread right after every fetch, where each partition's count stood;
+:class:`FreshRecords` hands on a record only while its partition has not been sought since:
+the consumer then reads it again from where it was sought to, and the stale records are
+dropped. (A count, not the position: a fetch also moves the position.)
 """
 
 from __future__ import annotations
@@ -23,7 +42,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["ReadyPartitions", "check_recovered", "patch_consumers", "set_fetch_wait"]
+__all__ = ["FreshRecords", "ReadyPartitions", "check_recovered", "count_seeks", "fresh_only",
+           "patch_consumers", "positions_readable", "scheduler", "set_fetch_wait"]
 
 log = logging.getLogger("commpipe.worker")
 
@@ -38,15 +58,99 @@ def set_fetch_wait(consumer: Any, ms: int) -> None:
     consumer._fetch_max_wait_ms = ms  # noqa: SLF001 - read by start(); no public knob
 
 
+def positions_readable(consumer: Any) -> None:
+    """Fail unless :class:`FreshRecords` can read the partition states of an unstarted
+    ``aiokafka.AIOKafkaConsumer`` (a renamed attribute fails the worker at start)."""
+    subscriptions = getattr(consumer, "_subscription", None)
+    if not hasattr(type(subscriptions), "subscription"):
+        raise RuntimeError(
+            "this aiokafka has no AIOKafkaConsumer._subscription.subscription: records "
+            "fetched before a seek could not be told apart (pin aiokafka or update "
+            "agents/consumer.py)")
+
+
+def _seeks(subscriptions: Any, tp: Any) -> tuple[Any, int]:
+    """``(partition state, seeks so far)`` of ``tp`` in the consumer's current assignment."""
+    subscription = subscriptions.subscription
+    assignment = subscription.assignment if subscription is not None else None
+    state = assignment.state_value(tp) if assignment is not None else None
+    return state, getattr(state, "_commpipe_seeks", 0)
+
+
+def count_seeks() -> None:
+    """Make aiokafka's partition state count its seeks and position resets."""
+    from aiokafka.consumer.subscription_state import TopicPartitionState as State
+
+    if getattr(State, "_commpipe_counting", False):
+        return
+    seek, await_reset = State.seek, State.await_reset
+
+    def counted(method: Callable[..., None]) -> Callable[..., None]:
+        def run(self: Any, *args: Any) -> None:
+            self._commpipe_seeks = getattr(self, "_commpipe_seeks", 0) + 1
+            method(self, *args)
+        return run
+
+    State.seek = counted(seek)  # type: ignore[method-assign]
+    State.await_reset = counted(await_reset)  # type: ignore[method-assign]
+    State._commpipe_counting = True  # type: ignore[attr-defined]
+
+
+class FreshRecords(dict):  # type: ignore[type-arg]
+    """One fetch's records (``{tp: [records]}``), with each partition's seek count right
+    after the fetch, noted in the consumer thread (see the module docstring)."""
+
+    def __init__(self, records: Any, subscriptions: Any) -> None:
+        super().__init__(records)
+        self.subscriptions = subscriptions
+        self.seeks = {tp: _seeks(subscriptions, tp) for tp in self}
+
+    def fresh(self, tp: Any) -> bool:
+        """True while ``tp`` was neither sought nor reassigned since the fetch."""
+        return _seeks(self.subscriptions, tp) == self.seeks.get(tp)
+
+
+def fresh_only(records: Any, iterator: Any) -> Any:
+    """``iterator``'s ``(tp, record)`` pairs, without those of a partition sought since
+    ``records`` were fetched (and every later one of that partition)."""
+    if not isinstance(records, FreshRecords):
+        yield from iterator
+        return
+    stale: set[Any] = set()
+    for tp, record in iterator:
+        if tp in stale:
+            continue
+        if not records.fresh(tp):
+            stale.add(tp)
+            log.info("worker: dropped records of %s/%s fetched before it was sought "
+                     "again (offset %s on)", tp.topic, tp.partition, record.offset)
+            continue
+        yield tp, record
+
+
+def scheduler() -> type:
+    """Faust's round-robin ``ConsumerScheduler``, handing on fresh records only."""
+    from faust.transport.utils import DefaultSchedulingStrategy
+
+    class FreshScheduler(DefaultSchedulingStrategy):
+        def iterate(self, records: Any) -> Any:
+            return fresh_only(records, super().iterate(records))
+
+    return FreshScheduler
+
+
 def patch_consumers() -> None:
-    """Let each Faust app set up the worker consumers its aiokafka driver builds: an app
-    with a ``setup_consumer(aiokafka_consumer)`` method is called with each one."""
+    """Let each Faust app set up the worker consumers its aiokafka driver builds (an app
+    with a ``setup_consumer(aiokafka_consumer)`` method is called with each one), and
+    make every fetch return :class:`FreshRecords` (and aiokafka count seeks)."""
     from faust.transport.drivers import aiokafka as driver
 
+    count_seeks()
     cls = driver.AIOKafkaConsumerThread
     if getattr(cls, "_commpipe_original", None) is not None:
         return
     original = cls._create_worker_consumer
+    original_fetch = cls._fetch_records
 
     def create(self: Any, transport: Any) -> Any:
         consumer = original(self, transport)
@@ -55,8 +159,16 @@ def patch_consumers() -> None:
             setup(consumer)
         return consumer
 
+    async def fetch(self: Any, consumer: Any, active_partitions: Any,
+                    timeout: float | None = None, max_records: int | None = None) -> Any:
+        records = await original_fetch(self, consumer, active_partitions, timeout=timeout,
+                                       max_records=max_records)
+        # still in the consumer thread: nothing can have sought since the fetch
+        return FreshRecords(records, consumer._subscription) if records else records  # noqa: SLF001
+
     cls._commpipe_original = original  # type: ignore[attr-defined]
     cls._create_worker_consumer = create  # type: ignore[method-assign]
+    cls._fetch_records = fetch  # type: ignore[method-assign]
 
 
 class ReadyPartitions:

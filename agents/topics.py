@@ -9,6 +9,18 @@ count raises :class:`~pipeline.errors.ConfigError` naming both counts.
 Partition counts of existing topics are read only after ``CreateTopics``
 answered "already exists": a metadata request for an unknown topic makes some
 brokers (Tansu among them) auto-create it with their default count.
+
+:func:`ensure_commpipe_topics` creates every topic the worker uses, each with explicit
+configs rather than the broker's defaults: the input (``cleanup.policy=delete``,
+``retention.ms`` = ``COMMPIPE_TOPIC_RETENTION_MS``), the dead letters (the same with
+``COMMPIPE_DLQ_RETENTION_MS``), the worker's changelog (``cleanup.policy=compact``: the
+latest value of every key is the table; never deleted by age) and Faust's leader topic,
+all with ``COMMPIPE_TOPIC_REPLICATION_FACTOR`` replicas and, when set,
+``COMMPIPE_TOPIC_MIN_INSYNC_REPLICAS``. Faust would create the last two itself, with one
+replica; created here first, it finds them and leaves them alone. The OTLP topic
+(``COMMPIPE_OTLP_TOPIC``, when set) is created like the input when missing and left as it
+is, whatever its partition count, when it exists. Configs of topics that already exist
+are not changed.
 """
 
 from __future__ import annotations
@@ -22,7 +34,8 @@ from typing import Any
 from pipeline.errors import ConfigError, ServiceError
 from pipeline.settings import Settings
 
-__all__ = ["ensure_commpipe_topics", "ensure_topics"]
+__all__ = ["changelog_topic", "commpipe_topics", "ensure_commpipe_topics", "ensure_topics",
+           "leader_topic", "otlp_topics"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +47,7 @@ async def ensure_topics(
     *,
     client_options: Mapping[str, Any],
     replication_factor: int = 1,
+    configs: Mapping[str, Mapping[str, str]] | None = None,
     timeout_ms: int = 10_000,
     any_count: frozenset[str] = frozenset(),
 ) -> dict[str, bool]:
@@ -44,7 +58,9 @@ async def ensure_topics(
     ``client_options`` are aiokafka client keyword arguments, at least
     ``bootstrap_servers`` (see :meth:`Settings.kafka_client_options`).
     ``replication_factor`` applies to topics created here (default 1, fine for
-    one dev broker). Returns ``{name: True if created now, False if it existed}``.
+    one dev broker); ``configs`` maps a topic name to the topic configs it is created
+    with (``{"cleanup.policy": "compact"}``). Returns ``{name: True if created now,
+    False if it existed}``.
 
     Raises :class:`ConfigError` for a partition count below 1 or an existing
     topic with a different count, and :class:`ServiceError` when the broker
@@ -63,8 +79,8 @@ async def ensure_topics(
     try:
         await admin.start()
         response = await admin.create_topics(
-            [NewTopic(n, p, replication_factor) for n, p in topics.items()], timeout_ms=timeout_ms
-        )
+            [NewTopic(n, p, replication_factor, topic_configs=dict((configs or {}).get(n, {})))
+             for n, p in topics.items()], timeout_ms=timeout_ms)
         created: dict[str, bool] = {}
         existing: list[str] = []
         for name, code, message in _topic_errors(response):
@@ -100,19 +116,58 @@ async def ensure_topics(
     return created
 
 
-async def ensure_commpipe_topics(
-    settings: Settings, *, replication_factor: int = 1
-) -> dict[str, bool]:
-    """Create ``settings.topic`` and ``settings.dlq_topic`` with ``settings.partitions`` each,
-    and ``settings.otlp_topic`` (when set) with as many if it is missing: the OTLP bridge
-    reads any partition count (its records are keyed again by edge), and the topic may be
-    the Collector's already."""
-    topics = {settings.topic: settings.partitions, settings.dlq_topic: settings.partitions}
-    otlp = frozenset((settings.otlp_topic,)) - set(topics) if settings.otlp_topic else frozenset()
-    topics.update({name: settings.partitions for name in otlp})
+def changelog_topic(settings: Settings) -> str:
+    """The worker's changelog topic (the name ``agents.app`` gives its table's changelog)."""
+    return f"{settings.app_id}-state-changelog"
+
+
+def leader_topic(settings: Settings) -> str:
+    """Faust's leader-election topic of the app (``faust.assignor.LeaderAssignor``)."""
+    return f"{settings.app_id}-__assignor-__leader"
+
+
+def commpipe_topics(settings: Settings) -> dict[str, tuple[int, dict[str, str]]]:
+    """``{name: (partitions, configs)}`` of every topic the worker uses (module docstring),
+    with ``settings.otlp_topic`` when set (see :func:`otlp_topics`)."""
+    topics = _own_topics(settings)
+    for name in otlp_topics(settings, topics):
+        topics[name] = (settings.partitions, topics[settings.topic][1])  # the input's configs
+    return topics
+
+
+def _own_topics(settings: Settings) -> dict[str, tuple[int, dict[str, str]]]:
+    replicas = ({"min.insync.replicas": str(settings.topic_min_insync_replicas)}
+                if settings.topic_min_insync_replicas else {})
+    n = settings.partitions
+    return {
+        settings.topic: (n, {"cleanup.policy": "delete",
+                             "retention.ms": str(settings.topic_retention_ms), **replicas}),
+        settings.dlq_topic: (n, {"cleanup.policy": "delete",
+                                 "retention.ms": str(settings.dlq_retention_ms), **replicas}),
+        changelog_topic(settings): (n, {"cleanup.policy": "compact", **replicas}),
+        leader_topic(settings): (1, {**replicas}),
+    }
+
+
+def otlp_topics(settings: Settings, ours: Mapping[str, Any] = ()) -> frozenset[str]:
+    """``settings.otlp_topic`` (when set and not one of ``ours``): created with
+    ``settings.partitions`` and the input's configs when missing, left as it is when it
+    exists. The OTLP bridge reads any partition count (its records are keyed again by edge),
+    and the topic may be the Collector's already."""
+    if not settings.otlp_topic:
+        return frozenset()
+    return frozenset((settings.otlp_topic,)) - set(ours)
+
+
+async def ensure_commpipe_topics(settings: Settings) -> dict[str, bool]:
+    """Create every topic of :func:`commpipe_topics` that does not exist yet."""
+    topics = commpipe_topics(settings)
     return await ensure_topics(
-        topics, client_options=settings.kafka_client_options(),
-        replication_factor=replication_factor, any_count=otlp,
+        {name: n for name, (n, _) in topics.items()},
+        client_options=settings.kafka_client_options(),
+        replication_factor=settings.topic_replication_factor,
+        configs={name: configs for name, (_, configs) in topics.items()},
+        any_count=otlp_topics(settings, _own_topics(settings)),
     )
 
 

@@ -1,8 +1,9 @@
 """What every benchmark case shares: result rows, services, synthetic records, worker processes.
 
 - :class:`Row`: one printed figure, its baseline from the same run, the ratio and the target.
-- :class:`Context`: the run's size (``quick``), a fresh embedded broker per case, one
-  embedded PostgreSQL for the run (started on first use), a scratch directory.
+- :class:`Context`: the run's size (``quick``), a fresh broker per case (embedded Tansu,
+  or Apache Kafka with ``--broker kafka``), one embedded PostgreSQL for the run (started
+  on first use), a scratch directory.
 - :func:`make_records`: shim-format records (JSON arrays of one edge's events, encoded by
   the shim's own :meth:`pipeline.shim.outbox.Outbox.encode`), and :func:`produce` to write them.
 - :class:`WorkerProcess`: a worker subprocess from :mod:`bench.workers` (the real commpipe
@@ -34,10 +35,12 @@ from pipeline.dev.broker import EmbeddedBroker
 from pipeline.dev.process import free_port, run_sync, terminate_process
 from pipeline.shim.outbox import Outbox
 
-# Dev settings for the embedded broker (see tests/integration/workers.py): quick group
-# joins, and one record per producer batch because Tansu misreports end offsets otherwise.
-FAST_JOIN = {"COMMPIPE_BROKER_SESSION_TIMEOUT_S": "6", "COMMPIPE_BROKER_HEARTBEAT_INTERVAL_S": "1",
-             "COMMPIPE_WORKER_PRODUCER_BATCH_BYTES": "1"}
+# Quick group joins on any broker (see tests/integration/workers.py); what a worker needs on
+# the broker itself comes from its class (Tansu: one record per producer batch, because it
+# misreports end offsets otherwise; Apache Kafka: nothing) and is added per bootstrap address.
+FAST_JOIN = {"COMMPIPE_BROKER_SESSION_TIMEOUT_S": "6", "COMMPIPE_BROKER_HEARTBEAT_INTERVAL_S": "1"}
+BROKERS = ("tansu", "kafka")
+_BROKER_ENV: dict[str, dict[str, str]] = {}
 # The share of each kind in synthetic traffic: calls, a few failures, some retries.
 KIND_MIX = (("request", 0.48), ("response", 0.45), ("error", 0.03), ("timeout", 0.01),
             ("retry", 0.03))
@@ -55,6 +58,8 @@ class Row:
     target: str = "-"
     met: bool | None = None
     note: str = ""
+    broker: str = "tansu"
+    """The broker the case ran against (``tansu`` or ``kafka``)."""
 
     @property
     def ratio(self) -> float | None:
@@ -63,7 +68,8 @@ class Row:
         return self.value / self.baseline
 
     def to_json(self) -> dict[str, Any]:
-        return {"case": self.case, "metric": self.metric, "value": self.value,
+        return {"case": self.case, "broker": self.broker, "metric": self.metric,
+                "value": self.value,
                 "baseline": self.baseline, "baseline_is": self.baseline_is,
                 "ratio": self.ratio, "target": self.target, "met": self.met, "note": self.note}
 
@@ -81,15 +87,28 @@ class Context:
     quick: bool = False
     say: Callable[[str], None] = print
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="commpipe-bench-")))
+    engine: str = "tansu"
+    """The broker of the cases run now: ``tansu`` (embedded) or ``kafka`` (Apache Kafka)."""
     _postgres: Any = None
 
     def size(self, default: int, quick: int) -> int:
         return quick if self.quick else default
 
     @contextlib.contextmanager
-    def broker(self) -> Iterator[EmbeddedBroker]:
-        """A fresh broker for one case (Tansu keeps every record in memory)."""
-        with EmbeddedBroker(log_path=self.workdir / f"tansu-{uuid.uuid4().hex[:6]}.log") as b:
+    def broker(self) -> Iterator[Any]:
+        """A fresh broker for one case (Tansu keeps every record in memory; a Kafka node's
+        storage goes in the scratch directory). Workers started with :func:`worker_env` on
+        its address get what they need on it."""
+        log_path = self.workdir / f"{self.engine}-{uuid.uuid4().hex[:6]}.log"
+        if self.engine == "kafka":
+            from pipeline.dev.kafka import KafkaBroker
+
+            broker: Any = KafkaBroker(data_dir=log_path.with_suffix(""), heap="1g",
+                                      log_path=log_path)
+        else:
+            broker = EmbeddedBroker(log_path=log_path)
+        with broker as b:
+            _BROKER_ENV[b.bootstrap] = dict(b.WORKER_ENV)
             yield b
 
     def postgres_database(self) -> str:
@@ -201,8 +220,10 @@ def produce(bootstrap: str, topic: str, records: Sequence[Any], *,
 # ---- worker processes ----------------------------------------------------------------------
 
 def worker_env(bootstrap: str, topic: str, **extra: Any) -> dict[str, str]:
-    """Environment of a bench worker: fast joins, no database unless ``extra`` sets one."""
-    env = {**FAST_JOIN, "COMMPIPE_KAFKA_BOOTSTRAP": bootstrap, "COMMPIPE_TOPIC": topic,
+    """Environment of a bench worker: fast joins and the broker's own needs (see
+    :meth:`Context.broker`), no database unless ``extra`` sets one."""
+    env = {**FAST_JOIN, **_BROKER_ENV.get(bootstrap, {}), "COMMPIPE_KAFKA_BOOTSTRAP": bootstrap,
+           "COMMPIPE_TOPIC": topic,
            "COMMPIPE_DLQ_TOPIC": f"{topic}.dlq", "COMMPIPE_PARTITIONS": "4",
            "COMMPIPE_APP_ID": f"bench{uuid.uuid4().hex[:8]}", "COMMPIPE_DUCKDB_PATH": "",
            "COMMPIPE_POSTGRES_DSN": "", "COMMPIPE_METRICS_HOST": "127.0.0.1",

@@ -21,7 +21,7 @@ import time
 
 import orjson
 
-from bench.common import Context, Row
+from bench.common import Context, Row, create_topics
 from pipeline import Emitter, Settings
 from pipeline.dev.broker import EmbeddedBroker
 
@@ -91,7 +91,9 @@ def bare_throughput(bootstrap: str, topic: str, n: int) -> float:
 
 
 def measure(bootstrap: str, events: int) -> list[tuple[str, float, float, str]]:
-    """(case, commpipe, baseline, target) rows, everything against the broker at ``bootstrap``."""
+    """(case, commpipe, baseline, target) rows, everything against the broker at ``bootstrap``
+    (the topics are created first: Apache Kafka here does not create them on first use)."""
+    create_topics(bootstrap, ["bench.percall", "bench.shim", "bench.bare"])
     emitter = Emitter(bootstrap, "bench.percall",
                       settings=Settings.from_env({}, shim_buffer_size=events + 1))
     shim, floor = per_call(emitter, min(events, 100_000))

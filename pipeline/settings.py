@@ -118,6 +118,17 @@ class Settings:
     kafka_sasl_username: str | None = None
     kafka_sasl_password: Secret = field(default_factory=lambda: Secret(""))
     kafka_ssl_cafile: str | None = None
+    topic_replication_factor: int = 1
+    """Replicas of every topic commpipe creates (input, dead letters, the worker's changelog
+    and Faust's leader topic): 1 suits one dev broker, 3 a production cluster."""
+    topic_min_insync_replicas: int | None = None
+    """``min.insync.replicas`` of those topics (unset: the broker's default). With acks=all
+    (the shim and the worker) a write is acknowledged once this many replicas hold it;
+    2 with a replication factor of 3 survives the loss of any one broker."""
+    topic_retention_ms: int = 7 * 24 * 3600 * 1000
+    """``retention.ms`` of the input topic (7 days; -1 keeps records for ever)."""
+    dlq_retention_ms: int = 30 * 24 * 3600 * 1000
+    """``retention.ms`` of the dead-letter topic (30 days: time to look at bad input)."""
 
     # The shim
     shim_buffer_size: int = 100_000
@@ -316,6 +327,19 @@ class Settings:
                      "retain_without_sink_s", "broker_wait_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be >= 0, got {getattr(self, name)}")
+        if self.topic_replication_factor < 1:
+            raise ConfigError(f"{PREFIX}TOPIC_REPLICATION_FACTOR must be >= 1, got "
+                              f"{self.topic_replication_factor}")
+        if self.topic_min_insync_replicas is not None and not (
+                1 <= self.topic_min_insync_replicas <= self.topic_replication_factor):
+            raise ConfigError(
+                f"{PREFIX}TOPIC_MIN_INSYNC_REPLICAS must be between 1 and "
+                f"{PREFIX}TOPIC_REPLICATION_FACTOR ({self.topic_replication_factor}), got "
+                f"{self.topic_min_insync_replicas}")
+        for name in ("topic_retention_ms", "dlq_retention_ms"):
+            if getattr(self, name) < 1 and getattr(self, name) != -1:
+                raise ConfigError(f"{PREFIX}{name.upper()} must be > 0, or -1 to keep records "
+                                  f"for ever, got {getattr(self, name)}")
         if self.worker_batch_records > MAX_WORKER_BATCH_RECORDS:
             raise ConfigError(
                 f"{PREFIX}WORKER_BATCH_RECORDS must be at most {MAX_WORKER_BATCH_RECORDS}, "

@@ -3,19 +3,27 @@
 Where they come from is decided by :func:`pipeline.dev.process.choose_test_services`
 from ``COMMPIPE_TEST_SERVICES`` (``auto`` | ``embedded`` | ``containers``):
 testcontainers when a Docker engine answers (or when asked), the embedded
-Tansu broker and PostgreSQL otherwise. Nothing starts unless a test asks for
-one of these fixtures, so a unit-only run starts nothing. Everything started
-here is stopped and removed at the end of the session.
+services otherwise. Which broker runs is ``COMMPIPE_TEST_BROKER``
+(:func:`pipeline.dev.process.choose_test_broker`): ``tansu`` (the embedded Tansu
+broker; the default without containers) or ``kafka`` (Apache Kafka: a local KRaft
+node from :mod:`pipeline.dev.kafka`, or a container). Nothing starts unless a test
+asks for one of these fixtures, so a unit-only run starts nothing. Everything
+started here is stopped and removed at the end of the session.
 
 Fixtures:
 
 * ``test_services`` (session): ``"embedded"`` or ``"containers"``.
-* ``kafka_bootstrap`` (session): ``"host:port"`` of the session broker.
-* ``broker`` (function): the session :class:`EmbeddedBroker`, for pause/resume
-  tests; resumed (or started again) after each test; skipped with containers.
+* ``test_broker`` (session): ``"tansu"`` or ``"kafka"``.
+* ``kafka_bootstrap`` (session): ``"host:port"`` of the session broker. Workers started
+  by ``tests/integration/workers.py`` get the settings that broker needs
+  (``broker_env``): on Tansu only, one record per producer batch.
+* ``broker`` (function): the session broker, for pause/resume tests; resumed (or
+  started again) after each test. In containers mode a :class:`ContainerBroker`
+  (``docker pause``), so these tests run in every mode.
 * ``postgres_dsn`` (session): DSN of the session database.
-* ``postgres`` (function): the session :class:`EmbeddedPostgres`, for stop/start
-  tests; started again after each test if needed; skipped with containers.
+* ``postgres`` (function): the session PostgreSQL, for stop/start tests; started again
+  after each test if needed. In containers mode a :class:`ContainerPostgres` on a fixed
+  host port (``docker stop`` / ``start`` keep its DSN and data).
 * ``topic_factory`` (function): ``make(partitions=4) -> name`` creates a fresh,
   uniquely named topic on the session broker.
 """
@@ -32,19 +40,39 @@ from typing import Any
 import pytest
 
 from pipeline.dev.process import (
+    TEST_BROKER_ENV,
     TEST_SERVICES_ENV,
+    TestBroker,
     TestServices,
+    choose_test_broker,
     choose_test_services,
     docker_available,
 )
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``kafka`` run Apache Kafka themselves (a cluster, the ``commpipe broker
+    --engine kafka`` command): they run in a session on Apache Kafka (``COMMPIPE_TEST_BROKER
+    =kafka``) or when ``-m`` names them, and are deselected (not skipped) in a Tansu session,
+    whose run must pass without Java. ``.ci/run`` runs both sessions."""
+    if "kafka" in (config.option.markexpr or ""):
+        return
+    services = choose_test_services(os.environ.get(TEST_SERVICES_ENV), docker_available)
+    if choose_test_broker(os.environ.get(TEST_BROKER_ENV), services) == "kafka":
+        return
+    chosen = [item for item in items if item.get_closest_marker("kafka")]
+    if chosen:
+        config.hook.pytest_deselected(items=chosen)
+        items[:] = [item for item in items if not item.get_closest_marker("kafka")]
+
+
 @dataclass
 class _Service:
-    """A started session service: its address, and the embedded object when there is one."""
+    """A started session service: its address, and the object that controls it (an
+    embedded service, or a container wrapper with the same fault methods)."""
 
     address: str
-    embedded: Any | None
+    control: Any
 
 
 @pytest.fixture(scope="session")
@@ -54,32 +82,51 @@ def test_services() -> TestServices:
 
 
 @pytest.fixture(scope="session")
-def _kafka_service(test_services: TestServices) -> Iterator[_Service]:
-    if test_services == "containers":
+def test_broker(test_services: TestServices) -> TestBroker:
+    """``"tansu"`` or ``"kafka"``, from ``COMMPIPE_TEST_BROKER`` (default: see the module doc)."""
+    return choose_test_broker(os.environ.get(TEST_BROKER_ENV), test_services)
+
+
+@pytest.fixture(scope="session")
+def _kafka_service(test_services: TestServices, test_broker: TestBroker) -> Iterator[_Service]:
+    from tests.integration.workers import register_broker
+
+    if test_broker == "kafka" and test_services == "containers":
         try:
             from testcontainers.community.kafka import KafkaContainer
         except ImportError:  # testcontainers < 4.10 kept it at the top level
             from testcontainers.kafka import KafkaContainer
 
-        with KafkaContainer() as kafka:
-            yield _Service(kafka.get_bootstrap_server(), None)
-        return
-    from pipeline.dev.broker import EmbeddedBroker
+        from pipeline.dev.containers import ContainerBroker
 
-    with EmbeddedBroker() as broker:
+        with KafkaContainer() as kafka:
+            control = ContainerBroker(kafka)
+            register_broker(control.bootstrap, control.WORKER_ENV)
+            yield _Service(control.bootstrap, control)
+        return
+    if test_broker == "kafka":
+        from pipeline.dev.kafka import KafkaBroker
+
+        broker: Any = KafkaBroker(heap="1g")
+    else:
+        from pipeline.dev.broker import EmbeddedBroker
+
+        broker = EmbeddedBroker()
+    with broker:
+        register_broker(broker.bootstrap, broker.WORKER_ENV)
         yield _Service(broker.bootstrap, broker)
 
 
 @pytest.fixture(scope="session")
 def _postgres_service(test_services: TestServices) -> Iterator[_Service]:
     if test_services == "containers":
-        try:
-            from testcontainers.community.postgres import PostgresContainer
-        except ImportError:
-            from testcontainers.postgres import PostgresContainer
+        from pipeline.dev.containers import ContainerPostgres, postgres_container
+        from pipeline.dev.process import free_port
 
-        with PostgresContainer("postgres:16-alpine", driver=None) as pg:
-            yield _Service(pg.get_connection_url(), None)
+        # a fixed host port: a docker stop / start (the postgres fixture) keeps the DSN
+        with postgres_container("postgres:16-alpine", free_port()) as pg:
+            control = ContainerPostgres(pg)
+            yield _Service(control.dsn, control)
         return
     from pipeline.dev.postgres import EmbeddedPostgres
 
@@ -95,15 +142,12 @@ def kafka_bootstrap(_kafka_service: _Service) -> str:
 
 @pytest.fixture
 def broker(_kafka_service: _Service) -> Iterator[Any]:
-    """The session's :class:`~pipeline.dev.broker.EmbeddedBroker` (embedded services only).
+    """The session broker's control: ``pause``/``resume`` (and, embedded, ``stop``/``start``).
 
-    After the test it is resumed if paused, or started again (same port, no
-    topics) if the test stopped it.
+    After the test it is resumed if paused, or started again (same port) if the test
+    stopped it.
     """
-    b = _kafka_service.embedded
-    if b is None:
-        pytest.skip("needs the embedded broker (pause/resume); "
-                    "this session runs Kafka in a container")
+    b = _kafka_service.control
     yield b
     if b.paused:
         b.resume()
@@ -119,14 +163,12 @@ def postgres_dsn(_postgres_service: _Service) -> str:
 
 @pytest.fixture
 def postgres(_postgres_service: _Service) -> Iterator[Any]:
-    """The session's :class:`~pipeline.dev.postgres.EmbeddedPostgres` (embedded only).
+    """The session PostgreSQL's control: ``stop``/``start`` keep its DSN and data
+    (:class:`EmbeddedPostgres`, or :class:`ContainerPostgres` in containers mode).
 
     Started again after the test (same port and data) if the test stopped it.
     """
-    pg = _postgres_service.embedded
-    if pg is None:
-        pytest.skip("needs the embedded PostgreSQL (stop/start); "
-                    "this session runs PostgreSQL in a container")
+    pg = _postgres_service.control
     yield pg
     if not pg.is_running:
         pg.start()

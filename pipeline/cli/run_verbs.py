@@ -35,21 +35,52 @@ def add_commands(app: Any, console: Any, out: Any) -> None:
 
     @app.command()
     def broker(
+        engine: Annotated[str, typer.Option(
+            help="tansu: the embedded Tansu broker (memory storage, nothing to install); "
+                 "kafka: Apache Kafka in KRaft mode (needs Java 17+; its jars are fetched "
+                 "with Maven on first use).")] = "tansu",
         port: Annotated[int, typer.Option(help="TCP port; 0 picks a free one.")] = 9092,
         host: Annotated[str, typer.Option(help="Listen and advertised address.")] = "127.0.0.1",
         partitions: Annotated[int | None, typer.Option(
             help="Partitions of the commpipe topics (default: COMMPIPE_PARTITIONS, else 4)."),
         ] = None,
         create_topics: Annotated[bool, typer.Option(
-            help="Create COMMPIPE_TOPIC and COMMPIPE_DLQ_TOPIC.")] = True,
+            help="Create the commpipe topics (input, dead letters, the worker's changelog).")
+        ] = True,
+        data_dir: Annotated[Path, typer.Option(
+            help="kafka: the node's storage, formatted on first run and kept.")] = Path(
+            ".commpipe/kafka"),
     ) -> None:
-        """Run the embedded Kafka-protocol broker (Tansu, memory storage) in the foreground."""
+        """Run a Kafka broker in the foreground: Tansu (default) or Apache Kafka."""
+        import os
+
         from agents.topics import ensure_commpipe_topics
-        from pipeline.dev.broker import EmbeddedBroker
         from pipeline.dev.process import run_sync
         from pipeline.settings import Settings
 
-        svc = EmbeddedBroker(port or None, host=host)
+        if engine not in ("tansu", "kafka"):
+            console.print(f"[red]error:[/] --engine must be tansu or kafka, got {engine!r}",
+                          highlight=False, markup=True)
+            raise typer.Exit(2)
+        svc: Any
+        if engine == "kafka":
+            from pipeline.dev.kafka import KafkaBroker
+            from pipeline.dev.kafka_dist import pom_version
+
+            version = os.environ.get("COMMPIPE_KAFKA_VERSION") or pom_version()
+            svc = KafkaBroker(port or None, host=host, data_dir=data_dir, version=version,
+                              heap="1g")
+            what = (f"Apache Kafka {version} (KRaft; data in {svc.node_dir}, kept when it "
+                    "stops)")
+            starting = (f"starting Apache Kafka {version} (the first run fetches its jars "
+                        "with Maven)...")
+        else:
+            from pipeline.dev.broker import EmbeddedBroker
+
+            svc = EmbeddedBroker(port or None, host=host)
+            what = "the Tansu broker (memory storage: topics are lost when it stops)"
+            starting = "starting the embedded Kafka broker..."
+        workarounds = " ".join(f"{k}={v}" for k, v in svc.WORKER_ENV.items())
 
         def ready() -> None:
             settings = Settings.from_env(kafka_bootstrap=svc.bootstrap, partitions=partitions)
@@ -58,12 +89,12 @@ def add_commands(app: Any, console: Any, out: Any) -> None:
                 console.print(f"topics [bold]{settings.topic}[/] and [bold]"
                               f"{settings.dlq_topic}[/]: {settings.partitions} partitions")
             out.print(svc.bootstrap, highlight=False, soft_wrap=True)
-            console.print(f"[green]Kafka broker ready[/] on [bold]{svc.bootstrap}[/]"
-                          f" (export COMMPIPE_KAFKA_BOOTSTRAP={svc.bootstrap}); memory storage:"
-                          " topics are lost when it stops. Ctrl-C stops it.", highlight=False,
-                          soft_wrap=True)
+            console.print(f"[green]Kafka broker ready[/] on [bold]{svc.bootstrap}[/]: {what}. "
+                          f"export COMMPIPE_KAFKA_BOOTSTRAP={svc.bootstrap}"
+                          + (f"; workers on it need {workarounds}" if workarounds else "")
+                          + ". Ctrl-C stops it.", highlight=False, soft_wrap=True, markup=True)
 
-        raise typer.Exit(_run_service(svc, console, "starting the embedded Kafka broker...", ready))
+        raise typer.Exit(_run_service(svc, console, starting, ready))
 
     @app.command()
     def postgres(

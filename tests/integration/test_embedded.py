@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -182,22 +183,24 @@ def test_the_otlp_topic_is_created_when_missing_and_left_alone_when_it_exists(
         topic_factory, kafka_bootstrap) -> None:
     """The Collector may have made the OTLP topic with any count; the bridge reads any."""
     events, theirs = topic_factory(4), topic_factory(2)
+    app = f"t{uuid.uuid4().hex[:10]}"
+    own = [f"{app}-state-changelog", f"{app}-__assignor-__leader"]
     settings = Settings(kafka_bootstrap=kafka_bootstrap, topic=events, dlq_topic=events + ".dlq",
-                        partitions=4, otlp_topic=theirs)
+                        partitions=4, otlp_topic=theirs, app_id=app)
     assert run_sync(lambda: ensure_commpipe_topics(settings)) == {
-        events: False, events + ".dlq": True, theirs: False}
+        events: False, events + ".dlq": True, theirs: False, **dict.fromkeys(own, True)}
     assert run_sync(lambda: _partitions(kafka_bootstrap, theirs)) == {0, 1}
     missing = events + ".spans"
     settings = Settings(kafka_bootstrap=kafka_bootstrap, topic=events, dlq_topic=events + ".dlq",
-                        partitions=4, otlp_topic=missing)
+                        partitions=4, otlp_topic=missing, app_id=app)
     assert run_sync(lambda: ensure_commpipe_topics(settings)) == {
-        events: False, events + ".dlq": False, missing: True}
+        events: False, events + ".dlq": False, missing: True, **dict.fromkeys(own, False)}
     assert run_sync(lambda: _partitions(kafka_bootstrap, missing)) == {0, 1, 2, 3}
     # a topic of commpipe's own still has to have the count asked for
     with pytest.raises(ConfigError, match="exists with 2 partitions but 4 are wanted"):
         run_sync(lambda: ensure_commpipe_topics(Settings(
             kafka_bootstrap=kafka_bootstrap, topic=theirs, dlq_topic=events + ".dlq",
-            partitions=4, otlp_topic=missing)))
+            partitions=4, otlp_topic=missing, app_id=app)))
 
 
 def test_ensure_topics_without_a_broker_is_a_service_error() -> None:

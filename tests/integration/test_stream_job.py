@@ -277,6 +277,16 @@ def test_two_workers_split_partitions_and_agree_with_one(
     app_id = worker_env["COMMPIPE_APP_ID"]
     worker_env["COMMPIPE_WORKER_LOGLEVEL"] = "info"  # to read each worker's assignment
     pair = [workers(), workers()]
+    topic = re.escape(worker_env["COMMPIPE_TOPIC"])
+
+    def owned() -> list[set[int]]:  # the last assignment each worker logged for the input
+        found = [re.findall(rf"\|\s*{topic}\s*\|\s*\{{([0-9, -]+)\}}", w.log()) for w in pair]
+        return [set(_partitions(f[-1])) if f else set() for f in found]
+
+    # both in the group before any traffic: on Apache Kafka the first worker to join could
+    # otherwise have read everything before the second one's join
+    wait_until(lambda: all(owned()), timeout=90, what="both workers assigned partitions",
+               logs=lambda: pair[0].log() + pair[1].log())
     settings = Settings.from_env({}, shim_linger_ms=5)
     emitter = Emitter(kafka_bootstrap, worker_env["COMMPIPE_TOPIC"], settings=settings)
     try:
@@ -289,14 +299,9 @@ def test_two_workers_split_partitions_and_agree_with_one(
                    logs=lambda: pair[0].log() + pair[1].log())
     check_against(expected, state)
     assert all(w.alive for w in pair)
-    topic = re.escape(worker_env["COMMPIPE_TOPIC"])
-    owned = []
-    for worker in pair:  # the last assignment each worker logged for the input topic
-        found = re.findall(rf"\|\s*{topic}\s*\|\s*\{{([0-9, -]+)\}}", worker.log())
-        assert found, worker.log()[-2000:]
-        owned.append(set(_partitions(found[-1])))
-    assert owned[0] and owned[1] and owned[0].isdisjoint(owned[1])
-    assert owned[0] | owned[1] == {0, 1, 2, 3}
+    first, second = owned()
+    assert first and second and first.isdisjoint(second)
+    assert first | second == {0, 1, 2, 3}
 
 
 def _partitions(text: str) -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,10 +19,24 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from pipeline.core.store import State, decode_state, parse_id
 
-# Dev settings that make a worker join within seconds on the embedded broker.
-FAST_JOIN = {"COMMPIPE_BROKER_SESSION_TIMEOUT_S": "6", "COMMPIPE_BROKER_HEARTBEAT_INTERVAL_S": "1",
-             # one record per producer batch: Tansu's end offsets are right only then
-             "COMMPIPE_WORKER_PRODUCER_BATCH_BYTES": "1"}
+# Test settings that make a worker join a group within seconds, on any broker.
+FAST_JOIN = {"COMMPIPE_BROKER_SESSION_TIMEOUT_S": "6", "COMMPIPE_BROKER_HEARTBEAT_INTERVAL_S": "1"}
+
+_BROKER_ENV: dict[str, dict[str, str]] = {}
+"""What a worker needs on each broker the session started, by bootstrap address: the
+broker class's ``WORKER_ENV`` (Tansu: one record per producer batch, as its end offsets
+are right only then; Apache Kafka: nothing, the changelog producer batches)."""
+
+
+def register_broker(bootstrap: str, worker_env: dict[str, str]) -> None:
+    """Record the worker settings the broker at ``bootstrap`` needs (session fixtures)."""
+    _BROKER_ENV[bootstrap] = dict(worker_env)
+
+
+def broker_env(bootstrap: str) -> dict[str, str]:
+    """Fast joins, plus the workarounds of the broker at ``bootstrap`` (none unless it was
+    registered with some: a broker no fixture registered is taken for Apache Kafka)."""
+    return {**FAST_JOIN, **_BROKER_ENV.get(bootstrap, {})}
 
 
 # COMMPIPE_TEST_WORKER_LOGLEVEL=info keeps the rebalances and recoveries in the workers' logs
@@ -31,9 +46,10 @@ LOGLEVEL = os.environ.get("COMMPIPE_TEST_WORKER_LOGLEVEL", "warn")
 def worker_environment(kafka_bootstrap: str, topic_factory: Callable[..., str], tmp_path: Path,
                        *, window_s: float, grace_s: float, idle_close_s: float = 3600.0,
                        **extra: str) -> dict[str, str]:
-    """Environment of a test worker: fresh topics and app id, fast joins, no database
-    unless ``extra`` configures one (``COMMPIPE_DUCKDB_PATH`` is empty by default)."""
-    return {**FAST_JOIN, "COMMPIPE_KAFKA_BOOTSTRAP": kafka_bootstrap,
+    """Environment of a test worker: fresh topics and app id, fast joins (and the broker's
+    workarounds), no database unless ``extra`` configures one (``COMMPIPE_DUCKDB_PATH`` is
+    empty by default)."""
+    return {**broker_env(kafka_bootstrap), "COMMPIPE_KAFKA_BOOTSTRAP": kafka_bootstrap,
             "COMMPIPE_TOPIC": topic_factory(4), "COMMPIPE_DLQ_TOPIC": topic_factory(4),
             "COMMPIPE_PARTITIONS": "4", "COMMPIPE_APP_ID": f"t{uuid.uuid4().hex[:10]}",
             "COMMPIPE_WINDOW_S": str(window_s), "COMMPIPE_GRACE_S": str(grace_s),
@@ -102,6 +118,21 @@ class WorkerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+def assigned(worker: WorkerProcess, topic: str) -> set[int] | None:
+    """The input partitions of the worker's latest assignment (None before its first; the
+    worker logs it at ``COMMPIPE_WORKER_LOGLEVEL=info``)."""
+    chunks = worker.log().split("Setting newly assigned partitions")
+    if len(chunks) < 2:
+        return None
+    table = chunks[-1].split("for group")[0]
+    found = re.search(rf"\|\s*{re.escape(topic)}\s*\|\s*\{{([0-9, -]+)\}}", table)
+    out: set[int] = set()
+    for part in (found.group(1).split(",") if found else []):
+        low, _, high = part.strip().partition("-")
+        out.update(range(int(low), int(high or low) + 1))
+    return out
 
 
 def run(coro_factory: Callable[[], Any]) -> Any:
