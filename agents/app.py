@@ -32,6 +32,7 @@ from agents.acks import Acks
 from agents.cache import RecordCache
 from agents.consumer import (
     ReadyPartitions,
+    check_recovered,
     patch_consumers,
     positions_readable,
     scheduler,
@@ -115,10 +116,7 @@ class Pipeline:
             store="memory://",
             topic_partitions=settings.partitions,
             datadir=settings.worker_datadir,
-            web_enabled=settings.metrics_port > 0,
-            web_port=settings.metrics_port or None,
-            web_bind=settings.metrics_host,
-            web_host=settings.metrics_host,
+            web_enabled=False,  # its pages would show table contents: MetricsServer instead
             broker_session_timeout=settings.broker_session_timeout_s,
             broker_heartbeat_interval=settings.broker_heartbeat_interval_s,
             consumer_auto_offset_reset="earliest",
@@ -161,7 +159,8 @@ class Pipeline:
         self.cache = RecordCache(
             self.config, self.state, interval_s=settings.worker_cache_interval_s,
             max_records=MAX_UNWRITTEN_RECORDS - settings.worker_batch_records,
-            put=self._put, send=self._send, release=self._release)
+            put=self._put, send=self._send, settle=self.dead_letters.settle,
+            release=self._release)
         if settings.worker_cache_interval_s > 0:
             self.app.timer(settings.worker_cache_interval_s / 2,
                            name="write_out")(self._write_out_due)
@@ -178,24 +177,28 @@ class Pipeline:
         if self.sink is not None:
             self.app.timer(settings.sink_interval_s, name="sink")(self._flush)
             self.app.on_before_shutdown.connect(self._close_sink)
-        self.registry = self._registry()
+        self.exposition = self._exposition()
+        self.metrics_server: Any = None
         if settings.otlp_topic:  # OpenTelemetry spans in, published to settings.topic
             from agents.otlp import OtlpBridge
 
             self.otlp = OtlpBridge(settings)
             self.app.task(self.otlp.run)
-            self.registry.register(self.otlp.collector())
+            self.exposition.registry.register(self.otlp.collector())
         if settings.metrics_port > 0:
-            registry = self.registry
+            from pipeline.export.server import MetricsServer
 
-            async def metrics(view: Any, request: Any) -> Any:
-                """``GET /metrics``, read in the event loop: never in the middle of a write."""
-                from prometheus_client import generate_latest
+            # /metrics and /health in threads of their own (pipeline/export/server.py)
+            self.metrics_server = MetricsServer(self.exposition, settings.metrics_host,
+                                                settings.metrics_port)
+            self.app.task(self._serve_metrics)
+            self.app.on_before_shutdown.connect(self._stop_metrics)
 
-                return view.bytes(generate_latest(registry),
-                                  content_type="text/plain; version=0.0.4")
+    async def _serve_metrics(self) -> None:
+        self.metrics_server.start(asyncio.get_running_loop())
 
-            self.app.page("/metrics")(metrics)
+    async def _stop_metrics(self, sender: Any, **_: Any) -> None:
+        self.metrics_server.stop()
 
     async def _recovered(self) -> None:
         self.ready.recovered(self.app.consumer.assignment())
@@ -210,8 +213,8 @@ class Pipeline:
     async def _write_out_due(self) -> None:
         await self.cache.write_out_due()
 
-    def _release(self, records: list[Any], writes: list[Any], letters: list[Any]) -> None:
-        self.acks.release_when(records, writes, lambda: self.dead_letters.settle(letters))
+    def _release(self, records: list[Any], writes: list[Any]) -> None:
+        self.acks.release_when(records, writes)
 
     async def _revoked(self, sender: Any, revoked: Any, **_: Any) -> None:
         self.ready.revoked()
@@ -226,19 +229,21 @@ class Pipeline:
         """Stop the worker (exit 1): its restart reads every unacknowledged record again."""
         await self.app.crash(exc)
 
-    def _registry(self) -> Any:
+    def _exposition(self) -> Any:
         from prometheus_client import CollectorRegistry
 
-        from pipeline.export.collectors import EdgeCollector, WorkerCollector
+        from pipeline.export.collectors import WorkerCollector
+        from pipeline.export.edges import EdgeExporter
+        from pipeline.export.exposition import Exposition
+        from pipeline.settings import parse_buckets
 
         s = self.settings
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(EdgeCollector(self.rollups, namespace=s.metrics_namespace,
-                                        stale_s=s.metrics_stale_s,
-                                        max_edges=s.metrics_max_edges,
-                                        slo=self.slo))
         registry.register(WorkerCollector(self, namespace=s.metrics_namespace, sink=self.sink))
-        return registry
+        edges = EdgeExporter(self.rollups, namespace=s.metrics_namespace,
+                             stale_s=s.metrics_stale_s, max_series=s.metrics_max_series,
+                             buckets=parse_buckets(s.metrics_latency_buckets), slo=self.slo)
+        return Exposition(edges, registry)
 
     def lag(self) -> dict[int, int]:
         """Kafka's consumer lag of each owned input partition, as ``kafka-consumer-groups
@@ -372,6 +377,11 @@ class Pipeline:
                                "its table was recovered")
         work = self.cache.open(partition)
         try:
+            if partition in self.ready.unchecked:
+                self.ready.unchecked.discard(partition)
+                committed = self.app.consumer._committed_offset.get(  # noqa: SLF001 - Faust's
+                    records[0].message.tp)
+                check_recovered(partition, work.meta.offset, committed)
             await self._apply_records(work, records)
         except BaseException:
             self.cache.abandon(partition)
@@ -386,6 +396,7 @@ class Pipeline:
                 decoded = decode_record(message.value)
             except EventValidationError as e:
                 await self.dead_letters.send(message, message.value, e.reason, field=e.field)
+                work.meta.offset = max(work.meta.offset, message.offset)  # seen, settled
                 continue
             if decoded.errors:
                 await self.dead_letters.send_events(message, decoded.errors)

@@ -42,8 +42,10 @@ class RecordCache:
     """Open partition batches, and when each is written out (see the module docstring).
 
     ``put(changes)`` sets changes in the table; ``send(partition, changes)`` hands them
-    to the changelog's producer, returning their delivery futures; ``release(records,
-    writes, letters)`` acknowledges the records once those (and the dead letters) are
+    to the changelog's producer, returning their delivery futures; ``settle(letters)`` waits
+    for dead letters to be delivered, and comes first: a replay skips what the changelog
+    says was applied, so it would never send them again; ``release(records, writes)``
+    acknowledges the records once the writes are
     delivered. A write-out puts its changes in the table at once, before it may wait:
     the next batch of the partition opens on the table, and must see them. Sends run one
     at a time (:meth:`send`, also for the sink's tombstones), so that the changelog gets
@@ -55,7 +57,8 @@ class RecordCache:
                  max_records: int,
                  put: Callable[[list[tuple[str, Any]]], None],
                  send: Callable[[int, list[tuple[str, Any]]], Awaitable[list[Any]]],
-                 release: Callable[[list[Any], list[Any], list[Any]], None],
+                 settle: Callable[[list[Any]], Awaitable[None]],
+                 release: Callable[[list[Any], list[Any]], None],
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self._store = store
@@ -63,6 +66,7 @@ class RecordCache:
         self.max_records = max_records
         self._put = put
         self._send = send
+        self._settle = settle
         self._release = release
         self._clock = clock
         self._open: dict[int, _Open] = {}
@@ -109,7 +113,10 @@ class RecordCache:
         self.records_written += len(entry.records)
         changes = entry.work.changes()
         self._put(changes)  # before any wait: a batch opened meanwhile builds on them
-        self._release(entry.records, await self.send(partition, changes), entry.letters)
+        async with self._writing:
+            await self._settle(entry.letters)
+            writes = await self._send(partition, changes)
+        self._release(entry.records, writes)
 
     async def send(self, partition: int, changes: list[tuple[str, Any]]) -> list[Any]:
         """Hand ``changes`` to the changelog after every send begun before (in order)."""

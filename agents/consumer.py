@@ -42,7 +42,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["FreshRecords", "ReadyPartitions", "count_seeks", "fresh_only",
+__all__ = ["FreshRecords", "ReadyPartitions", "check_recovered", "count_seeks", "fresh_only",
            "patch_consumers", "positions_readable", "scheduler", "set_fetch_wait"]
 
 log = logging.getLogger("commpipe.worker")
@@ -177,6 +177,9 @@ class ReadyPartitions:
     def __init__(self, topic: str) -> None:
         self.topic = topic
         self._ready: set[int] = set()
+        self.unchecked: set[int] = set()
+        """Ready partitions whose recovered state is not yet held against the group's
+        committed offset (:func:`check_recovered`)."""
 
     def assigning(self, consumer: Any) -> None:
         """An assignment begins: no record reaches a stream until recovery resumes it."""
@@ -186,9 +189,26 @@ class ReadyPartitions:
     def recovered(self, assignment: Any) -> None:
         """The table is recovered for ``assignment`` (the consumer's TPs)."""
         self._ready = {tp.partition for tp in assignment if tp.topic == self.topic}
+        self.unchecked = set(self._ready)
 
     def revoked(self) -> None:
         self._ready.clear()
+        self.unchecked.clear()
 
     def __contains__(self, partition: int) -> bool:
         return partition in self._ready
+
+
+def check_recovered(partition: int, applied: int, committed: int | None) -> None:
+    """Raise when the group committed input past what the recovered state has applied.
+
+    A record is acknowledged only once the changelog holds its partition meta, whose
+    offset covers it, so the committed offset (the next record to read) is at most the
+    recovered meta's offset + 1. Past it, changelog writes that the broker acknowledged
+    are missing from the recovery, and going on would lose their counts for good (the
+    records in between are never read again); a restart recovers again."""
+    if committed is not None and committed > applied + 1:
+        raise RuntimeError(
+            f"the table recovered for input partition {partition} has applied records up to "
+            f"offset {applied}, but the group committed {committed}: changelog writes the "
+            "broker acknowledged are missing from the recovery")

@@ -25,8 +25,10 @@ are not changed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pipeline.errors import ConfigError, ServiceError
@@ -167,6 +169,30 @@ async def ensure_commpipe_topics(settings: Settings) -> dict[str, bool]:
         configs={name: configs for name, (_, configs) in topics.items()},
         any_count=otlp_topics(settings, _own_topics(settings)),
     )
+
+
+async def wait_and_ensure_commpipe_topics(
+    settings: Settings, *, wait_s: float, on_retry: Callable[[str], None],
+    pause_s: float = 1.0,
+) -> dict[str, bool]:
+    """:func:`ensure_commpipe_topics`, retrying while the broker cannot be reached, for up to
+    ``wait_s`` seconds (``on_retry(message)`` before each retry); other errors at once."""
+    from aiokafka.errors import KafkaConnectionError
+
+    deadline = time.monotonic() + wait_s
+    attempt = 1
+    while True:
+        try:
+            return await ensure_commpipe_topics(settings)
+        except ServiceError as e:
+            left = deadline - time.monotonic()
+            if not isinstance(e.__cause__, KafkaConnectionError) or left <= 0:
+                raise
+            on_retry(f"Kafka at {settings.kafka_bootstrap} is not reachable yet (attempt "
+                     f"{attempt}); retrying for up to {left:.0f} s more "
+                     f"(COMMPIPE_BROKER_WAIT_S={wait_s:g})")
+            attempt += 1
+            await asyncio.sleep(min(pause_s, max(left, 0.0)))
 
 
 def _topic_errors(response: Any) -> list[tuple[str, int, str | None]]:

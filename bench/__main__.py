@@ -23,7 +23,7 @@ from typing import Any
 from bench.common import BROKERS, Context, Row
 
 CASES = ("shim", "stream", "fleet", "freshness", "sink", "catchup", "growth", "scaleout",
-         "otlp")
+         "otlp", "metrics")
 NO_BROKER = {"sink"}  # writes the databases directly: run once, whatever --broker says
 
 

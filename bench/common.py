@@ -338,7 +338,11 @@ def measure(procs: Sequence[WorkerProcess], total: int, *, timeout: float = 180.
     first: tuple[float, int, float] | None = None
     while True:
         now = time.monotonic()
-        counts = [(p or {}).get("events", 0) for p in (w.progress() for w in procs)]
+        pages = [w.progress() for w in procs]
+        if first is not None and None in pages:  # a page that did not answer in time: no
+            time.sleep(poll_s)                   # count at all, not a count of 0
+            continue
+        counts = [(p or {}).get("events", 0) for p in pages]
         done = sum(counts)
         cpu = sum(w.cpu_seconds() for w in procs)
         if first is None and done > 0:

@@ -28,6 +28,17 @@ from typing import Any
 from pipeline.settings import Settings
 
 
+def _progress_page(app: Any, topic: str, read: Any) -> Any:
+    import json
+
+    def page() -> tuple[bytes, str]:
+        owned = sorted(tp.partition for tp in app.assignor.assigned_actives()
+                       if tp.topic == topic)
+        return json.dumps({**read(), "partitions": owned}).encode(), "application/json"
+
+    return page
+
+
 def _serve_progress(app: Any, topic: str, read: Any) -> None:
     @app.page("/bench/progress")
     async def progress(view: Any, request: Any) -> Any:
@@ -43,10 +54,11 @@ def run_commpipe(settings: Settings) -> None:
 
     run_sync(lambda: ensure_commpipe_topics(settings))
     pipeline = create_app(settings)
-    _serve_progress(pipeline.app, settings.topic,
-                    lambda: {"events": pipeline.events_in, "records": pipeline.batch_records,
-                             "batches": pipeline.batches,
-                             "keys": len(pipeline.state)})
+    # the worker's own HTTP server (agents/app.py serves no Faust pages), in its threads
+    pipeline.metrics_server.routes["/bench/progress"] = _progress_page(
+        pipeline.app, settings.topic,
+        lambda: {"events": pipeline.events_in, "records": pipeline.batch_records,
+                 "batches": pipeline.batches, "keys": len(pipeline.state.data)})
     _run(pipeline.app, settings)
 
 

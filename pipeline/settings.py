@@ -9,6 +9,7 @@ and ``str`` never show the value.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -18,7 +19,7 @@ from typing import Any, Literal, get_args, get_type_hints
 from pipeline.errors import ConfigError
 
 __all__ = ["MAX_UNWRITTEN_RECORDS", "MAX_WORKER_BATCH_RECORDS", "Secret", "Settings",
-           "redact_dsn", "scrub_dsn"]
+           "parse_buckets", "redact_dsn", "scrub_dsn", "unknown_variables"]
 
 PREFIX = "COMMPIPE_"
 
@@ -76,6 +77,20 @@ def scrub_dsn(text: str, dsn: str) -> str:
     password = next((g for g in found.groups() if g), None) if found else None
     return text.replace(password, "***") if password else text
 
+
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+LOG_LEVELS = ("critical", "error", "warn", "warning", "info", "debug")
+OTHER_VARIABLES = frozenset({"COMMPIPE_SQL_DIR", "COMMPIPE_TEST_SERVICES", "COMMPIPE_SOAK_S",
+                             "COMMPIPE_CHAOS_KILLS", "COMMPIPE_KEEP_SCREENSHOT",
+                             "COMMPIPE_TEST_BROKER", "COMMPIPE_TEST_WORKER_LOGLEVEL",
+                             "COMMPIPE_KAFKA_VERSION"})
+"""``COMMPIPE_*`` variables read outside :class:`Settings` (migrations, the Kafka runner,
+tests)."""
+_TOPIC = re.compile(r"[a-zA-Z0-9._-]{1,200}")
+_MOST = {"partitions": 10_000, "shim_buffer_size": 100_000_000,
+         "worker_fetch_wait_ms": 60_000, "worker_producer_batch_bytes": 64 * 1024 * 1024}
+"""Upper bounds of settings whose absurd values would otherwise be tried (10,000
+partitions is past what one Kafka cluster serves well per topic)."""
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 BacklogPolicy = Literal["pause", "drop"]
@@ -173,6 +188,9 @@ class Settings:
     broker_session_timeout_s: float = 60.0
     """Kafka consumer session timeout; 6 s makes dev and tests join in seconds."""
     broker_heartbeat_interval_s: float = 3.0
+    broker_wait_s: float = 60.0
+    """How long ``commpipe worker`` waits at start for a broker that cannot be reached yet
+    (retrying every second, one line each); 0: fail at once."""
     worker_loglevel: str = "info"
     otlp_topic: str = ""
     """OpenTelemetry spans in: a topic the Collector's Kafka exporter writes (``otlp_spans``,
@@ -234,8 +252,12 @@ class Settings:
     """Metric name prefix; ``domainflow`` gives the specification's names."""
     metrics_stale_s: float = 300.0
     """An edge without events for this long (worker clock) leaves ``/metrics``."""
-    metrics_max_edges: int = 10_000
-    """Most edges one worker reports; the rest are counted as refused."""
+    metrics_max_series: int = 400_000
+    """Most per-edge series one worker reports (about 35 per edge: 10,000 edges fit); edges
+    past it are refused, newest first, and counted (``exporter_edges_refused``)."""
+    metrics_latency_buckets: str = "0.005,0.01,0.025,0.05,0.1,0.25,0.5,1.0,2.5,10.0"
+    """Bounds (seconds) of the latency histogram in ``/metrics``: a subset of 0.001, 0.0025,
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60 (what is stored)."""
 
     def postgres_conninfo(self) -> str:
         """The DSN every PostgreSQL connection uses: ``postgres_dsn`` with ``postgres_sslmode``
@@ -293,13 +315,19 @@ class Settings:
                     "broker_session_timeout_s", "broker_heartbeat_interval_s",
                     "breaker_failure_threshold", "breaker_half_open_probes", "sink_interval_s",
                     "sink_batch_rows", "sink_backoff_max_s", "patterns_lookback_s",
-                    "metrics_stale_s", "metrics_max_edges")
+                    "metrics_stale_s", "metrics_max_series", "worker_producer_batch_bytes")
+        for f in dataclasses.fields(self):  # NaN passes every comparison: refuse it first
+            value = getattr(self, f.name)
+            if type(value) is float and not math.isfinite(value):
+                raise ConfigError(f"{PREFIX}{f.name.upper()} must be a finite number, got "
+                                  f"{value}")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be > 0, got {getattr(self, name)}")
         for name in ("shim_linger_ms", "shim_close_timeout_s", "grace_s", "max_future_s",
                      "sink_max_backlog", "idle_close_s", "breaker_recovery_timeout_s",
-                     "worker_batch_within_s", "worker_cache_interval_s"):
+                     "worker_batch_within_s", "worker_cache_interval_s", "worker_fetch_wait_ms",
+                     "retain_without_sink_s", "broker_wait_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be >= 0, got {getattr(self, name)}")
         if self.topic_replication_factor < 1:
@@ -325,11 +353,34 @@ class Settings:
             if getattr(self, name) > most:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be at most {most} ({what} the "
                                   f"worker accepts), got {getattr(self, name)}")
+        for name, most in _MOST.items():
+            if getattr(self, name) > most:
+                raise ConfigError(f"{PREFIX}{name.upper()} must be at most {most:,}, got "
+                                  f"{getattr(self, name):,}")
+        for name in ("topic", "dlq_topic", "app_id"):
+            if not _TOPIC.fullmatch(getattr(self, name)):
+                raise ConfigError(f"{PREFIX}{name.upper()} must be 1-200 characters of "
+                                  f"[a-zA-Z0-9._-] (a Kafka topic name), got "
+                                  f"{getattr(self, name)!r}")
+        if self.topic == self.dlq_topic:
+            raise ConfigError(f"{PREFIX}DLQ_TOPIC must differ from {PREFIX}TOPIC "
+                              f"({self.topic!r})")
+        if self.kafka_sasl_mechanism is not None and (
+                self.kafka_sasl_mechanism not in SASL_MECHANISMS):
+            raise ConfigError(f"{PREFIX}KAFKA_SASL_MECHANISM must be one of "
+                              f"{', '.join(SASL_MECHANISMS)}; got {self.kafka_sasl_mechanism!r}")
+        if self.worker_loglevel.lower() not in LOG_LEVELS:
+            raise ConfigError(f"{PREFIX}WORKER_LOGLEVEL must be one of {', '.join(LOG_LEVELS)}; "
+                              f"got {self.worker_loglevel!r}")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"{PREFIX}METRICS_PORT must be 0-65535, got {self.metrics_port}")
         if not re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", self.metrics_namespace):
             raise ConfigError(f"{PREFIX}METRICS_NAMESPACE must be a Prometheus name prefix "
                               f"([a-zA-Z_:][a-zA-Z0-9_:]*), got {self.metrics_namespace!r}")
+        try:
+            parse_buckets(self.metrics_latency_buckets)
+        except ValueError as e:
+            raise ConfigError(f"{PREFIX}METRICS_LATENCY_BUCKETS {e}") from None
         if not self.kafka_bootstrap.strip():
             raise ConfigError(f"{PREFIX}KAFKA_BOOTSTRAP is empty; set it to host:port[,host:port]")
         for name in ("topic", "dlq_topic"):
@@ -338,6 +389,42 @@ class Settings:
                     f"{PREFIX}OTLP_TOPIC is {PREFIX}{name.upper()} ({self.otlp_topic!r}): the "
                     "OTLP bridge would read what the worker writes there; set it to the topic "
                     "the Collector's Kafka exporter writes (otlp_spans by default)")
+
+
+STORED_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0, 30.0, 60.0)
+"""The latency bounds each edge's totals keep (pipeline.core.totals.LATENCY_BUCKETS_S; this
+root module cannot import core, tests/unit/test_settings.py keeps them equal)."""
+
+
+def parse_buckets(text: str) -> tuple[float, ...]:
+    """Reported bounds from ``"0.005,0.01,..."``: a non-empty, increasing subset of
+    :data:`STORED_BUCKETS_S`; ValueError saying so otherwise."""
+    try:
+        bounds = tuple(float(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        bounds = ()
+    if (not bounds or any(b not in STORED_BUCKETS_S for b in bounds)
+            or list(bounds) != sorted(set(bounds))):
+        raise ValueError("must be increasing bounds in seconds, comma-separated, from "
+                         + ",".join(repr(b) for b in STORED_BUCKETS_S) + f"; got {text!r}")
+    return bounds
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """A warning for each ``COMMPIPE_*`` variable no setting reads (a misspelt name would
+    otherwise be ignored silently), with the closest name when there is one."""
+    import difflib
+
+    env = os.environ if environ is None else environ
+    known = {PREFIX + f.name.upper() for f in dataclasses.fields(Settings)} | OTHER_VARIABLES
+    warnings = []
+    for name in sorted(n for n in env if n.startswith(PREFIX) and n not in known):
+        close = difflib.get_close_matches(name[len(PREFIX):],
+                                          sorted(k[len(PREFIX):] for k in known), n=1)
+        hint = f" (did you mean {PREFIX}{close[0]}?)" if close else ""
+        warnings.append(f"{name} is not a commpipe setting and is ignored{hint}")
+    return warnings
 
 
 def _parse(name: str, raw: str, hint: Any) -> Any:

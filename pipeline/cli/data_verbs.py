@@ -107,18 +107,26 @@ def add_commands(app: Any, console: Any, out: Any) -> None:
         since: Annotated[str, typer.Option(help="Lookback for objective misses: 90s, 30m, "
                                                 "1h, 2d.")] = "1h",
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+        gate: Annotated[bool, typer.Option(
+            "--gate", help="A CI gate with the objectives file's health_score "
+                           "(COMMPIPE_SLO_FILE; 90 by default) as --fail-under.")] = False,
     ) -> None:
         """Print analyze_communication_health() and the objectives missed in the lookback,
-        from each configured database. As a gate (--fail-under) it also fails when there is
-        nothing to judge: no database configured, no schema, or no rollups in the
-        lookback."""
+        from each configured database. As a gate (--fail-under, or --gate) it exits 1 when a
+        service scores under the bound or an objective failed, and when there is nothing
+        to judge: no database configured, no schema, or no rollups in the lookback."""
         from pipeline.cli import health as h
         from pipeline.cli.durations import parse_duration
         from pipeline.errors import ConfigError
         from pipeline.settings import Settings
 
         def run() -> None:
+            nonlocal fail_under
             settings = Settings.from_env()
+            if gate and fail_under is None:
+                from pipeline.core.slo import load_config
+
+                fail_under = load_config(settings.slo_file).defaults.health_score
             since_s = parse_duration(since)
             databases = ((["postgres"] if settings.postgres_dsn.get() else [])
                          + (["duckdb"] if settings.duckdb_path else []))

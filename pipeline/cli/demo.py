@@ -161,11 +161,23 @@ def _services(settings: Settings, workdir: Path, console: Any
 def run_demo(console: Any, *, duration: float | None, rate: float, seed: int,
              workdir: Path = Path(".commpipe/demo")) -> DemoResult:
     """Run everything until ``duration`` s pass or SIGINT/SIGTERM; see the module doc."""
+    from rich.markup import escape
+
     from agents.topics import ensure_commpipe_topics
+    from pipeline.core.slo import check_file
     from pipeline.dev.process import free_port, run_sync, terminate_process
+    from pipeline.errors import ConfigError
+    from pipeline.settings import unknown_variables
     from pipeline.sink import migrations
 
+    for warning in unknown_variables():
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     settings = Settings.from_env()
+    check_file(settings.slo_file)
+    if "COMMPIPE_METRICS_PORT" in os.environ and settings.metrics_port == 0:
+        raise ConfigError("COMMPIPE_METRICS_PORT=0 turns the worker's /metrics off, and the "
+                          "demo follows the worker there: unset it (a free port is chosen) "
+                          "or choose a port")
     started = time.time()
     workdir.mkdir(parents=True, exist_ok=True)
     duckdb_path = str(Path(settings.duckdb_path or "commpipe.duckdb").resolve())

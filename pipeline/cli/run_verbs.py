@@ -120,19 +120,29 @@ def add_commands(app: Any, console: Any, out: Any) -> None:
     def worker(
         loglevel: Annotated[str | None, typer.Option(
             "--loglevel", "-l",
-            help="crit, error, warn, info or debug (default: COMMPIPE_WORKER_LOGLEVEL)")] = None,
+            help="critical, error, warn, info or debug (default: COMMPIPE_WORKER_LOGLEVEL)")
+        ] = None,
     ) -> None:
         """Run the stream job: create the topics if needed, then a Faust worker."""
-        from agents.topics import ensure_commpipe_topics
+        from rich.markup import escape
+
+        from agents.topics import wait_and_ensure_commpipe_topics
+        from pipeline.core.slo import check_file
         from pipeline.dev.process import run_sync
         from pipeline.errors import CommpipeError
-        from pipeline.settings import Settings
+        from pipeline.settings import Settings, unknown_variables
 
+        for warning in unknown_variables():
+            console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
         try:
             settings = Settings.from_env(worker_loglevel=loglevel)
-            run_sync(lambda: ensure_commpipe_topics(settings))
+            check_file(settings.slo_file)  # before any topic is created
+            run_sync(lambda: wait_and_ensure_commpipe_topics(
+                settings, wait_s=settings.broker_wait_s,
+                on_retry=lambda m: console.print(f"[yellow]worker:[/] {escape(m)}",
+                                                 highlight=False)))
         except CommpipeError as e:
-            console.print(f"[red]error:[/] {e}", highlight=False, markup=False)
+            console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
             raise typer.Exit(1) from None
         from faust import Worker
 

@@ -264,8 +264,10 @@ class PartitionBatch:
             if edge_meta.last_failure_ts is None or ts > edge_meta.last_failure_ts:
                 edge_meta.last_failure_ts = ts
         elif kind == "circuit" and event.circuit_state == "open" and stats is not None:
+            # the reaction is the change to open: an open re-reported later is no reaction
+            was = edge_meta.reported.state if edge_meta.reported is not None else None
             failed = edge_meta.last_failure_ts
-            if failed is not None and failed <= ts:
+            if was != "open" and failed is not None and failed <= ts:
                 reaction = (ts - failed) * 1000.0
                 stats.circuit_reaction_ms = max(stats.circuit_reaction_ms or 0.0, reaction)
         if kind == "circuit" and event.circuit_state is not None:

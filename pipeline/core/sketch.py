@@ -121,6 +121,29 @@ class LatencySketch:
                 return min(max(value_of(b), self.min), self.max)
         return self.max  # unreachable when counts are consistent
 
+    def quantiles(self, qs: tuple[float, ...]) -> list[float]:
+        """:meth:`quantile` of each of ``qs`` (increasing) in one pass; empty sketch: []."""
+        if self.count == 0:
+            return []
+        if list(qs) != sorted(qs) or not all(0.0 <= q <= 1.0 for q in qs):
+            raise ValueError(f"quantiles must be increasing, within [0, 1], got {qs}")
+        out: list[float] = []
+        ranks = [q * (self.count - 1) for q in qs]
+        seen = self.zero
+        while ranks and seen > ranks[0]:
+            out.append(0.0)
+            ranks.pop(0)
+        bins = self.bins
+        for b in sorted(bins):
+            seen += bins[b]
+            while ranks and seen > ranks[0]:
+                out.append(min(max(value_of(b), self.min), self.max))
+                ranks.pop(0)
+            if not ranks:
+                break
+        out.extend(self.max for _ in ranks)  # unreachable when counts are consistent
+        return out
+
     @property
     def mean(self) -> float | None:
         return self.sum / self.count if self.count else None

@@ -11,6 +11,7 @@ matching rule wins, field by field)::
     retry_backoff_ms = 1000       # total backoff of one call (its retry events) at most
     circuit_reaction_ms = 50      # last failure -> the circuit event reporting open, at most
     health_score = 90             # every service's analyze_communication_health() score above
+    min_outcomes = 20             # p95 and delivery judged only in windows with this many
     sync_protocols = ["http", "grpc"]
 
     [[edges]]
@@ -21,7 +22,22 @@ matching rule wins, field by field)::
 objective that had something to judge (no latency objective in a window
 without outcomes, no backoff objective without retries, ...): what was
 measured, the threshold, whether it held and by how much it missed (0 when it
-held). The sink stores the results (``communication_slo``), the exporter shows
+held).
+
+Two rules keep the judgement fair:
+
+- **A minimum sample.** ``delivery_success`` and ``latency_p95`` are judged only in
+  windows with at least ``min_outcomes`` outcomes (responses, errors, timeouts; 20 by
+  default): below that one call weighs 5 % or more, so a single failure would read as
+  a missed 99.9 % objective and fail the gate for the whole lookback. Such windows are
+  not judged (no result); their counts still reach the rollups and ``/metrics``, and
+  ``latency_max`` (one call over the bound is a miss) and the other objectives are
+  judged in every window.
+- **The sketch's 1 %.** p95 comes from a sketch within ``ALPHA`` (1 %) of the true
+  value, so it is judged with that tolerance in the edge's favour: it holds while the
+  sketch reads under ``threshold * (1 + ALPHA)``. A true p95 under the threshold never
+  fails; one reported as missed is truly at or over it; a true p95 up to about 2 % over
+  may pass. The sink stores the results (``communication_slo``), the exporter shows
 them for each edge's last closed window, and ``commpipe health`` gates on them.
 """
 
@@ -34,12 +50,14 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.config_file import load_data
+from pipeline.core.sketch import ALPHA
 from pipeline.errors import ConfigError
 
 if TYPE_CHECKING:
     from pipeline.core.window import WindowStats
 
-__all__ = ["OBJECTIVES", "Objectives", "Result", "SloConfig", "evaluate", "load_config"]
+__all__ = ["OBJECTIVES", "Objectives", "Result", "SloConfig", "check_file", "evaluate",
+           "load_config"]
 
 OBJECTIVES: Final = ("latency_p95", "latency_max", "delivery_success", "retry_backoff",
                      "circuit_reaction")
@@ -57,6 +75,7 @@ class Objectives(BaseModel):
     retry_backoff_ms: float = Field(1000.0, ge=0)
     circuit_reaction_ms: float = Field(50.0, ge=0)
     health_score: float = Field(90.0, ge=0, le=100)
+    min_outcomes: int = Field(20, ge=1)
     sync_protocols: tuple[str, ...] = ("http", "grpc")
 
 
@@ -71,6 +90,7 @@ class _Rule(BaseModel):
     delivery_success: float | None = Field(None, ge=0, le=1)
     retry_backoff_ms: float | None = Field(None, ge=0)
     circuit_reaction_ms: float | None = Field(None, ge=0)
+    min_outcomes: int | None = Field(None, ge=1)
     sync_protocols: tuple[str, ...] | None = None
 
 
@@ -111,6 +131,19 @@ def load_config(path: str | Path | None) -> SloConfig:
         raise ConfigError(f"{path}: {_describe(e)}") from None
 
 
+def check_file(path: str) -> None:
+    """Raise :class:`ConfigError` naming ``COMMPIPE_SLO_FILE`` when ``path`` (non-empty) is
+    missing or does not parse: the worker checks it before it creates anything."""
+    if not path:
+        return
+    if not Path(path).is_file():
+        raise ConfigError(f"COMMPIPE_SLO_FILE: no such file {path!r}")
+    try:
+        load_config(path)
+    except ConfigError as e:
+        raise ConfigError(f"COMMPIPE_SLO_FILE: {e}") from None
+
+
 def _describe(error: ValidationError | TypeError) -> str:
     if isinstance(error, TypeError):
         return str(error)
@@ -132,14 +165,17 @@ def evaluate(edge: tuple[str, str, str], stats: WindowStats, objectives: Objecti
     """Every objective that one (merged) window of ``edge`` gives something to judge."""
     out: list[Result] = []
     sketch = stats.latency
+    enough = objectives.min_outcomes
     if sketch.count:
-        if edge[2] in objectives.sync_protocols:
+        if edge[2] in objectives.sync_protocols and sketch.count >= enough:
             p95 = sketch.quantile(0.95)
-            out.append(_at_most("latency_p95", objectives.latency_p95_ms, p95, strict=True))
+            limit = objectives.latency_p95_ms
+            held = p95 < limit * (1.0 + ALPHA)  # the sketch's error in the edge's favour
+            out.append(Result("latency_p95", limit, p95, held, 0.0 if held else p95 - limit))
         out.append(_at_most("latency_max", objectives.latency_max_ms, sketch.max))
     failed = stats.error_count + stats.timeouts
     outcomes = stats.responses + failed
-    if outcomes:
+    if outcomes >= enough:
         success = stats.responses / outcomes
         held = success > objectives.delivery_success
         out.append(Result("delivery_success", objectives.delivery_success, success, held,
@@ -153,6 +189,6 @@ def evaluate(edge: tuple[str, str, str], stats: WindowStats, objectives: Objecti
     return out
 
 
-def _at_most(name: str, threshold: float, measured: float, *, strict: bool = False) -> Result:
-    held = measured < threshold if strict else measured <= threshold
+def _at_most(name: str, threshold: float, measured: float) -> Result:
+    held = measured <= threshold
     return Result(name, threshold, measured, held, 0.0 if held else measured - threshold)

@@ -18,11 +18,15 @@ from typing import Any, Final
 
 from pipeline.wire.events import Event
 
-__all__ = ["LATENCY_BUCKETS_S", "EdgeTotals"]
+__all__ = ["DEFAULT_BUCKETS_S", "LATENCY_BUCKETS_S", "EdgeTotals"]
 
 LATENCY_BUCKETS_S: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                             2.5, 5.0, 10.0, 30.0, 60.0)
 """Upper bounds (``le``) of the latency histogram; a last bucket holds the rest (+Inf)."""
+DEFAULT_BUCKETS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+"""The bounds ``/metrics`` reports by default: where service latencies and their objectives
+lie (the sketch's quantile gauges give each edge's tail within 1 %; ``histogram_quantile``
+over these is for aggregates across edges, workers and time)."""
 _BOUNDS_MS: Final = tuple(b * 1000.0 for b in LATENCY_BUCKETS_S)
 _OUTCOMES: Final = frozenset({"response", "error", "timeout"})
 

@@ -1,5 +1,7 @@
-"""Live metrics: Prometheus collectors that read the worker's state at scrape time."""
+"""Prometheus exposition: per-edge series (:mod:`.edges`), the worker's own (:mod:`.collectors`)
+and the ``/metrics`` body built off the event loop (:mod:`.exposition`)."""
 
-from pipeline.export.collectors import EdgeCollector, WorkerCollector
+from pipeline.export.collectors import WorkerCollector
+from pipeline.export.edges import EdgeExporter
 
-__all__ = ["EdgeCollector", "WorkerCollector"]
+__all__ = ["EdgeExporter", "WorkerCollector"]

@@ -247,8 +247,8 @@ def explain_shortfall(env: dict[str, str]) -> str:
     metas: dict[int, int] = {}
     for key, value in state.items():
         _, partition, rest, _ = parse_id(key)
-        if isinstance(value, EdgeMeta) and rest is not None:
-            held[(partition, split_edge_key(rest))] = value
+        if isinstance(value, EdgeMeta):
+            held[(partition, split_edge_key(rest or ""))] = value
         elif isinstance(value, PartitionMeta):
             metas[partition] = value.offset
 
@@ -262,6 +262,18 @@ def explain_shortfall(env: dict[str, str]) -> str:
             await consumer.stop()
 
     commits = asyncio.run(committed())
+    history: dict[tuple[int, Edge], list[tuple[int, int, int]]] = defaultdict(list)
+    from pipeline.core.store import decode_state
+    from tests.integration.workers import _read_all
+
+    for message in asyncio.run(_read_all(bootstrap, f"{app_id}-state-changelog")):
+        _, partition, rest, _ = parse_id(message.key.decode())
+        if message.key.startswith(b"e") and message.value is not None:
+            value = decode_state(message.value)
+            t = value.totals  # type: ignore[union-attr]
+            history[(partition, split_edge_key(rest or ""))].append(
+                (message.offset, value.offset,  # type: ignore[union-attr]
+                 t.requests + t.responses + t.timeouts + t.retries + sum(t.errors.values())))
     lines = []
     for (partition, edge), want in sorted(sent.items()):
         meta = held.get((partition, edge))
@@ -273,7 +285,9 @@ def explain_shortfall(env: dict[str, str]) -> str:
             lines.append(f"partition {partition} {edge}: {short} events short; edge offset "
                          f"{meta.offset if meta else None}, partition meta offset "
                          f"{metas.get(partition)}, committed {commits.get(partition)}; "
-                         f"records of exactly that many events: {fits}")
+                         f"records of exactly that many events: {fits}; the key's values "
+                         f"(changelog offset, value offset, events): "
+                         f"{history[(partition, edge)][-12:]}")
     return "\n".join(lines) or "the changelog holds every (partition, edge) in full"
 
 

@@ -126,3 +126,20 @@ def test_only_rollups_older_than_the_lookback_fail(env: dict[str, str]) -> None:
     assert result["ok"] is True
     assert [(r["database"], r["ok"], r["windows_checked"], r["problems"])
             for r in result["reports"]] == [("postgres", True, 1, []), ("duckdb", True, 1, [])]
+
+
+def test_the_gate_reads_health_score_from_the_objectives_file(env: dict[str, str],
+                                                              tmp_path: Any) -> None:
+    """The pattern scores 95: it passes the default 90, fails an objectives file's 96."""
+    fill(env, time.time() - 60)
+    passing = commpipe(env, "health", "--gate", "--json")
+    assert passing.returncode == 0, passing.stdout + passing.stderr
+    assert [r["fail_under"] for r in json.loads(passing.stdout)["reports"]] == [90.0, 90.0]
+    (tmp_path / "slo.toml").write_text("health_score = 96\n")
+    strict = {**env, "COMMPIPE_SLO_FILE": str(tmp_path / "slo.toml")}
+    failing = commpipe(strict, "health", "--gate", "--json")
+    assert failing.returncode == 1, failing.stdout + failing.stderr
+    assert [(r["fail_under"], r["services_under"]) for r in
+            json.loads(failing.stdout)["reports"]] == [
+        (96.0, [{"service": "orders", "score": 95.0}])] * 2
+    assert commpipe(strict, "health", "--json").returncode == 0  # a report, not a gate

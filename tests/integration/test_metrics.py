@@ -3,9 +3,11 @@ text parser, every value computed independently from the events sent."""
 
 from __future__ import annotations
 
+import gzip
 import math
 import random
 import time
+import urllib.error
 import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
@@ -32,8 +34,7 @@ from tests.integration.workers import WorkerProcess, wait_until, worker_environm
 pytestmark = pytest.mark.integration
 
 NS = "domainflow"  # the specification's metric names
-BOUNDS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-          60.0]
+BOUNDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0]  # the default
 STALE_S = 20.0
 
 
@@ -60,6 +61,10 @@ def scrape(env: dict[str, str]) -> dict[tuple[str, tuple[tuple[str, str], ...]],
     with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - loopback
         assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
         text = response.read().decode()
+    return parse(text)
+
+
+def parse(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     out = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -138,7 +143,7 @@ def test_metrics_equal_the_events_then_stale_edges_leave(
         # the last closed window: the edge's newest
         key = last_window(edge)
         window = sorted(expected.latencies[key])
-        for q in (0.5, 0.9, 0.95, 0.99):
+        for q in (0.5, 0.95, 0.99):
             exact = window[math.floor(q * (len(window) - 1))] / 1000
             value = got[(f"{p}_latency_quantile_seconds", lab(edge, quantile=repr(q)))]
             assert abs(value - exact) <= ALPHA * exact + 1e-12, (edge, q)
@@ -160,3 +165,18 @@ def test_metrics_equal_the_events_then_stale_edges_leave(
     left = scrape(metrics_env)
     assert not [k for k in left if k[0].startswith(f"{p}_")]
     assert left[(f"{NS}_events_consumed_total", ())] == total
+    # only /metrics and /health: Faust's pages showed table contents (correlation ids...)
+    base = f"http://127.0.0.1:{metrics_env['COMMPIPE_METRICS_PORT']}"
+    with urllib.request.urlopen(f"{base}/health", timeout=5) as r:  # noqa: S310 - loopback
+        assert (r.status, r.read()) == (200, b"ok\n")
+    for page in ("/table/state/", "/router/state/", "/"):
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(base + page, timeout=5)  # noqa: S310 - loopback
+        assert info.value.code == 404, page
+    # Prometheus asks for gzip: the same series, compressed
+    request = urllib.request.Request(f"{base}/metrics", headers={"Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(request, timeout=5) as r:  # noqa: S310 - loopback
+        assert r.headers["Content-Encoding"] == "gzip"
+        unzipped = gzip.decompress(r.read()).decode()
+    assert {k for k in parse(unzipped) if k[0] != f"{NS}_exporter_scrape_seconds"} == {
+        k for k in left if k[0] != f"{NS}_exporter_scrape_seconds"}

@@ -32,7 +32,8 @@ def test_the_data_source_is_the_compose_prometheus() -> None:
     [source] = config["datasources"]
     assert (source["uid"], source["type"], source["isDefault"]) == (UID, "prometheus", True)
     prometheus = compose()["services"]["prometheus"]
-    assert source["url"] == "http://prometheus:9090" and "9090:9090" in prometheus["ports"]
+    assert source["url"] == "http://prometheus:9090"
+    assert prometheus["ports"] == ["${PUBLISH_ADDRESS:-127.0.0.1}:9090:9090"]
     scrape = yaml.safe_load((ROOT / "prometheus.yml").read_text())["global"]["scrape_interval"]
     assert source["jsonData"]["timeInterval"] == scrape  # $__rate_interval >= 4 scrapes
 
@@ -49,7 +50,8 @@ def test_compose_runs_grafana_with_the_repository_provisioning() -> None:
     # the admin password comes from the environment, never from the repository
     assert grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == (
         "${GRAFANA_ADMIN_PASSWORD:?set GRAFANA_ADMIN_PASSWORD}")
-    assert "3000:3000" in grafana["ports"] and "prometheus" in grafana["depends_on"]
+    assert grafana["ports"] == ["${PUBLISH_ADDRESS:-127.0.0.1}:3000:3000"]
+    assert "prometheus" in grafana["depends_on"]
 
 
 def _overlap(a: dict[str, int], b: dict[str, int]) -> bool:

@@ -186,3 +186,17 @@ def test_a_failed_earlier_release_keeps_the_later_ones_unacknowledged() -> None:
         return list(consumer.offsets), len(failures)
 
     assert asyncio.run(scenario()) == ([], 1)
+
+
+def test_a_recovery_missing_acknowledged_writes_stops_the_worker() -> None:
+    # Records are acknowledged only once the changelog holds their partition meta, so the
+    # committed offset (the next to read) is at most the recovered meta's offset + 1.
+    import pytest
+
+    from agents.consumer import check_recovered
+
+    check_recovered(2, applied=99, committed=100)   # everything up to 99 recovered
+    check_recovered(2, applied=120, committed=100)  # acknowledged later than applied
+    check_recovered(2, applied=-1, committed=None)  # the group never committed
+    with pytest.raises(RuntimeError, match="up to offset 99, but the group committed 105"):
+        check_recovered(2, applied=99, committed=105)

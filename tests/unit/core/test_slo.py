@@ -58,19 +58,52 @@ def test_each_objective_held_and_missed() -> None:
 
 
 def test_boundaries_follow_the_words() -> None:
-    """p95 strictly under, max within (<=), success strictly above, backoff at most."""
+    """p95 strictly under (within the sketch's 1 %), max within (<=), success strictly
+    above, backoff at most."""
     o = Objectives()
     at = {r.objective: r.ok for r in evaluate(
-        ("a", "b", "http"), stats([200.0], responses=999, errors=1, retries=1, backoff=1000.0,
-                                  reaction=50.0), o)}
+        ("a", "b", "http"), stats([200.0] * 20, responses=999, errors=1, retries=1,
+                                  backoff=1000.0, reaction=50.0), o)}
     assert at == {"latency_p95": False, "latency_max": True, "delivery_success": False,
                   "retry_backoff": True, "circuit_reaction": True}
+
+
+def test_p95_is_judged_with_the_sketchs_error_in_the_edges_favour() -> None:
+    """A true p95 of 99.6 ms may read 100.5 ms: it holds (the threshold is 100 ms, and
+    the sketch is within 1 %); a true 103 ms reads at least 101.97 ms: a miss."""
+    o = Objectives()
+    # 21 calls: the p95 (rank 19 of 0..20) is 99.6 ms, with a slower call after it
+    under = stats([10.0] * 18 + [99.6, 99.6, 150.0], responses=21)
+    assert under.latency.quantile(0.95) == pytest.approx(100.4946, abs=1e-4)
+    assert [r for r in evaluate(EDGE, under, o) if r.objective == "latency_p95"] == [
+        Result("latency_p95", 100.0, under.latency.quantile(0.95), True, 0.0)]
+    over = stats([10.0] * 18 + [103.0, 103.0, 150.0], responses=21)
+    read = over.latency.quantile(0.95)
+    assert abs(read - 103.0) <= 0.01 * 103.0
+    assert [r for r in evaluate(EDGE, over, o) if r.objective == "latency_p95"] == [
+        Result("latency_p95", 100.0, read, False, read - 100.0)]
+
+
+def test_windows_under_the_minimum_sample_are_not_judged_on_p95_and_delivery() -> None:
+    """One failed call among 19 outcomes is no evidence against 99.9 %; among 20 it is."""
+    o = Objectives()
+    few = evaluate(EDGE, stats([300.0] * 19, responses=18, errors=1), o)
+    assert [r.objective for r in few] == ["latency_max"]  # one call over the max: a miss
+    assert few[0].ok is False
+    enough = {r.objective: r for r in evaluate(EDGE, stats([300.0] * 20, responses=19,
+                                                           errors=1), o)}
+    assert sorted(enough) == ["delivery_success", "latency_max", "latency_p95"]
+    assert enough["delivery_success"] == Result("delivery_success", 0.999, 0.95, False,
+                                                pytest.approx(0.049))
+    assert [r.objective for r in evaluate(EDGE, stats([300.0] * 5, responses=4, errors=1),
+                                          o.model_copy(update={"min_outcomes": 5}))] == [
+        "latency_p95", "latency_max", "delivery_success"]
 
 
 def test_only_what_the_window_can_judge() -> None:
     assert evaluate(EDGE, stats(), Objectives()) == []
     async_edge = ("payments", "bank", "amqp")  # no p95 objective for asynchronous calls
-    assert [r.objective for r in evaluate(async_edge, stats([500.0], responses=1),
+    assert [r.objective for r in evaluate(async_edge, stats([500.0] * 20, responses=20),
                                           Objectives())] == ["latency_max", "delivery_success"]
 
 
@@ -141,3 +174,21 @@ def test_worker_records_call_backoff_and_circuit_reaction() -> None:
     merged.merge(first)
     merged.merge(stats(backoff=900.0, reaction=45.0))
     assert (merged.max_call_backoff_ms, merged.circuit_reaction_ms) == (900.0, 45.0)
+
+
+def test_circuit_reaction_counts_the_change_to_open_not_an_open_reported_again() -> None:
+    """An open re-reported 2 s after the last failure is no 2,000 ms reaction; an open
+    after a close is a reaction again."""
+    config = WindowConfig(size_s=10.0, grace_s=5.0)
+    store: dict[str, Any] = {}
+    batch = PartitionBatch(0, config, store)
+    batch.apply(0, [ev("error", T0 + 4.0, error_type="x"),
+                    ev("circuit", T0 + 4.02, circuit_state="open"),
+                    ev("circuit", T0 + 6.0, circuit_state="open"),
+                    ev("circuit", T0 + 7.0, circuit_state="closed"),
+                    ev("timeout", T0 + 8.0),
+                    ev("circuit", T0 + 8.04, circuit_state="open")],
+                record_ts=T0 + 20, now=T0 + 20)
+    store.update(batch.changes())
+    edge = "\x1f".join(EDGE)
+    assert store[window_id(0, edge, T0)].circuit_reaction_ms == pytest.approx(40.0)

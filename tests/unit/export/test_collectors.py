@@ -1,5 +1,6 @@
-"""The exporter's collectors over a dict store: merging, staleness, the cardinality cap,
-and the worker's own metrics; exposition parsed back with prometheus-client's parser."""
+"""The exporter over a dict store: merging, staleness, the series cap, counters that never
+decrease, and the worker's own metrics; exposition parsed back with prometheus-client's
+parser (and, where promtool is installed, checked by it)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from pipeline.core.batch import PartitionBatch
 from pipeline.core.rollups import Rollups
 from pipeline.core.window import WindowConfig
-from pipeline.export.collectors import EdgeCollector, WorkerCollector, check_namespace
+from pipeline.export.collectors import WorkerCollector, check_namespace
+from pipeline.export.edges import EdgeExporter
 from pipeline.sink.writer import Sink
 from pipeline.wire.events import Event
 from tests.unit.sink.test_sink import Recorder
@@ -36,15 +38,26 @@ def ev(edge: tuple[str, str, str], kind: str, ts: float, n: int, **opt: Any) -> 
     return Event(kind, f"i{n}", "c", *edge, ts, **opt)  # type: ignore[arg-type]
 
 
-def scrape(*collectors: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    registry = CollectorRegistry(auto_describe=False)
-    for c in collectors:
-        registry.register(c)
-    out = {}
-    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+Scraped = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def parse(text: str) -> Scraped:
+    out: Scraped = {}
+    for family in text_string_to_metric_families(text):
         for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+            key = (s.name, tuple(sorted(s.labels.items())))
+            assert key not in out, key  # no duplicate series
+            out[key] = s.value
     return out
+
+
+def scrape(source: Any) -> Scraped:
+    """One scrape of an EdgeExporter or a prometheus-client collector."""
+    if isinstance(source, EdgeExporter):
+        return parse(source.scrape().decode())
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(source)
+    return parse(generate_latest(registry).decode())
 
 
 def lab(edge: tuple[str, str, str], **extra: str) -> tuple[tuple[str, str], ...]:
@@ -62,7 +75,7 @@ def test_an_edge_on_two_partitions_is_added_up() -> None:
     feed(store, 1, 1, [ev(A, "request", T0 + 1, 3), ev(A, "error", T0 + 2, 4,
                                                           error_type="reset", latency_ms=700.0)],
          now=100.0)
-    got = scrape(EdgeCollector(Rollups(store, CFG, idle_close_s=1e9), namespace="x",
+    got = scrape(EdgeExporter(Rollups(store, CFG, idle_close_s=1e9), namespace="x",
                                clock=lambda: T0 + 100.0))
     assert got[("x_communication_requests_total", lab(A))] == 2
     assert got[("x_communication_errors_total", lab(A, error_type="reset"))] == 1
@@ -74,22 +87,118 @@ def test_an_edge_on_two_partitions_is_added_up() -> None:
     assert not [k for k in got if k[0] == "x_communication_error_ratio"]
 
 
-def test_stale_edges_leave_and_the_cap_counts_refused_edges() -> None:
+# an edge with one request: 5 counters, 10 bounds + +Inf + _count + _sum, 3 derived states
+BARE_EDGE_SERIES = 5 + (10 + 3) + 3
+
+
+def edge_series(got: Scraped) -> int:
+    return sum(1 for _, labels in got if dict(labels).get("source_service"))
+
+
+def test_stale_edges_leave_and_the_cap_counts_series_and_refusals(
+        caplog: pytest.LogCaptureFixture) -> None:
+    C = ("batch", "api", "http")
     store: dict[str, Any] = {}
     feed(store, 0, 1, [ev(A, "request", T0 + 1, 1)], now=100.0)
     feed(store, 0, 2, [ev(B, "request", T0 + 2, 2)], now=200.0)
     clock = SimpleNamespace(now=250.0)
-    collector = EdgeCollector(Rollups(store, CFG, idle_close_s=1e9), stale_s=200.0, max_edges=1,
-                              clock=lambda: T0 + clock.now)
-    got = scrape(collector)
-    # both live; the cap keeps the most recent (B) and refuses A
+    exporter = EdgeExporter(Rollups(store, CFG, idle_close_s=1e9), stale_s=200.0,
+                            max_series=BARE_EDGE_SERIES + 5, clock=lambda: T0 + clock.now)
+    got = scrape(exporter)
+    # both live, room for one edge's series: the most recent (B) is kept, A refused
     assert got[("commpipe_communication_requests_total", lab(B))] == 1
     assert ("commpipe_communication_requests_total", lab(A)) not in got
+    assert edge_series(got) == got[("commpipe_exporter_series", ())] == BARE_EDGE_SERIES
+    assert got[("commpipe_exporter_edges_refused", ())] == 1
     assert got[("commpipe_exporter_edges_refused_total", ())] == 1
-    clock.now = 420.0  # A silent for 320 s, B for 220 s: both stale
-    got = scrape(collector)
+    got = scrape(exporter)  # the same edge refused again is not a new refusal
+    assert got[("commpipe_exporter_edges_refused_total", ())] == 1
+    # a newer edge does not push out the one reported: it is refused too
+    feed(store, 0, 3, [ev(C, "request", T0 + 3, 3)], now=240.0)
+    got = scrape(exporter)
+    assert ("commpipe_communication_requests_total", lab(B)) in got
+    assert got[("commpipe_exporter_edges_refused", ())] == 2
+    assert got[("commpipe_exporter_edges_refused_total", ())] == 2
+    clock.now = 401.0  # A silent 301 s, B 201 s: both stale; C (161 s) takes the room
+    got = scrape(exporter)
+    assert got[("commpipe_communication_requests_total", lab(C))] == 1
+    assert got[("commpipe_exporter_edges", ())] == 1
+    assert got[("commpipe_exporter_edges_refused", ())] == 0
+    assert got[("commpipe_exporter_edges_refused_total", ())] == 2  # a counter: never drops
+    clock.now = 500.0
+    got = scrape(exporter)
     assert got[("commpipe_exporter_edges", ())] == 0
-    assert got[("commpipe_exporter_edges_refused_total", ())] == 1  # a counter: never drops
+    assert edge_series(got) == 0
+    refusals = [r.getMessage() for r in caplog.records if "left out of /metrics" in r.message]
+    assert refusals == [
+        f"exporter: edge web -> api (http) left out of /metrics: its {BARE_EDGE_SERIES} series "
+        f"would pass COMMPIPE_METRICS_MAX_SERIES={BARE_EDGE_SERIES + 5}",
+        f"exporter: edge batch -> api (http) left out of /metrics: its {BARE_EDGE_SERIES} "
+        f"series would pass COMMPIPE_METRICS_MAX_SERIES={BARE_EDGE_SERIES + 5}"]
+
+
+def test_counters_never_decrease_when_a_partition_of_the_edge_is_revoked() -> None:
+    """An edge on two partitions (a producer with another partitioner): losing one keeps
+    its last totals in the counters; getting it back goes on from its state."""
+    store: dict[str, Any] = {}
+    feed(store, 0, 1, [ev(A, "request", T0 + 1, 1), ev(A, "request", T0 + 1, 2)], now=1.0)
+    feed(store, 1, 1, [ev(A, "request", T0 + 1, 3),
+                       ev(A, "response", T0 + 2, 4, latency_ms=3.0)], now=1.0)
+    owned = {0, 1}
+    exporter = EdgeExporter(Rollups(store, CFG, idle_close_s=1e9, owned=owned.__contains__),
+                            clock=lambda: T0 + 2.0)
+    requests = ("commpipe_communication_requests_total", lab(A))
+    bucket = ("commpipe_communication_latency_seconds_bucket", lab(A, le="0.005"))
+    got = scrape(exporter)
+    assert (got[requests], got[bucket]) == (3, 1)
+    owned.discard(1)  # partition 1 moves to another worker
+    got = scrape(exporter)
+    assert (got[requests], got[bucket]) == (3, 1)
+    feed(store, 0, 2, [ev(A, "request", T0 + 2, 5)], now=2.0)
+    assert scrape(exporter)[requests] == 4
+    feed(store, 1, 2, [ev(A, "request", T0 + 2, 6)], now=2.0)  # written while elsewhere
+    owned.add(1)  # and back, with its state
+    got = scrape(exporter)
+    assert (got[requests], got[bucket]) == (5, 1)
+    assert not [k for k in got if k[0].startswith("commpipe_communication_latency_quantile")
+                and k[0].endswith(("_count", "_sum"))]  # a window's count is no counter
+
+
+def test_an_unchanged_edge_is_served_from_the_cache_and_a_changed_one_is_not() -> None:
+    store: dict[str, Any] = {}
+    feed(store, 0, 1, [ev(A, "request", T0 + 1, 1)], now=1.0)
+    feed(store, 1, 1, [ev(B, "request", T0 + 1, 2)], now=1.0)
+    exporter = EdgeExporter(Rollups(store, CFG, idle_close_s=1e9), clock=lambda: T0 + 2.0)
+    first = exporter.scrape()
+    cached = exporter._cache[A][1]  # noqa: SLF001 - the cache is what is tested
+    assert exporter.scrape() == first
+    assert exporter._cache[A][1] is cached  # noqa: SLF001
+    feed(store, 1, 2, [ev(B, "request", T0 + 2, 3)], now=2.0)
+    got = parse(exporter.scrape().decode())
+    assert exporter._cache[A][1] is cached  # noqa: SLF001
+    assert got[("commpipe_communication_requests_total", lab(B))] == 2
+    assert got[("commpipe_communication_requests_total", lab(A))] == 1
+
+
+def test_the_exposition_passes_promtool(tmp_path: Any) -> None:
+    import shutil
+    import subprocess
+
+    store: dict[str, Any] = {}
+    feed(store, 0, 1, [ev(A, "error", T0 + 1, 1, error_type="x", latency_ms=10.0),
+                       ev(A, "circuit", T0 + 2, 2, circuit_state="open"),
+                       ev(A, "retry", T0 + 3, 3, attempt=1, backoff_ms=10.0),
+                       ev(A, "response", T0 + 12, 4, latency_ms=20.0),
+                       ev(B, "request", T0 + 30, 5)], now=100.0)
+    text = EdgeExporter(Rollups(store, CFG, idle_close_s=1e9), clock=lambda: T0 + 100.0
+                        ).scrape()
+    tool = shutil.which("promtool")
+    if tool is None:
+        pytest.fail("promtool is needed: apt-get install -y prometheus (.ci/run does)")
+    done = subprocess.run([tool, "check", "metrics"], input=text, capture_output=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert b"slo_ok" in text and b'source="reported"' in text
 
 
 def test_last_closed_window_gauges_and_circuit_states() -> None:
@@ -99,7 +208,7 @@ def test_last_closed_window_gauges_and_circuit_states() -> None:
     feed(store, 0, 1, [*fails, ev(A, "circuit", T0 + 2, 9, circuit_state="half_open"),
                        ev(A, "response", T0 + 12, 10, latency_ms=20.0),
                        ev(A, "request", T0 + 30, 11)], now=100.0)
-    got = scrape(EdgeCollector(Rollups(store, CFG, idle_close_s=1e9), clock=lambda: T0 + 100.0))
+    got = scrape(EdgeExporter(Rollups(store, CFG, idle_close_s=1e9), clock=lambda: T0 + 100.0))
     p = "commpipe_communication"
     # T0 and T0+10 are closed (watermark T0+30); the newest closed one is T0+10
     assert got[(f"{p}_error_ratio", lab(A))] == 0.0
