@@ -48,7 +48,7 @@ from pipeline.errors import EventValidationError
 from pipeline.settings import MAX_UNWRITTEN_RECORDS, Settings
 from pipeline.sink.writer import Sink, build_sink
 from pipeline.wire.decode import decode_record
-from pipeline.wire.headers import PRODUCER_HEADER, SEQ_HEADER
+from pipeline.wire.headers import producer_of
 
 __all__ = ["Pipeline", "create_app"]
 
@@ -402,27 +402,13 @@ class Pipeline:
                 await self.dead_letters.send_events(message, decoded.errors)
             copies = work.duplicates
             refused = work.apply(message.offset, decoded.events, record_ts=message.timestamp,
-                                 now=now, producer=_producer(message.headers))
+                                 now=now, producer=producer_of(message.headers))
             for event, reason in refused:
                 await self.dead_letters.send_refused(message, event, reason)
             copied = work.duplicates - copies
             self.duplicates += copied
             self.events_in += len(decoded.events) - len(refused) - copied
 
-
-
-def _producer(headers: Any) -> tuple[str, int] | None:
-    """``(producer id, seq)`` from a record's shim headers; None without (or with bad) ones."""
-    if not headers:
-        return None
-    found = dict(headers) if not isinstance(headers, dict) else headers
-    producer, seq = found.get(PRODUCER_HEADER), found.get(SEQ_HEADER)
-    if producer is None or seq is None:
-        return None
-    try:
-        return producer.decode("ascii"), int(seq)
-    except (UnicodeDecodeError, ValueError, AttributeError):
-        return None
 
 
 def _credentials(settings: Settings) -> Any:

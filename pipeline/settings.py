@@ -23,8 +23,7 @@ __all__ = ["MAX_UNWRITTEN_RECORDS", "MAX_WORKER_BATCH_RECORDS", "Secret", "Setti
 
 PREFIX = "COMMPIPE_"
 
-MAX_WORKER_BATCH_RECORDS = 512
-"""Most records the worker takes per batch."""
+MAX_WORKER_BATCH_RECORDS = 512  # most records the worker takes per batch
 
 MAX_UNWRITTEN_RECORDS = 4096
 """Most records of one partition whose changes wait in the worker's cache, unwritten: an
@@ -80,12 +79,9 @@ def scrub_dsn(text: str, dsn: str) -> str:
 
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 LOG_LEVELS = ("critical", "error", "warn", "warning", "info", "debug")
-OTHER_VARIABLES = frozenset({"COMMPIPE_SQL_DIR", "COMMPIPE_TEST_SERVICES", "COMMPIPE_SOAK_S",
-                             "COMMPIPE_CHAOS_KILLS", "COMMPIPE_KEEP_SCREENSHOT",
-                             "COMMPIPE_TEST_BROKER", "COMMPIPE_TEST_WORKER_LOGLEVEL",
-                             "COMMPIPE_KAFKA_VERSION"})
-"""``COMMPIPE_*`` variables read outside :class:`Settings` (migrations, the Kafka runner,
-tests)."""
+OTHER_VARIABLES = frozenset(PREFIX + name for name in (
+    "SQL_DIR", "KAFKA_VERSION", "TEST_SERVICES", "TEST_BROKER", "TEST_WORKER_LOGLEVEL",
+    "SOAK_S", "CHAOS_KILLS", "KEEP_SCREENSHOT"))  # read outside Settings (migrations, tests)
 _TOPIC = re.compile(r"[a-zA-Z0-9._-]{1,200}")
 _MOST = {"partitions": 10_000, "shim_buffer_size": 100_000_000,
          "worker_fetch_wait_ms": 60_000, "worker_producer_batch_bytes": 64 * 1024 * 1024}

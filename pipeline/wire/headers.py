@@ -10,9 +10,24 @@ every retry. Records without both headers are applied as they come.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
-__all__ = ["PRODUCER_HEADER", "SEQ_HEADER"]
+__all__ = ["PRODUCER_HEADER", "SEQ_HEADER", "producer_of"]
 
 PRODUCER_HEADER: Final = "commpipe-producer"
 SEQ_HEADER: Final = "commpipe-seq"
+
+
+def producer_of(headers: Any) -> tuple[str, int] | None:
+    """``(producer id, seq)`` from a record's headers (pairs or a dict of bytes); None
+    without both, or with bad ones."""
+    if not headers:
+        return None
+    found = dict(headers) if not isinstance(headers, dict) else headers
+    producer, seq = found.get(PRODUCER_HEADER), found.get(SEQ_HEADER)
+    if producer is None or seq is None:
+        return None
+    try:
+        return producer.decode("ascii"), int(seq)
+    except (UnicodeDecodeError, ValueError, AttributeError):
+        return None
