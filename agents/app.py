@@ -28,17 +28,19 @@ from typing import Any
 import faust
 from faust.serializers import codecs
 
-from agents.acks import Acks
+from agents.acks import Acks, gate_acks
 from agents.cache import RecordCache
 from agents.consumer import (
     ReadyPartitions,
     check_recovered,
+    fetch_mark,
     patch_consumers,
     positions_readable,
     scheduler,
     set_fetch_wait,
 )
 from agents.dead_letters import DeadLetters
+from agents.sequence import InputSequence, blind_read_offsets, count_absent, follow_seeks
 from pipeline.core.batch import PartitionBatch
 from pipeline.core.rollups import Rollups
 from pipeline.core.slo import load_config
@@ -129,6 +131,10 @@ class Pipeline:
         self.app.setup_consumer = self._setup_consumer
         self.ready = self.app.ready = ReadyPartitions(settings.topic)
         self.acks = Acks(lambda: self.app.consumer, self._stop)
+        self.sequence = InputSequence(  # in offset order, each once (sequence.py)
+            committed=lambda tp: self.app.consumer._committed_offset.get(tp),  # noqa: SLF001
+            seek=self._seek_back,
+            absent=lambda tp, start, end: count_absent(self.app.consumer, tp, start, end))
         self.app.giving_up = self._giving_up
         self.events = self.app.topic(settings.topic, key_type=bytes, value_type=bytes,
                                      key_serializer="raw", value_serializer="raw",
@@ -177,7 +183,9 @@ class Pipeline:
         if self.sink is not None:
             self.app.timer(settings.sink_interval_s, name="sink")(self._flush)
             self.app.on_before_shutdown.connect(self._close_sink)
-        self.exposition = self._exposition()
+        from pipeline.export.exposition import worker_exposition
+
+        self.exposition = worker_exposition(self, settings, self.rollups, self.slo, self.sink)
         self.metrics_server: Any = None
         if settings.otlp_topic:  # OpenTelemetry spans in, published to settings.topic
             from agents.otlp import OtlpBridge
@@ -202,6 +210,7 @@ class Pipeline:
 
     async def _recovered(self) -> None:
         self.ready.recovered(self.app.consumer.assignment())
+        self.sequence.forget()
         self.cache.relax()
 
     async def _giving_up(self) -> None:
@@ -218,32 +227,24 @@ class Pipeline:
 
     async def _revoked(self, sender: Any, revoked: Any, **_: Any) -> None:
         self.ready.revoked()
+        self.sequence.forget()
+
+    async def _seek_back(self, tp: Any, offset: int) -> tuple[Any, int]:
+        await self.app.consumer.seek_wait({tp: offset})
+        return fetch_mark(self.kafka_consumer._subscription, tp)  # noqa: SLF001
 
     def _setup_consumer(self, consumer: Any) -> None:
         """The worker's aiokafka consumer, before it starts (agents/consumer.py)."""
         set_fetch_wait(consumer, self.settings.worker_fetch_wait_ms)
         positions_readable(consumer)
         self.kafka_consumer = consumer
+        gate_acks(self.app.consumer, self.settings.topic)  # only what we applied (acks.py)
+        blind_read_offsets(self.app.consumer, self.settings.topic)  # our order (sequence.py)
+        follow_seeks(self.app.consumer, self.settings.topic, self.sequence)
 
     async def _stop(self, exc: BaseException) -> None:
         """Stop the worker (exit 1): its restart reads every unacknowledged record again."""
         await self.app.crash(exc)
-
-    def _exposition(self) -> Any:
-        from prometheus_client import CollectorRegistry
-
-        from pipeline.export.collectors import WorkerCollector
-        from pipeline.export.edges import EdgeExporter
-        from pipeline.export.exposition import Exposition
-        from pipeline.settings import parse_buckets
-
-        s = self.settings
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(WorkerCollector(self, namespace=s.metrics_namespace, sink=self.sink))
-        edges = EdgeExporter(self.rollups, namespace=s.metrics_namespace,
-                             stale_s=s.metrics_stale_s, max_series=s.metrics_max_series,
-                             buckets=parse_buckets(s.metrics_latency_buckets), slo=self.slo)
-        return Exposition(edges, registry)
 
     def lag(self) -> dict[int, int]:
         """Kafka's consumer lag of each owned input partition, as ``kafka-consumer-groups
@@ -351,8 +352,9 @@ class Pipeline:
         settings = self.settings
         async for batch in stream.take_events(settings.worker_batch_records,
                                               within=settings.worker_batch_within_s):
-            self.acks.hold(batch)  # acknowledged once its writes are delivered (acks.py)
             try:
+                batch = await self.sequence.admit(batch)
+                self.acks.hold(batch)  # acknowledged once its writes are delivered (acks.py)
                 await self._batch(batch)
             except Exception as exc:  # noqa: BLE001 - bad input never gets here
                 # A restarted agent would go on past this batch, and its records would

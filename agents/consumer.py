@@ -33,7 +33,10 @@ counts every seek and position reset; a new assignment brings new states) and no
 the consumer thread right after every fetch, where each partition's count stood;
 :class:`FreshRecords` hands on a record only while its partition has not been sought since:
 the consumer then reads it again from where it was sought to, and the stale records are
-dropped. (A count, not the position: a fetch also moves the position.)
+dropped. (A count, not the position: a fetch also moves the position.) Each message
+handed on carries its partition's seek count at the fetch (``FETCH_MARK``), so that
+agents/sequence.py can tell the records delivered before a seek of its own from those
+read after it.
 """
 
 from __future__ import annotations
@@ -42,10 +45,15 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["FreshRecords", "ReadyPartitions", "check_recovered", "count_seeks", "fresh_only",
-           "patch_consumers", "positions_readable", "scheduler", "set_fetch_wait"]
+__all__ = ["FETCH_MARK", "FreshRecords", "ReadyPartitions", "check_recovered", "count_seeks",
+           "fetch_mark", "fetched_since", "fresh_only", "patch_consumers",
+           "positions_readable", "scheduler", "set_fetch_wait"]
 
 log = logging.getLogger("commpipe.worker")
+
+FETCH_MARK = "commpipe_fetch_mark"
+"""Attribute of a handed-on record and its Faust message: ``(partition state, seeks)`` of
+its partition when it was fetched (:func:`fetch_mark`)."""
 
 
 def set_fetch_wait(consumer: Any, ms: int) -> None:
@@ -75,6 +83,17 @@ def _seeks(subscriptions: Any, tp: Any) -> tuple[Any, int]:
     assignment = subscription.assignment if subscription is not None else None
     state = assignment.state_value(tp) if assignment is not None else None
     return state, getattr(state, "_commpipe_seeks", 0)
+
+
+def fetch_mark(subscriptions: Any, tp: Any) -> tuple[Any, int]:
+    """``tp``'s mark now: a record fetched from here on carries this one or a later one."""
+    return _seeks(subscriptions, tp)
+
+
+def fetched_since(message: Any, mark: tuple[Any, int]) -> bool:
+    """True if ``message`` was fetched after the partition stood at ``mark``."""
+    got = getattr(message, FETCH_MARK, None)
+    return got is not None and got[0] is mark[0] and got[1] >= mark[1]
 
 
 def count_seeks() -> None:
@@ -125,6 +144,7 @@ def fresh_only(records: Any, iterator: Any) -> Any:
             log.info("worker: dropped records of %s/%s fetched before it was sought "
                      "again (offset %s on)", tp.topic, tp.partition, record.offset)
             continue
+        setattr(record, FETCH_MARK, records.seeks[tp])
         yield tp, record
 
 
@@ -166,9 +186,17 @@ def patch_consumers() -> None:
         # still in the consumer thread: nothing can have sought since the fetch
         return FreshRecords(records, consumer._subscription) if records else records  # noqa: SLF001
 
+    to_message = driver.Consumer._to_message
+
+    def marked(self: Any, tp: Any, record: Any) -> Any:
+        message = to_message(self, tp, record)
+        setattr(message, FETCH_MARK, getattr(record, FETCH_MARK, None))
+        return message
+
     cls._commpipe_original = original  # type: ignore[attr-defined]
     cls._create_worker_consumer = create  # type: ignore[method-assign]
     cls._fetch_records = fetch  # type: ignore[method-assign]
+    driver.Consumer._to_message = marked  # type: ignore[method-assign]
 
 
 class ReadyPartitions:

@@ -66,6 +66,16 @@ class WorkerCollector(Collector):
         yield CounterMetricFamily(f"{ns}_worker_write_outs_total", "Times the cache wrote a "
                                   "partition's changes out (each changed key once)",
                                   value=pl.cache.write_outs)
+        seq = pl.sequence
+        yield CounterMetricFamily(f"{ns}_worker_input_reseeks_total", "Times an input "
+                                  "partition was sought back to a record that had not reached "
+                                  "the worker", value=seq.reseeks)
+        yield CounterMetricFamily(f"{ns}_worker_input_repeats_total", "Input records dropped "
+                                  "unapplied: delivered twice, or before a seek back",
+                                  value=seq.repeats)
+        yield CounterMetricFamily(f"{ns}_worker_input_absent_offsets_total", "Input offsets "
+                                  "found not to be in Kafka (transaction markers, retention)",
+                                  value=seq.absent)
         dead = CounterMetricFamily(f"{ns}_dead_letters_total", "Records and events sent to the "
                                    "dead-letter topic", labels=["reason"])
         for reason, n in sorted(pl.dead_letters.counts.items()):

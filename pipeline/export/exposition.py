@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline.export.edges import EdgeExporter
 
-__all__ = ["CONTENT_TYPE", "Exposition"]
+__all__ = ["CONTENT_TYPE", "Exposition", "worker_exposition"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -68,3 +68,20 @@ class Exposition:
 
     def close(self) -> None:
         """Nothing to release (kept for the server's stop)."""
+
+
+def worker_exposition(worker: Any, settings: Any, rollups: Any, slo: Any,
+                      sink: Any) -> Exposition:
+    """A worker's ``/metrics``: its edges from ``rollups``, and its own series."""
+    from prometheus_client import CollectorRegistry
+
+    from pipeline.export.collectors import WorkerCollector
+    from pipeline.settings import parse_buckets
+
+    s = settings
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(WorkerCollector(worker, namespace=s.metrics_namespace, sink=sink))
+    edges = EdgeExporter(rollups, namespace=s.metrics_namespace,
+                         stale_s=s.metrics_stale_s, max_series=s.metrics_max_series,
+                         buckets=parse_buckets(s.metrics_latency_buckets), slo=slo)
+    return Exposition(edges, registry)

@@ -458,12 +458,7 @@ def run_chaos(kafka_bootstrap: str, topic_factory: Callable[..., str], tmp_path:
 @pytest.mark.timeout(1500)
 def test_sigkill_at_random_moments_under_load_neither_loses_nor_doubles(
         kafka_bootstrap: str, topic_factory: Callable[..., str], tmp_path: Path,
-        pg_database: str, postgres: Any, test_broker: str,
-        request: pytest.FixtureRequest) -> None:
-    if test_broker == "kafka":  # a known loss, reported as XFAIL (never as a pass)
-        request.node.add_marker(pytest.mark.xfail(strict=False, reason=(
-            "on Apache Kafka a restarted worker loses a single record in some runs (3 of 8): "
-            "README, 'Not proven on Apache Kafka: records skipped around a rebalance'")))
+        pg_database: str, postgres: Any) -> None:
     run_chaos(kafka_bootstrap, topic_factory, tmp_path, pg_database, postgres,
               kills=int(os.environ.get("COMMPIPE_CHAOS_KILLS", "20")), seed=20261201)
 

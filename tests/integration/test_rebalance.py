@@ -53,12 +53,7 @@ def _edge_diff(got: dict, want: dict) -> str:
 
 
 def test_partitions_given_away_and_taken_back_under_load_keep_every_count(
-        kafka_bootstrap: str, topic_factory, tmp_path: Path, test_broker: str,
-        request: pytest.FixtureRequest) -> None:
-    # a known loss, reported as XFAIL or XPASS (never as a pass), on either broker
-    request.node.add_marker(pytest.mark.xfail(strict=False, reason=(
-        f"on {test_broker} records around a rebalance are skipped in some runs (Kafka 1 of "
-        "6, Tansu 1 of 2): README, 'Not proven: records skipped around a rebalance'")))
+        kafka_bootstrap: str, topic_factory, tmp_path: Path) -> None:
     port = free_port()
     env = worker_environment(kafka_bootstrap, topic_factory, tmp_path, window_s=WINDOW,
                              grace_s=GRACE, idle_close_s=3, COMMPIPE_WORKER_LOGLEVEL="info")

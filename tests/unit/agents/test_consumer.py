@@ -6,23 +6,33 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections import namedtuple
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.consumer.subscription_state import SubscriptionState
 
 from agents.consumer import (
+    FETCH_MARK,
     FreshRecords,
     count_seeks,
+    fetch_mark,
+    fetched_since,
     fresh_only,
     positions_readable,
     scheduler,
 )
 
 count_seeks()  # what patch_consumers does in a worker
-Record = namedtuple("Record", "offset")
+
+
+@dataclass
+class Record:
+    """What aiokafka's fetch hands on (a plain dataclass, as its ConsumerRecord)."""
+
+    offset: int
+
 A, B = TopicPartition("in", 0), TopicPartition("in", 1)
 
 
@@ -121,3 +131,20 @@ def test_positions_must_be_readable_from_the_consumer() -> None:
 
     with pytest.raises(RuntimeError, match="_subscription"):
         positions_readable(Renamed())
+
+
+@in_loop
+def test_records_handed_on_tell_whether_they_were_fetched_after_a_seek() -> None:
+    state = subscribed(A)
+    before = fetched(state, {A: [1, 2]})
+    sent_before = [record for _, record in fresh_only(before, scheduler()().iterate(before))]
+    state.seek(A, 1)
+    after_seek = fetch_mark(state, A)
+    again = fetched(state, {A: [1]})
+    sent_after = [record for _, record in fresh_only(again, scheduler()().iterate(again))]
+    assert [fetched_since(r, after_seek) for r in sent_before + sent_after] == [
+        False, False, True]
+    assert all(getattr(r, FETCH_MARK)[0] is state.subscription.assignment.state_value(A)
+               for r in sent_before + sent_after)
+    state.assign_from_subscribed({A})  # a new assignment: a new partition state
+    assert not fetched_since(sent_after[0], fetch_mark(state, A))

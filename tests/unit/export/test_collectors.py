@@ -232,13 +232,17 @@ def test_worker_metrics() -> None:
                                dead_letters=SimpleNamespace(counts=Counter(invalid_json=3)),
                                lag=lambda: {0: 4, 2: 0},
                                state_keys=lambda: {"window": 3, "edge": 1},
-                               cache=SimpleNamespace(unwritten=lambda: 6, write_outs=9))
+                               cache=SimpleNamespace(unwritten=lambda: 6, write_outs=9),
+                               sequence=SimpleNamespace(reseeks=2, repeats=11, absent=1))
     got = scrape(WorkerCollector(pipeline, namespace="w", sink=sink))
     assert got[("w_events_consumed_total", ())] == 7
     assert got[("w_duplicate_events_total", ())] == 4
     assert got[("w_worker_batch_records_total", ())] == 5
     assert got[("w_worker_unwritten_records", ())] == 6
     assert got[("w_worker_write_outs_total", ())] == 9
+    assert got[("w_worker_input_reseeks_total", ())] == 2
+    assert got[("w_worker_input_repeats_total", ())] == 11
+    assert got[("w_worker_input_absent_offsets_total", ())] == 1
     assert got[("w_dead_letters_total", (("reason", "invalid_json"),))] == 3
     assert got[("w_consumer_lag", (("partition", "0"),))] == 4
     assert got[("w_state_keys", (("kind", "window"),))] == 3

@@ -1,0 +1,199 @@
+"""Each input partition's records reach the table in offset order, each once.
+
+Faust can lose a record on its way from the consumer to the agent: its stream skips a
+record read while the flow is stopped or from an older generation; its drain loop
+marks a record read even when the delivery was cancelled by a flow stop; its
+``getmany`` breaks off a fetch when the flow stops. With acknowledgements gated
+(agents/acks.py) such a record is never committed past, but the agent would go on with
+the records after it, and when the record came again (after a restart) its counts
+would be refused as a replay (the per-key offsets are past it). So the agent must not
+go past it either.
+
+:class:`InputSequence` keeps, per input partition, the offset the next record must
+have: at each recovery the group's committed offset (0 if none), then one past each
+record applied. At each recovery, once Faust has sought the committed offsets, the worker
+seeks there again itself (Faust seeks while its flow runs, and records reach the agent
+before its seek returns: only a seek of our own tells which records came after it), and
+no record of a partition passes between a revocation or recovery and that seek.
+
+- A record at that offset is applied.
+- A record behind it was applied already in this assignment (delivered twice): dropped.
+- A record past it means records in between went missing: the partition is sought back
+  to the expected offset, and records are dropped (neither applied nor acknowledged)
+  until the first one fetched after that seek, told apart by the seek count each
+  record carries (agents/consumer.py).
+- If that first record is still past the expected offset, the offsets in between are
+  not in Kafka (transaction markers, or retention removed them): they are counted as
+  done for Faust's commits, and reading goes on from that record.
+
+Faust's drain loop keeps, per partition, the offset it last handed on, drops any record
+behind it as read already, and takes offsets it jumped over for a gap that its commits
+may pass (``Consumer._add_gap``, the record after the gap included) before anything
+applied them. A delivery in flight across a seek set that offset back past the seek when
+it finished: the records from the seek on were then dropped as read (the rebalance test:
+~200 records of a partition, each time a worker took it back). For the input topic the
+drain loop knows no such offset (:func:`blind_read_offsets`): it hands every record on,
+and this module alone decides what is a repeat, what is missing and what is absent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from agents.consumer import fetched_since
+
+__all__ = ["InputSequence", "blind_read_offsets", "count_absent", "follow_seeks"]
+
+log = logging.getLogger("commpipe.worker")
+
+_PENDING = object()
+"""The partition's seek is asked for but not yet done."""
+
+
+class _ReadOffsets(defaultdict):  # type: ignore[type-arg]
+    """Faust's per-partition "read up to" offsets, unknown for one topic."""
+
+    def __init__(self, topic: str, offsets: Any) -> None:
+        super().__init__(lambda: None, offsets)
+        self.topic = topic
+
+    def __getitem__(self, tp: Any) -> Any:
+        return None if tp.topic == self.topic else super().__getitem__(tp)
+
+
+def blind_read_offsets(consumer: Any, topic: str) -> None:
+    """Make Faust's drain loop pass every record of the input topic on, in the order the
+    consumer fetched it: no read offset, so no gap and no drop (see the module docstring);
+    what is a repeat and what is missing is :class:`InputSequence`'s to decide."""
+    if isinstance(consumer._read_offset, _ReadOffsets):  # noqa: SLF001
+        return
+    consumer._read_offset = _ReadOffsets(topic, consumer._read_offset)  # noqa: SLF001
+
+
+def follow_seeks(consumer: Any, topic: str, sequence: InputSequence) -> None:
+    """After each of Faust's seeks to the committed offsets (``Consumer.perform_seek``, at
+    every recovery), restart ``sequence`` on ``topic``'s assigned partitions."""
+    if getattr(consumer, "_commpipe_follows", None) is sequence:
+        return
+    original = consumer.perform_seek
+
+    async def perform_seek() -> None:
+        try:
+            await original()
+        finally:
+            await sequence.restart(sorted(tp for tp in consumer.assignment()
+                                          if tp.topic == topic))
+
+    consumer.perform_seek = perform_seek
+    consumer._commpipe_follows = sequence  # noqa: SLF001
+
+
+def count_absent(consumer: Any, tp: Any, start: int, end: int) -> None:
+    """Let Faust's commits pass offsets ``start``..``end - 1`` of ``tp``: not in Kafka."""
+    gap = consumer._gap[tp]  # noqa: SLF001 - merged into the acked offsets at commit
+    gap.addi(start, end)
+    gap.merge_overlaps()
+
+
+class InputSequence:
+    """Which records of a batch the agent may apply (see the module docstring)."""
+
+    def __init__(self, *, committed: Callable[[Any], int | None],
+                 seek: Callable[[Any, int], Awaitable[tuple[Any, int]]],
+                 absent: Callable[[Any, int, int], None]) -> None:
+        self._committed = committed
+        """The group's committed offset of a partition (Faust's, after its seek)."""
+        self._seek = seek
+        """Seek a partition; returns its fetch mark after the seek."""
+        self._absent = absent
+        self._next: dict[int, int] = {}
+        self._seeking: dict[int, Any] = {}
+        self._generation = 0
+        """Bumped by :meth:`forget`: a seek asked for before it is not made after it."""
+        self._lock = asyncio.Lock()
+        """One seek at a time, each noted before the next is made."""
+        self.reseeks = 0
+        """Seeks back to a missing record."""
+        self.repeats = 0
+        """Records dropped unapplied: delivered twice, before a seek back, or between a
+        revocation or recovery and the restart."""
+        self.absent = 0
+        """Offsets found not to be in Kafka."""
+
+    def forget(self) -> None:
+        """A recovery or a revocation: no partition's records pass until :meth:`restart`."""
+        self._generation += 1
+        self._next.clear()
+        self._seeking.clear()
+
+    async def restart(self, tps: Sequence[Any]) -> None:
+        """Faust sought ``tps`` (its input partitions) to the committed offsets: read each
+        again from there, from a seek of our own. (Records reach the agent before Faust's
+        seek has returned, and Faust seeks while the flow runs: only a seek made here
+        tells which records were fetched after it.)"""
+        self.forget()
+        generation = self._generation
+        for tp in tps:
+            self._next[tp.partition] = self._committed(tp) or 0
+            self._seeking[tp.partition] = _PENDING
+        for tp in tps:
+            await self._seek_to(tp, self._next[tp.partition], generation)
+            log.info("worker: reading %s/%s from offset %s", tp.topic, tp.partition,
+                     self._next[tp.partition])
+
+    async def _seek_to(self, tp: Any, offset: int, generation: int) -> None:
+        async with self._lock:
+            if generation == self._generation:
+                self._seeking[tp.partition] = await self._seek(tp, offset)
+
+    async def admit(self, batch: Sequence[Any]) -> list[Any]:
+        """The events of ``batch`` to apply, in order; seeks back where one is missing."""
+        out: list[Any] = []
+        seeks: dict[Any, int] = {}
+        generation = self._generation
+        for event in batch:
+            message = event.message
+            verdict = self._admit(message)
+            if verdict is None:
+                seeks[message.tp] = self._next[message.partition]
+            elif verdict:
+                out.append(event)
+        for tp, offset in seeks.items():
+            await self._seek_to(tp, offset, generation)
+        return out
+
+    def _admit(self, message: Any) -> bool | None:
+        """True: apply it; False: drop it; None: drop it and seek back."""
+        partition, offset = message.partition, message.offset
+        expected = self._next.get(partition)
+        if expected is None:  # not started: Faust's seek to the committed offset is under way
+            self.repeats += 1
+            return False
+        seeking = self._seeking.get(partition)
+        if seeking is not None:
+            if seeking is _PENDING or not fetched_since(message, seeking):
+                self.repeats += 1
+                return False
+            del self._seeking[partition]
+            if offset > expected:  # still past it after the seek: not in Kafka
+                log.warning("worker: offsets %s..%s of %s/%s are not in Kafka (transaction "
+                            "markers, or removed by retention); going on from %s",
+                            expected, offset - 1, message.topic, partition, offset)
+                self._absent(message.tp, expected, offset)
+                self.absent += offset - expected
+                expected = offset
+        if offset == expected:
+            self._next[partition] = offset + 1
+            return True
+        if offset < expected:
+            self.repeats += 1
+            return False
+        log.info("worker: %s/%s expected offset %s and got %s; seeking back to it",
+                 message.topic, partition, expected, offset)
+        self._seeking[partition] = _PENDING
+        self.reseeks += 1
+        return None
