@@ -71,14 +71,14 @@ class Acks:
             record.message.incref()
         self.held += len(records)
 
-    def release_when(self, records: Sequence[Any], writes: Sequence[Awaitable[Any]],
-                     then: Callable[[], Awaitable[None]] | None = None) -> None:
+    def release_when(self, records: Sequence[Any], writes: Sequence[Awaitable[Any]]) -> None:
         """Acknowledge ``records`` (of one topic partition) once every one of ``writes``
-        succeeded, ``then`` (e.g. the dead letters' delivery) has run and every earlier
-        release of their partition has acknowledged; without blocking the caller."""
+        succeeded and every earlier release of their partition has acknowledged; without
+        blocking the caller. (Their dead letters are delivered before the writes are
+        sent: agents/cache.py.)"""
         tp = records[0].message.tp if records else None
         before = self._last.get(tp)
-        task = asyncio.ensure_future(self._release(records, list(writes), then, before))
+        task = asyncio.ensure_future(self._release(records, list(writes), before))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         if tp is not None:
@@ -87,7 +87,6 @@ class Acks:
                                    self._last.get(tp) is t else None)
 
     async def _release(self, records: Sequence[Any], writes: list[Awaitable[Any]],
-                       then: Callable[[], Awaitable[None]] | None,
                        before: asyncio.Task[bool] | None) -> bool:
         """True once ``records`` are acknowledged; False if they never will be (a write
         failed, here or in an earlier release of the partition: the worker stops)."""
@@ -100,8 +99,6 @@ class Acks:
                          "restart reads its records again", type(failed).__name__, failed)
             await self._on_failure(failed)
             return False
-        if then is not None:
-            await then()
         if before is not None and not await before:
             return False
         consumer = self._consumer()

@@ -92,31 +92,6 @@ def test_a_failed_write_commits_nothing_and_stops_the_worker() -> None:
     assert held == 1
 
 
-def test_dead_letters_are_delivered_before_the_records_are_acknowledged() -> None:
-    async def scenario() -> list[str]:
-        consumer = Committable()
-        order: list[str] = []
-
-        async def stop(exc: BaseException) -> None:
-            raise AssertionError(exc)
-
-        async def dead_letters() -> None:
-            order.append(f"dead letters, committed so far {consumer.offsets}")
-
-        acks = Acks(lambda: consumer, stop)
-        batch = [Event(1)]
-        acks.hold(batch)
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        done.set_result(None)
-        acks.release_when(batch, [done], dead_letters)
-        stream_ack(batch, consumer)
-        await acks.drain()
-        order.append(f"committed {consumer.offsets}")
-        return order
-
-    assert asyncio.run(scenario()) == ["dead letters, committed so far []", "committed [1]"]
-
-
 def test_fausts_commit_passes_one_unacknowledged_record() -> None:
     # Why releases must acknowledge in order: with offset 10 the next to commit, and 11
     # acknowledged before 10, Faust's consumer would commit 12 (past 10), and before a
