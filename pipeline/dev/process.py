@@ -17,6 +17,7 @@ import asyncio
 import atexit
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -333,3 +334,61 @@ class LocalService:
     def __repr__(self) -> str:
         port = self._port if self._port is not None else "?"
         return f"{type(self).__name__}({self.host}:{port}, {self._state()}{self._repr_extra()})"
+
+
+class BrokerProcess(LocalService):
+    """A broker run as one child process group (``start_new_session``): frozen and let go
+    with SIGSTOP and SIGCONT, restarted on the same ports, its temporary directory removed
+    by :meth:`close`. Subclasses set ``_tmpdir`` when they made one."""
+
+    def __init__(
+        self, *, host: str, port: int | None, start_timeout: float, stop_timeout: float
+    ) -> None:
+        super().__init__(host=host, port=port, start_timeout=start_timeout,
+                         stop_timeout=stop_timeout)
+        self._tmpdir: Path | None = None
+        self._paused = False
+
+    @property
+    def paused(self) -> bool:
+        """True between :meth:`pause` and :meth:`resume`."""
+        return self._paused and self.is_running
+
+    def _take_process(self) -> subprocess.Popen[bytes] | None:
+        """The running process, forgotten here (to be stopped by the caller)."""
+        proc, self._proc, self._paused = self._proc, None, False
+        return proc
+
+    def restart(self) -> Self:
+        """Stop and start again on the same ports."""
+        self.stop()
+        return self.start()
+
+    def pause(self) -> None:
+        """Freeze the broker with SIGSTOP: connections stay open, nothing is answered."""
+        if not self.is_running:
+            raise ServiceError(f"cannot pause the {self.SERVICE}: it is not running")
+        assert self._proc is not None
+        os.killpg(self._proc.pid, signal.SIGSTOP)
+        self._paused = True
+
+    def resume(self) -> None:
+        """Let a paused broker run again (SIGCONT); no-op when it is not paused."""
+        if self._proc is not None and self._paused:
+            os.killpg(self._proc.pid, signal.SIGCONT)
+        self._paused = False
+
+    def close(self) -> None:
+        """Stop the broker and remove the temporary directory it created."""
+        self.stop()
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+            self._removed_tmpdir()
+        self._unregister_atexit()
+
+    def _removed_tmpdir(self) -> None:
+        """Forget paths that were inside the temporary directory (none by default)."""
+
+    def _state(self) -> str:
+        return "paused" if self.paused else super()._state()
