@@ -18,6 +18,8 @@ import math
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -148,9 +150,36 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], WorkerPr
         starter.__exit__(None, None, None)
 
 
-def _emitter(env: dict[str, str]) -> Emitter:
-    return Emitter(env["COMMPIPE_KAFKA_BOOTSTRAP"], env["COMMPIPE_TOPIC"],
-                   settings=Settings.from_env({}, shim_linger_ms=5))
+@dataclass
+class Outage:
+    """A worker that stored one window of every edge in both databases, then 19 more
+    windows of every edge emitted while PostgreSQL is away."""
+
+    t0: float
+    expected: Expected
+    worker: WorkerProcess
+    emitter: Emitter
+
+
+@contextmanager
+def postgres_away_after_one_window(env: dict[str, str], db: Databases, postgres: Any,
+                                   start_worker: Callable[[dict[str, str]], WorkerProcess]
+                                   ) -> Iterator[Outage]:
+    t0 = math.floor(time.time() / WINDOW) * WINDOW - 600
+    worker = start_worker(env)
+    emitter = Emitter(env["COMMPIPE_KAFKA_BOOTSTRAP"], env["COMMPIPE_TOPIC"],
+                      settings=Settings.from_env({}, shim_linger_ms=5))
+    outage = Outage(t0, Expected(), worker, emitter)
+    try:
+        emit_windows(emitter, t0, range(0, 1), outage.expected)
+        wait_until(lambda: db.count("pg", "communication_rollups") == len(EDGES), timeout=90,
+                   what="the first window of every edge in PostgreSQL", logs=worker.log)
+        postgres.stop()
+        # 19 more windows of 30 edges: 570 closed windows PostgreSQL lacks, bound 100
+        emit_windows(emitter, t0, range(1, 20), outage.expected)
+        yield outage
+    finally:
+        emitter.close()
 
 
 def test_pause_stops_reading_while_postgres_is_away_and_loses_nothing(
@@ -158,17 +187,8 @@ def test_pause_stops_reading_while_postgres_is_away_and_loses_nothing(
         db: Databases, port: int, postgres: Any,
         start_worker: Callable[[dict[str, str]], WorkerProcess]) -> None:
     env = backlog_env(kafka_bootstrap, topic_factory, tmp_path, db, port, "pause")
-    t0 = math.floor(time.time() / WINDOW) * WINDOW - 600
-    expected = Expected()
-    worker = start_worker(env)
-    emitter = _emitter(env)
-    try:
-        emit_windows(emitter, t0, range(0, 1), expected)
-        wait_until(lambda: db.count("pg", "communication_rollups") == len(EDGES), timeout=90,
-                   what="the first window of every edge in PostgreSQL", logs=worker.log)
-        postgres.stop()
-        # 19 more windows of 30 edges: 570 closed windows PostgreSQL lacks, bound 100
-        emit_windows(emitter, t0, range(1, 20), expected)
+    with postgres_away_after_one_window(env, db, postgres, start_worker) as outage:
+        worker, expected = outage.worker, outage.expected
         wait_until(lambda: metric(port, "sink_input_paused") == 1.0, timeout=90,
                    what="the worker to stop reading its input", logs=worker.log)
         # records the worker had fetched before it paused, and windows closing for
@@ -178,15 +198,13 @@ def test_pause_stops_reading_while_postgres_is_away_and_loses_nothing(
         waiting = metric(port, "sink_backlog", kind="windows")
         assert waiting is not None and waiting > BOUND
         # more records arrive while paused: they wait in Kafka
-        emit_windows(emitter, t0, range(20, 25), expected)
+        emit_windows(outage.emitter, outage.t0, range(20, 25), expected)
         time.sleep(4.0)
         assert metric(port, "events_consumed_total") == consumed
         assert metric(port, "sink_input_paused") == 1.0
         assert db.count("duck", "communication_rollups") == duck_rows
         assert db.count("pg", "communication_rollups") == -1
         postgres.start()
-    finally:
-        emitter.close()
     want = expected_rows(expected)
     assert len(want) == 25 * len(EDGES)
     for which in ("pg", "duck"):
@@ -212,16 +230,8 @@ def test_drop_gives_up_postgres_copy_past_the_bound_and_counts_it(
         db: Databases, port: int, postgres: Any,
         start_worker: Callable[[dict[str, str]], WorkerProcess]) -> None:
     env = backlog_env(kafka_bootstrap, topic_factory, tmp_path, db, port, "drop")
-    t0 = math.floor(time.time() / WINDOW) * WINDOW - 600
-    expected = Expected()
-    worker = start_worker(env)
-    emitter = _emitter(env)
-    try:
-        emit_windows(emitter, t0, range(0, 1), expected)
-        wait_until(lambda: db.count("pg", "communication_rollups") == len(EDGES), timeout=90,
-                   what="the first window of every edge in PostgreSQL", logs=worker.log)
-        postgres.stop()
-        emit_windows(emitter, t0, range(1, 20), expected)
+    with postgres_away_after_one_window(env, db, postgres, start_worker) as outage:
+        worker, expected = outage.worker, outage.expected
         want = expected_rows(expected)
         # DuckDB goes on: every window, while the worker keeps reading
         wait_until(lambda: db.count("duck", "communication_rollups") == len(want),
@@ -237,8 +247,6 @@ def test_drop_gives_up_postgres_copy_past_the_bound_and_counts_it(
         assert metric(port, "sink_input_paused") == 0.0
         assert metric(port, "events_consumed_total") == len(expected.events)
         postgres.start()
-    finally:
-        emitter.close()
     wait_until(lambda: metric(port, "sink_backlog", kind="windows") == 0.0, timeout=120,
                what="PostgreSQL caught up with what was not given up", logs=worker.log)
     dropped = metric(port, "sink_dropped_total", database="postgres", kind="windows")
