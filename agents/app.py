@@ -133,7 +133,8 @@ class Pipeline:
         self.acks = Acks(lambda: self.app.consumer, self._stop)
         self.sequence = InputSequence(  # in offset order, each once (sequence.py)
             committed=lambda tp: self.app.consumer._committed_offset.get(tp),  # noqa: SLF001
-            seek=self._seek_back,
+            mark=lambda tp: fetch_mark(self.kafka_consumer._subscription, tp),  # noqa: SLF001
+            seek=lambda tp, offset: self.app.consumer.seek_wait({tp: offset}),
             absent=lambda tp, start, end: count_absent(self.app.consumer, tp, start, end))
         self.app.giving_up = self._giving_up
         self.events = self.app.topic(settings.topic, key_type=bytes, value_type=bytes,
@@ -228,10 +229,6 @@ class Pipeline:
     async def _revoked(self, sender: Any, revoked: Any, **_: Any) -> None:
         self.ready.revoked()
         self.sequence.forget()
-
-    async def _seek_back(self, tp: Any, offset: int) -> tuple[Any, int]:
-        await self.app.consumer.seek_wait({tp: offset})
-        return fetch_mark(self.kafka_consumer._subscription, tp)  # noqa: SLF001
 
     def _setup_consumer(self, consumer: Any) -> None:
         """The worker's aiokafka consumer, before it starts (agents/consumer.py)."""

@@ -103,12 +103,15 @@ class InputSequence:
     """Which records of a batch the agent may apply (see the module docstring)."""
 
     def __init__(self, *, committed: Callable[[Any], int | None],
-                 seek: Callable[[Any, int], Awaitable[tuple[Any, int]]],
+                 mark: Callable[[Any], tuple[Any, int]],
+                 seek: Callable[[Any, int], Awaitable[None]],
                  absent: Callable[[Any, int, int], None]) -> None:
         self._committed = committed
         """The group's committed offset of a partition (Faust's, after its seek)."""
+        self._mark = mark
+        """A partition's fetch mark now (agents/consumer.py)."""
         self._seek = seek
-        """Seek a partition; returns its fetch mark after the seek."""
+        """Seek a partition (one seek: its fetch mark goes up by one)."""
         self._absent = absent
         self._next: dict[int, int] = {}
         self._seeking: dict[int, Any] = {}
@@ -148,7 +151,12 @@ class InputSequence:
     async def _seek_to(self, tp: Any, offset: int, generation: int) -> None:
         async with self._lock:
             if generation == self._generation:
-                self._seeking[tp.partition] = await self._seek(tp, offset)
+                # The mark records fetched after the seek will carry, noted before it: the
+                # consumer may fetch and hand records on before the seek's call returns,
+                # and those are the ones to apply (a mark noted after it dropped them).
+                state, seeks = self._mark(tp)
+                self._seeking[tp.partition] = (state, seeks + 1)
+                await self._seek(tp, offset)
 
     async def admit(self, batch: Sequence[Any]) -> list[Any]:
         """The events of ``batch`` to apply, in order; seeks back where one is missing."""
