@@ -23,6 +23,7 @@ from pipeline.dev.kafka_cluster import KafkaCluster
 from pipeline.dev.process import run_sync
 from pipeline.wire.events import split_edge_key
 from tests.integration.test_metrics import scrape
+from tests.integration.traffic import random_call_event
 from tests.integration.workers import read_state
 
 BUFFER = 50_000  # the shim's bound: far above what a failover holds back at 400 events/s
@@ -30,7 +31,6 @@ WINDOW = 10.0
 # No event may count as late: the tests compare every window's counts, and records the shim
 # sends again after a failover may arrive behind newer ones. Windows close for idleness.
 GRACE = 600.0
-SERVICES = ["gateway", "orders", "payments", "inventory", "bank"]
 ROLLUPS_SQL = """
 SELECT extract(epoch FROM window_start), source_service, target_service, protocol, requests,
        responses, errors, timeouts, latency_count, late_events, errors_by_type
@@ -147,6 +147,10 @@ def finish_load(load: Load, emitter: Emitter) -> None:
     assert load.slowest_emit < 0.5, load.slowest_emit  # emit never waited for the brokers
 
 
+KINDS = ["request", "response", "response", "error"]
+"""What the load emits, as often as listed."""
+
+
 class Load(threading.Thread):
     """Services emitting about ``rate`` events/s through one shim (seeded), recording every
     event, the slowest emit call and the most events the shim held at once."""
@@ -166,15 +170,7 @@ class Load(threading.Thread):
         n = 0
         while not self.stop.is_set():
             for _ in range(10):
-                source, target = self.rng.sample(SERVICES, 2)
-                kind = self.rng.choice(["request", "response", "response", "error"])
-                event: dict[str, Any] = {"source_service": source, "target_service": target,
-                                         "protocol": "http", "correlation_id": f"c{n}",
-                                         "ts": time.time()}
-                if kind == "response":
-                    event["latency_ms"] = round(self.rng.uniform(1, 90), 2)
-                elif kind == "error":
-                    event["error_type"] = self.rng.choice(["connection", "http_5xx"])
+                kind, event = random_call_event(self.rng, n, KINDS, time.time())
                 started = time.perf_counter()
                 getattr(self.emitter, kind)(**event)
                 self.slowest_emit = max(self.slowest_emit, time.perf_counter() - started)

@@ -25,6 +25,7 @@ from pipeline.core.store import parse_id
 from pipeline.wire.decode import decode_record
 from pipeline.wire.events import split_edge_key
 from pipeline.wire.headers import PRODUCER_HEADER, SEQ_HEADER
+from tests.integration.traffic import CALL_SERVICES, random_call_event
 from tests.integration.workers import (
     WorkerProcess,
     read_state,
@@ -36,7 +37,7 @@ from tests.integration.workers import (
 
 pytestmark = pytest.mark.integration
 
-SERVICES = ["gateway", "orders", "payments", "inventory", "bank"]
+SERVICES = CALL_SERVICES
 
 
 @pytest.fixture
@@ -75,6 +76,10 @@ def expected_totals(events: list[dict[str, Any]]) -> dict[tuple[str, str, str], 
     return dict(out)
 
 
+KINDS = ["request", "response", "error"]
+"""What the load emits, as often as listed."""
+
+
 class Traffic(threading.Thread):
     """A service emitting steadily (about ``rate`` events/s) through the shim, recording the
     slowest emit call; every event has its own correlation id."""
@@ -92,15 +97,7 @@ class Traffic(threading.Thread):
         n = 0
         while not self.stop.is_set():
             for _ in range(10):
-                source, target = self.rng.sample(SERVICES, 2)
-                kind = self.rng.choice(["request", "response", "error"])
-                event: dict[str, Any] = {"source_service": source, "target_service": target,
-                                         "protocol": "http", "correlation_id": f"c{n}",
-                                         "ts": time.time()}
-                if kind == "response":
-                    event["latency_ms"] = round(self.rng.uniform(1, 90), 2)
-                elif kind == "error":
-                    event["error_type"] = self.rng.choice(["connection", "http_5xx"])
+                kind, event = random_call_event(self.rng, n, KINDS, time.time())
                 started = time.perf_counter()
                 getattr(self.emitter, kind)(**event)
                 self.calls.append(time.perf_counter() - started)

@@ -157,3 +157,21 @@ async def produce_legacy(bootstrap: str, topic: str, events: list[dict[str, Any]
             await producer.send_and_wait(topic, orjson.dumps(wire), partition=i % 4)
     finally:
         await producer.stop()
+
+
+CALL_SERVICES = ["gateway", "orders", "payments", "inventory", "bank"]
+
+
+def random_call_event(rng: random.Random, n: int, kinds: list[str], ts: float
+                      ) -> tuple[str, dict[str, Any]]:
+    """``(kind, fields)`` of one http event between two of :data:`CALL_SERVICES`, its
+    correlation id ``c<n>``: a latency on a response, an error type on an error."""
+    source, target = rng.sample(CALL_SERVICES, 2)
+    kind = rng.choice(kinds)
+    event: dict[str, Any] = {"source_service": source, "target_service": target,
+                             "protocol": "http", "correlation_id": f"c{n}", "ts": ts}
+    if kind == "response":
+        event["latency_ms"] = round(rng.uniform(1, 90), 2)
+    elif kind == "error":
+        event["error_type"] = rng.choice(["connection", "http_5xx"])
+    return kind, event
