@@ -22,9 +22,13 @@ no record of a partition passes between a revocation or recovery and that seek.
   to the expected offset, and records are dropped (neither applied nor acknowledged)
   until the first one fetched after that seek, told apart by the seek count each
   record carries (agents/consumer.py).
-- If that first record is still past the expected offset, the offsets in between are
-  not in Kafka (transaction markers, or retention removed them): they are counted as
-  done for Faust's commits, and reading goes on from that record.
+- If that first record is still past the expected offset, the partition is sought there
+  again, up to :data:`SEEKS_BEFORE_ABSENT` seeks in all: the consumer can lose the first
+  record it fetches after a seek on its way to the agent (seen on Apache Kafka, the record
+  at the committed offset, once in a few hundred restarts), and one more seek reads it.
+  Only if it is still past after those seeks are the offsets in between taken as not in
+  Kafka (transaction markers, or retention removed them): they are counted as done for
+  Faust's commits, and reading goes on from that record.
 
 Faust's drain loop keeps, per partition, the offset it last handed on, drops any record
 behind it as read already, and takes offsets it jumped over for a gap that its commits
@@ -44,11 +48,16 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from agents.consumer import fetched_since
+from agents.consumer import FETCH_MARK, fetched_since
 
-__all__ = ["InputSequence", "blind_read_offsets", "count_absent", "follow_seeks"]
+__all__ = ["SEEKS_BEFORE_ABSENT", "InputSequence", "blind_read_offsets", "count_absent",
+           "follow_seeks"]
 
 log = logging.getLogger("commpipe.worker")
+
+SEEKS_BEFORE_ABSENT = 3
+"""Seeks to a partition's expected offset, each answered by a later record first, before
+the offsets in between are taken as not in Kafka."""
 
 _PENDING = object()
 """The partition's seek is asked for but not yet done."""
@@ -99,6 +108,11 @@ def count_absent(consumer: Any, tp: Any, start: int, end: int) -> None:
     gap.merge_overlaps()
 
 
+def _seeks_of(message: Any) -> Any:
+    mark = getattr(message, FETCH_MARK, None)
+    return mark[1] if mark else None
+
+
 class InputSequence:
     """Which records of a batch the agent may apply (see the module docstring)."""
 
@@ -115,6 +129,8 @@ class InputSequence:
         self._absent = absent
         self._next: dict[int, int] = {}
         self._seeking: dict[int, Any] = {}
+        self._sought: dict[int, int] = {}
+        """Per partition, seeks made to its expected offset that a later record answered."""
         self._generation = 0
         """Bumped by :meth:`forget`: a seek asked for before it is not made after it."""
         self._lock = asyncio.Lock()
@@ -132,6 +148,7 @@ class InputSequence:
         self._generation += 1
         self._next.clear()
         self._seeking.clear()
+        self._sought.clear()
 
     async def restart(self, tps: Sequence[Any]) -> None:
         """Faust sought ``tps`` (its input partitions) to the committed offsets: read each
@@ -187,13 +204,25 @@ class InputSequence:
                 self.repeats += 1
                 return False
             del self._seeking[partition]
-            if offset > expected:  # still past it after the seek: not in Kafka
+            if offset > expected:  # still past it after the seek
+                sought = self._sought[partition] = self._sought.get(partition, 0) + 1
+                if sought < SEEKS_BEFORE_ABSENT:
+                    log.warning("worker: the first record of %s/%s fetched after seeking to "
+                                "offset %s is %s (fetched at seek %s, the seek was %s); "
+                                "seeking there again (%s of %s)", message.topic, partition,
+                                expected, offset, _seeks_of(message), seeking[1], sought + 1,
+                                SEEKS_BEFORE_ABSENT)
+                    self._seeking[partition] = _PENDING
+                    self.reseeks += 1
+                    return None
                 log.warning("worker: offsets %s..%s of %s/%s are not in Kafka (transaction "
-                            "markers, or removed by retention); going on from %s",
-                            expected, offset - 1, message.topic, partition, offset)
+                            "markers, or removed by retention; %s seeks there found %s "
+                            "first); going on from %s", expected, offset - 1, message.topic,
+                            partition, sought, offset, offset)
                 self._absent(message.tp, expected, offset)
                 self.absent += offset - expected
                 expected = offset
+            self._sought.pop(partition, None)
         if offset == expected:
             self._next[partition] = offset + 1
             return True

@@ -288,3 +288,62 @@ def dump_for_reproduction(path: Path, bootstrap: str, app_id: str, topic: str,
         except Exception as e:  # noqa: BLE001 - Tansu cannot always answer; keep the rest
             line("committed", error=f"{type(e).__name__}: {e}")
     return path
+
+
+def first_divergence(path: Path, logs: str = "") -> str:
+    """Where the changelog first went wrong, from a :func:`dump_for_reproduction` file: per
+    (partition, edge), the first edge value whose totals differ from the events of the input
+    records up to the offset it says it applied (copies of one shim record counted once),
+    with the value before it and the input records in between; and the lines of the
+    workers' ``logs`` that name that partition."""
+    lines = [orjson.loads(line) for line in path.read_bytes().splitlines()]
+    inputs: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for line in lines:
+        if line["what"] == "input":
+            inputs[line["partition"]].append(line)
+    out: list[str] = []
+    for line in lines:
+        if line["what"] == "committed":
+            out.append(f"committed: {line.get('offsets', line.get('error'))}")
+    history: dict[tuple[int, str], list[dict[str, Any]]] = defaultdict(list)
+    for line in lines:
+        if line["what"] == "changelog" and line["key"].startswith("e"):
+            _, partition, edge, _ = parse_id(line["key"])
+            history[(partition, edge or "")].append(line)
+    for (partition, edge), values in sorted(history.items()):
+        seen: set[tuple[str, str]] = set()
+        upto: list[tuple[int, int]] = []  # (offset, events of the edge up to it)
+        total = 0
+        for record in sorted(inputs[partition], key=lambda r: r["offset"]):
+            copy = (record["headers"].get("commpipe-producer", ""),
+                    record["headers"].get("commpipe-seq", str(record["offset"])))
+            if edge in record["edges"] and copy not in seen:
+                seen.add(copy)
+                total += record["edges"][edge]
+            upto.append((record["offset"], total))
+        before: dict[str, Any] | None = None
+        for value in sorted(values, key=lambda v: v["offset"]):
+            if value["value"] is None:
+                continue
+            held = value["value"]["totals"]["events"] + value["value"]["late_events"]
+            applied = value["applied"]
+            want = max((n for o, n in upto if o <= applied), default=0)
+            if held != want:
+                lo = before["applied"] if before else -1
+                between = [(r["offset"], r["edges"].get(edge, 0), r["timestamp"])
+                           for r in inputs[partition] if lo < r["offset"] <= applied
+                           and edge in r["edges"]]
+                out.append(
+                    f"partition {partition} edge {edge!r}: changelog offset {value['offset']} "
+                    f"(written at {value['timestamp']}) says it applied input up to "
+                    f"{applied} and holds {held} events, the input has {want}; the value "
+                    f"before: {None if before is None else (before['offset'], before['applied'], before['value']['totals']['events'] + before['value']['late_events'])}; "  # noqa: E501
+                    f"input records of the edge in between (offset, events, timestamp): "
+                    f"{between[:20]}")
+                named = [t for t in logs.splitlines()
+                         if t.startswith("===") or f"/{partition} " in t]
+                out.append(f"--- log lines naming partition {partition}:\n"
+                           + "\n".join(named[-60:]))
+                break
+            before = value
+    return "\n".join(out) or "the changelog's edge values all agree with the input"

@@ -43,6 +43,7 @@ from tests.integration.cluster import (
     expected_edge_totals,
     expected_windows,
     finish_load,
+    first_divergence,
     group_led_by,
     reported_totals,
     rollup_rows,
@@ -93,11 +94,13 @@ def emitter_for(cluster: KafkaCluster, topic: str) -> Emitter:
 
 
 def check_exact(cluster: KafkaCluster, app_id: str, topic: str, load: Load, db: Databases,
-                logs: Any, *, metrics_port: int | None = None) -> None:
+                logs: Any, *, metrics_port: int | None = None,
+                full_logs: Callable[[], str] | None = None) -> None:
     """The table, both databases and (``metrics_port``) a worker's ``/metrics`` hold exactly
     the events emitted, each once. All are looked at before failing, so the message says
     which of them is wrong; the records, changelog and offsets are then written beside the
-    DuckDB file (:func:`dump_for_reproduction`)."""
+    DuckDB file (:func:`dump_for_reproduction`), and where the changelog first went wrong
+    is in the message (:func:`first_divergence`, with ``full_logs``, else ``logs``)."""
     want = expected_edge_totals(load.emitted)
     rows = expected_windows(load.emitted)
     got: dict[str, Any] = {}
@@ -132,14 +135,20 @@ def check_exact(cluster: KafkaCluster, app_id: str, topic: str, load: Load, db: 
             if name in ("table", "metrics"):
                 problems.append(f"{name}: {_edge_diff(got.get(name, {}), want)}")
             else:
-                have, need = set(map(repr, got.get(name, []))), set(map(repr, rows))
+                have, need = set(map(_shown, got.get(name, []))), set(map(_shown, rows))
                 problems.append(f"{name}: missing or different rows {sorted(need - have)[:6]}; "
                                 f"unexpected rows {sorted(have - need)[:6]}")
     if problems:
         dump = dump_for_reproduction(Path(db.duckdb_path).parent / "reproduction.jsonl",
                                      cluster.bootstrap, app_id, topic, load.emitted)
+        where = first_divergence(dump, (full_logs or logs)())
         raise AssertionError("\n".join(problems) + f"\nrecords, changelog and offsets in "
-                             f"{dump}\n{logs()[-3000:]}")
+                             f"{dump}\n{where}\n{logs()[-3000:]}")
+
+
+def _shown(row: tuple[Any, ...]) -> str:
+    """A row as text, its dicts in key order (rows that are equal look equal)."""
+    return repr(tuple(sorted(v.items()) if isinstance(v, dict) else v for v in row))
 
 
 def _edge_diff(got: dict[Any, Counter[str]], want: dict[Any, Counter[str]]) -> str:
@@ -284,9 +293,9 @@ def test_workers_join_leave_and_crash_under_load_totals_stay_exact(
     third = WorkerProcess(env, tmp_path / "third.log")
     everyone = (first, second, third)
 
-    def logs() -> str:
-        return "\n".join(f"=== {w.log_path.name}\n{w.log()[-3000:]}" for w in everyone
-                         if w.proc is not None)
+    def logs(tail: int | None = 3000) -> str:
+        return "\n".join(f"=== {w.log_path.name}\n{w.log()[-tail if tail else 0:]}"
+                         for w in everyone if w.proc is not None)
 
     def owned() -> list[set[int] | None]:
         return [assigned(w, topic) if w.alive else None for w in everyone]
@@ -305,7 +314,8 @@ def test_workers_join_leave_and_crash_under_load_totals_stay_exact(
         code = _scale_out_and_in(first, second, third, load, emitter, split_between, logs)
         # the first worker's /metrics too: it reports every edge from its own table, so the
         # state of the partitions it took over came with them (from their changelogs)
-        check_exact(cluster, app_id, topic, load, db, logs, metrics_port=port)
+        check_exact(cluster, app_id, topic, load, db, logs, metrics_port=port,
+                    full_logs=lambda: logs(None))
     finally:
         for w in everyone:
             w.stop(timeout=20)

@@ -33,6 +33,7 @@ from tests.integration.cluster import (
     dump_for_reproduction,
     expected_edge_totals,
     finish_load,
+    first_divergence,
     reported_totals,
     table_totals,
     wait_for,
@@ -62,8 +63,8 @@ def test_partitions_given_away_and_taken_back_under_load_keep_every_count(
                           tmp_path / "first.log").start()
     seconds: list[WorkerProcess] = []
 
-    def logs() -> str:
-        return "\n".join(f"=== {w.log_path.name}\n{w.log()[-2500:]}"
+    def logs(tail: int | None = 2500) -> str:
+        return "\n".join(f"=== {w.log_path.name}\n{w.log()[-tail if tail else 0:]}"
                          for w in [first, *seconds[-1:]])
 
     emitter = Emitter(kafka_bootstrap, topic, settings=Settings.from_env(
@@ -112,7 +113,7 @@ def test_partitions_given_away_and_taken_back_under_load_keep_every_count(
             dump = dump_for_reproduction(tmp_path / "reproduction.jsonl", kafka_bootstrap,
                                          app_id, topic, load.emitted)
             raise AssertionError("\n".join(problems) + f"\nrecords, changelog and offsets "
-                                 f"in {dump}\n{logs()}")
+                                 f"in {dump}\n{first_divergence(dump, logs(None))}\n{logs()}")
         assert first.alive
         print(f"{len(load.emitted)} events; {moved} partitions moved away and back in "
               f"{ROUNDS} rounds")
