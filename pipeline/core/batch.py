@@ -112,6 +112,10 @@ class PartitionBatch:
         return [*self._windows.items(), *self._edges.items(), *kept,
                 (partition_id(self.partition), self.meta)]
 
+    def touched_edges(self) -> set[str]:
+        """Keys of the edges this batch has changed (its changes not written yet)."""
+        return set(self._edges)
+
     def _window(self, edge: str, window_start: float) -> WindowStats:
         key = window_id(self.partition, edge, window_start)
         stats = self._windows.get(key)

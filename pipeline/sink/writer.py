@@ -147,6 +147,14 @@ class Sink:
         the ``pause`` policy, until the backlog is down to half of it."""
         return self.backlog.holding()
 
+    def removable(self, key: str, window: WindowStats) -> bool:
+        """True when ``window`` (the table's, under ``key``) may leave the table: every
+        database stored this version of it, and no event can change it any more (the rule
+        :meth:`flush` deletes by, without keeping an edge's newest window: for an edge that
+        leaves the table, agents/expiry.py)."""
+        return (self.rollups.is_final(parse_id(key)[1], window.window_end + self.retain_s)
+                and all(s.has(key, window.offset) for s in self.status))
+
     def forget(self, keys: Sequence[str]) -> None:
         """The worker deleted ``keys`` from its table: stop tracking them."""
         for s in self.status:

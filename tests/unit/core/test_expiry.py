@@ -74,6 +74,20 @@ def test_a_replay_after_the_deletion_brings_nothing_back() -> None:
     assert requests(store, OLD) == 1
 
 
-def test_never_sooner_than_the_producer_horizon() -> None:
-    with pytest.raises(ValueError, match="producer horizon"):
-        expired_edges([], now=0.0, silent_s=60.0)
+def test_a_silence_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="> 0"):
+        expired_edges([], now=0.0, silent_s=0.0)
+
+
+def test_an_edge_leaves_with_its_windows_once_each_may_leave() -> None:
+    store: dict[str, Any] = {}
+    apply(store, [(0, ev(OLD, T0, 0)), (1, ev(OLD, T0 + 11, 1))], now=0.0)
+    windows = sorted(k for k in store if k.startswith("w"))
+    assert len(windows) == 2
+    edge = edge_id(0, edge_key(*OLD))
+    # the sink keeps an edge's newest stored window for the exporter: it goes with the edge
+    assert expired_edges(store.items(), now=DAY, silent_s=DAY,
+                         removable=lambda key, window: True) == [edge, *windows]
+    # one window not stored yet: the edge and both windows stay
+    assert expired_edges(store.items(), now=DAY, silent_s=DAY,
+                         removable=lambda key, window: key != windows[1]) == []

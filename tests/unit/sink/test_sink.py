@@ -88,6 +88,20 @@ def test_only_closed_windows_are_given_and_only_final_stored_ones_leave() -> Non
     assert len(a.batches) == 1
 
 
+def test_removable_is_the_flush_rule_without_keeping_the_newest_window() -> None:
+    store, sink, _, _ = make("a", "b")
+    feed(store, 1, [ev("request", T0 + 1, 1), ev("request", T0 + 11, 3),
+                    ev("request", T0 + 26, 4)])
+    assert not sink.removable(wid(T0), store[wid(T0)])  # final, but stored nowhere yet
+    asyncio.run(sink.flush())
+    # T0 and T0+10 final and stored by both; T0+10 (the newest) stays in flush's answer
+    assert sink.removable(wid(T0), store[wid(T0)])
+    assert sink.removable(wid(T0 + 10), store[wid(T0 + 10)])
+    assert not sink.removable(wid(T0 + 20), store[wid(T0 + 20)])  # open
+    sink.status[1].stored.pop(wid(T0 + 10))  # one database lacks this version
+    assert not sink.removable(wid(T0 + 10), store[wid(T0 + 10)])
+
+
 def test_a_changed_window_is_written_again() -> None:
     store, sink, (a,), _ = make("a")
     feed(store, 1, [ev("request", T0 + 1, 1)])
