@@ -33,6 +33,7 @@ from agents.cache import RecordCache
 from agents.consumer import (
     ReadyPartitions,
     check_recovered,
+    consumer_lag,
     fetch_mark,
     patch_consumers,
     positions_readable,
@@ -40,6 +41,7 @@ from agents.consumer import (
     set_fetch_wait,
 )
 from agents.dead_letters import DeadLetters
+from agents.expiry import EdgeExpiry, drop_unowned, expiry_interval
 from agents.sequence import InputSequence, blind_read_offsets, count_absent, follow_seeks
 from pipeline.core.batch import PartitionBatch
 from pipeline.core.rollups import Rollups
@@ -171,6 +173,14 @@ class Pipeline:
         if settings.worker_cache_interval_s > 0:
             self.app.timer(settings.worker_cache_interval_s / 2,
                            name="write_out")(self._write_out_due)
+        self.expiry = EdgeExpiry(  # silent edges leave the table (agents/expiry.py)
+            silent_s=settings.edge_expire_s, data=lambda: self.state.data, owns=self.owns,
+            touched=self.cache.touched_edges, delete=self.delete,
+            removable=lambda key, window: self.sink is not None and self.sink.removable(
+                key, window), busy=lambda: bool(self.app.in_recovery or self.app.rebalancing))
+        if settings.edge_expire_s > 0:
+            self.app.timer(expiry_interval(settings.edge_expire_s), name="expire")(
+                self.expiry.run_once)
         self.events_in = 0
         self.duplicates = 0
         self.batches = 0
@@ -213,6 +223,10 @@ class Pipeline:
         self.ready.recovered(self.app.consumer.assignment())
         self.sequence.forget()
         self.cache.relax()
+        gone = drop_unowned(self.state.data, (p for p in range(self.settings.partitions)
+                                              if p in self.ready))  # agents/expiry.py
+        if gone and self.sink is not None:
+            self.sink.forget(gone)
 
     async def _giving_up(self) -> None:
         """A rebalance or a stop began: write out what the cache holds, and every batch from
@@ -244,24 +258,8 @@ class Pipeline:
         await self.app.crash(exc)
 
     def lag(self) -> dict[int, int]:
-        """Kafka's consumer lag of each owned input partition, as ``kafka-consumer-groups
-        --describe`` reports it: the partition's end offset (the high watermark of the
-        latest fetch) minus the group's committed offset there (0 before any commit)."""
-        out: dict[int, int] = {}
-        consumer = self.app.consumer
-        for tp in self.app.assignor.assigned_actives():
-            if tp.topic != self.settings.topic:
-                continue
-            try:
-                high = consumer.highwater(tp)
-            except Exception:  # noqa: BLE001 - not known yet (before the first fetch)
-                continue
-            # what this worker last committed for tp (Kafka's meaning: the next offset to
-            # read), or read back from Kafka at assignment; Faust keeps no public one
-            committed = consumer._committed_offset.get(tp)  # noqa: SLF001
-            if high is not None:
-                out[tp.partition] = max(high - (committed or 0), 0)
-        return out
+        """Kafka's consumer lag of each owned input partition (agents/consumer.py)."""
+        return consumer_lag(self.app, self.settings.topic)
 
     def state_keys(self) -> dict[str, int]:
         """Keys held in this worker's table, by kind (what its memory grows with)."""

@@ -142,6 +142,10 @@ class RecordCache:
         """Cache again (partitions are assigned and recovered)."""
         self.urgent = False
 
+    def touched_edges(self) -> set[str]:
+        """Keys of the edges whose changes wait in an open batch (not in the table yet)."""
+        return {key for entry in self._open.values() for key in entry.work.touched_edges()}
+
     def unwritten(self) -> int:
         """Records whose changes are not written out yet."""
         return sum(len(e.records) for e in self._open.values())

@@ -45,8 +45,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["FETCH_MARK", "FreshRecords", "ReadyPartitions", "check_recovered", "count_seeks",
-           "fetch_mark", "fetched_since", "fresh_only", "patch_consumers",
+__all__ = ["FETCH_MARK", "FreshRecords", "ReadyPartitions", "check_recovered", "consumer_lag",
+           "count_seeks", "fetch_mark", "fetched_since", "fresh_only", "patch_consumers",
            "positions_readable", "scheduler", "set_fetch_wait"]
 
 log = logging.getLogger("commpipe.worker")
@@ -240,3 +240,24 @@ def check_recovered(partition: int, applied: int, committed: int | None) -> None
             f"the table recovered for input partition {partition} has applied records up to "
             f"offset {applied}, but the group committed {committed}: changelog writes the "
             "broker acknowledged are missing from the recovery")
+
+
+def consumer_lag(app: Any, topic: str) -> dict[int, int]:
+    """Kafka's consumer lag of each input partition ``app`` owns, as ``kafka-consumer-groups
+    --describe`` reports it: the partition's end offset (the high watermark of the latest
+    fetch) minus the group's committed offset there (0 before any commit)."""
+    out: dict[int, int] = {}
+    consumer = app.consumer
+    for tp in app.assignor.assigned_actives():
+        if tp.topic != topic:
+            continue
+        try:
+            high = consumer.highwater(tp)
+        except Exception:  # noqa: BLE001 - not known yet (before the first fetch)
+            continue
+        # what this worker last committed for tp (Kafka's meaning: the next offset to
+        # read), or read back from Kafka at assignment; Faust keeps no public one
+        committed = consumer._committed_offset.get(tp)  # noqa: SLF001
+        if high is not None:
+            out[tp.partition] = max(high - (committed or 0), 0)
+    return out

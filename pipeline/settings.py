@@ -60,16 +60,12 @@ class Secret:
 
 def redact_dsn(dsn: str) -> str:
     """``postgresql://user:pw@host/db`` -> ``postgresql://user:***@host/db``; key=value DSNs too."""
-    import re
-
     dsn = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", dsn)
     return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", dsn, flags=re.IGNORECASE)
 
 
 def scrub_dsn(text: str, dsn: str) -> str:
     """``text`` (an error message) with ``dsn`` and its password, however spelled, masked."""
-    import re
-
     text = text.replace(dsn, redact_dsn(dsn))
     found = re.search(r"://[^:/@\s]*:([^@\s]+)@", dsn) or re.search(
         r"password\s*=\s*(?:'([^']*)'|(\S+))", dsn, flags=re.IGNORECASE)
@@ -180,6 +176,9 @@ class Settings:
     """How long the worker's fetch waits for data when its partitions have none. Faust
     fixes 1,500 ms, and aiokafka sends no other fetch meanwhile: a worker catching up
     on a backlog stalled up to 1.5 s at a time (bench: 54k -> 94k events/s at 100 ms)."""
+    edge_expire_s: float = 86_400.0
+    """How long an edge must be silent (no record, by the worker's clock) before its state
+    leaves the worker's memory, with its stored windows (agents/expiry.py); 0: never."""
     worker_datadir: str = ".commpipe/worker"
     broker_session_timeout_s: float = 60.0
     """Kafka consumer session timeout; 6 s makes dev and tests join in seconds."""
@@ -323,7 +322,7 @@ class Settings:
         for name in ("shim_linger_ms", "shim_close_timeout_s", "grace_s", "max_future_s",
                      "sink_max_backlog", "idle_close_s", "breaker_recovery_timeout_s",
                      "worker_batch_within_s", "worker_cache_interval_s", "worker_fetch_wait_ms",
-                     "retain_without_sink_s", "broker_wait_s"):
+                     "retain_without_sink_s", "broker_wait_s", "edge_expire_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be >= 0, got {getattr(self, name)}")
         if self.topic_replication_factor < 1:

@@ -76,6 +76,9 @@ class WorkerCollector(Collector):
         yield CounterMetricFamily(f"{ns}_worker_input_absent_offsets_total", "Input offsets "
                                   "found not to be in Kafka (transaction markers, retention)",
                                   value=seq.absent)
+        yield CounterMetricFamily(f"{ns}_worker_edges_expired_total", "Edges deleted from the "
+                                  "table after COMMPIPE_EDGE_EXPIRE_S of silence",
+                                  value=pl.expiry.expired)
         dead = CounterMetricFamily(f"{ns}_dead_letters_total", "Records and events sent to the "
                                    "dead-letter topic", labels=["reason"])
         for reason, n in sorted(pl.dead_letters.counts.items()):

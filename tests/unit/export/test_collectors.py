@@ -233,7 +233,8 @@ def test_worker_metrics() -> None:
                                lag=lambda: {0: 4, 2: 0},
                                state_keys=lambda: {"window": 3, "edge": 1},
                                cache=SimpleNamespace(unwritten=lambda: 6, write_outs=9),
-                               sequence=SimpleNamespace(reseeks=2, repeats=11, absent=1))
+                               sequence=SimpleNamespace(reseeks=2, repeats=11, absent=1),
+                               expiry=SimpleNamespace(expired=12))
     got = scrape(WorkerCollector(pipeline, namespace="w", sink=sink))
     assert got[("w_events_consumed_total", ())] == 7
     assert got[("w_duplicate_events_total", ())] == 4
@@ -243,6 +244,7 @@ def test_worker_metrics() -> None:
     assert got[("w_worker_input_reseeks_total", ())] == 2
     assert got[("w_worker_input_repeats_total", ())] == 11
     assert got[("w_worker_input_absent_offsets_total", ())] == 1
+    assert got[("w_worker_edges_expired_total", ())] == 12
     assert got[("w_dead_letters_total", (("reason", "invalid_json"),))] == 3
     assert got[("w_consumer_lag", (("partition", "0"),))] == 4
     assert got[("w_state_keys", (("kind", "window"),))] == 3
