@@ -35,6 +35,7 @@ from agents.consumer import (
     check_recovered,
     consumer_lag,
     fetch_mark,
+    input_positions,
     patch_consumers,
     positions_readable,
     scheduler,
@@ -178,6 +179,7 @@ class Pipeline:
             touched=self.cache.touched_edges, delete=self.delete,
             removable=lambda key, window: self.sink is not None and self.sink.removable(
                 key, window), busy=lambda: bool(self.app.in_recovery or self.app.rebalancing))
+        self.app.timer(self.sequence.quiet_s / 2, name="unstall")(self._unstall)
         if settings.edge_expire_s > 0:
             self.app.timer(expiry_interval(settings.edge_expire_s), name="expire")(
                 self.expiry.run_once)
@@ -236,6 +238,12 @@ class Pipeline:
 
     async def _write_out_due(self) -> None:
         await self.cache.write_out_due()
+
+    async def _unstall(self) -> None:
+        """A record lost on its way with none behind it: seek back (agents/sequence.py)."""
+        if not (self.kafka_consumer is None or self.input_paused or self.app.rebalancing
+                or self.app.in_recovery):
+            await self.sequence.unstall(input_positions(self.kafka_consumer, self.settings.topic))
 
     def _release(self, records: list[Any], writes: list[Any]) -> None:
         self.acks.release_when(records, writes)

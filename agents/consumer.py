@@ -46,7 +46,8 @@ from collections.abc import Callable
 from typing import Any
 
 __all__ = ["FETCH_MARK", "FreshRecords", "ReadyPartitions", "check_recovered", "consumer_lag",
-           "count_seeks", "fetch_mark", "fetched_since", "fresh_only", "patch_consumers",
+           "count_seeks", "fetch_mark", "fetched_since", "fresh_only", "input_positions",
+           "patch_consumers",
            "positions_readable", "scheduler", "set_fetch_wait"]
 
 log = logging.getLogger("commpipe.worker")
@@ -260,4 +261,20 @@ def consumer_lag(app: Any, topic: str) -> dict[int, int]:
         committed = consumer._committed_offset.get(tp)  # noqa: SLF001
         if high is not None:
             out[tp.partition] = max(high - (committed or 0), 0)
+    return out
+
+
+def input_positions(consumer: Any, topic: str) -> dict[Any, int | None]:
+    """The position (next offset to fetch) of each of ``topic``'s partitions an unstarted
+    or running ``aiokafka.AIOKafkaConsumer`` holds (None: not known yet). Read from the
+    event loop: each is one attribute of aiokafka's partition state."""
+    subscription = consumer._subscription.subscription  # noqa: SLF001 - no public view
+    assignment = subscription.assignment if subscription is not None else None
+    if assignment is None:
+        return {}
+    out: dict[Any, int | None] = {}
+    for tp in assignment.tps:
+        if tp.topic == topic:
+            state = assignment.state_value(tp)
+            out[tp] = state.position if state.has_valid_position else None
     return out

@@ -30,6 +30,11 @@ no record of a partition passes between a revocation or recovery and that seek.
   Kafka (transaction markers, or retention removed them): they are counted as done for
   Faust's commits, and reading goes on from that record.
 
+A record lost on its way with no later record behind it would wait, unapplied and
+uncommitted, for the partition's next record: :meth:`InputSequence.stalled` names the
+partitions whose consumer has read past the expected offset while nothing reached the
+agent for a while, and the worker seeks them back (a timer).
+
 Faust's drain loop keeps, per partition, the offset it last handed on, drops any record
 behind it as read already, and takes offsets it jumped over for a gap that its commits
 may pass (``Consumer._add_gap``, the record after the gap included) before anything
@@ -44,20 +49,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from agents.consumer import FETCH_MARK, fetched_since
 
-__all__ = ["SEEKS_BEFORE_ABSENT", "InputSequence", "blind_read_offsets", "count_absent",
-           "follow_seeks"]
+__all__ = ["SEEKS_BEFORE_ABSENT", "UNSTALL_QUIET_S", "InputSequence", "blind_read_offsets",
+           "count_absent", "follow_seeks"]
 
 log = logging.getLogger("commpipe.worker")
 
 SEEKS_BEFORE_ABSENT = 3
 """Seeks to a partition's expected offset, each answered by a later record first, before
 the offsets in between are taken as not in Kafka."""
+
+UNSTALL_QUIET_S = 5.0
+"""How long a partition read past its expected offset goes without a record applied
+before the worker seeks it back (:meth:`InputSequence.stalled`)."""
 
 _PENDING = object()
 """The partition's seek is asked for but not yet done."""
@@ -119,7 +129,8 @@ class InputSequence:
     def __init__(self, *, committed: Callable[[Any], int | None],
                  mark: Callable[[Any], tuple[Any, int]],
                  seek: Callable[[Any, int], Awaitable[None]],
-                 absent: Callable[[Any, int, int], None]) -> None:
+                 absent: Callable[[Any, int, int], None],
+                 quiet_s: float = UNSTALL_QUIET_S) -> None:
         self._committed = committed
         """The group's committed offset of a partition (Faust's, after its seek)."""
         self._mark = mark
@@ -127,9 +138,14 @@ class InputSequence:
         self._seek = seek
         """Seek a partition (one seek: its fetch mark goes up by one)."""
         self._absent = absent
+        self.quiet_s = quiet_s
+        """How long a partition read past its expected offset may go without a record
+        applied before :meth:`unstall` seeks it back."""
         self._next: dict[int, int] = {}
         self._seeking: dict[int, Any] = {}
         self._sought: dict[int, int] = {}
+        self._moved: dict[int, float] = {}
+        """Per partition, when a record of it was last applied or it was last sought."""
         """Per partition, seeks made to its expected offset that a later record answered."""
         self._generation = 0
         """Bumped by :meth:`forget`: a seek asked for before it is not made after it."""
@@ -149,6 +165,7 @@ class InputSequence:
         self._next.clear()
         self._seeking.clear()
         self._sought.clear()
+        self._moved.clear()
 
     async def restart(self, tps: Sequence[Any]) -> None:
         """Faust sought ``tps`` (its input partitions) to the committed offsets: read each
@@ -173,7 +190,50 @@ class InputSequence:
                 # and those are the ones to apply (a mark noted after it dropped them).
                 state, seeks = self._mark(tp)
                 self._seeking[tp.partition] = (state, seeks + 1)
+                self._moved[tp.partition] = time.monotonic()
                 await self._seek(tp, offset)
+
+    def stalled(self, positions: Mapping[Any, int | None], *, now: float | None = None
+                ) -> list[Any]:
+        """The partitions (of ``positions``: each's consumer position, the next offset it
+        will fetch) that the consumer has read past the expected offset, while no record of
+        theirs was applied, nor were they sought, for :attr:`quiet_s`: a record went missing
+        with none behind it to show the gap (or, after a seek, none came at all)."""
+        now = time.monotonic() if now is None else now
+        return [tp for tp, position in positions.items()
+                if position is not None and tp.partition in self._next
+                and self._seeking.get(tp.partition) is not _PENDING
+                and position > self._next[tp.partition]
+                and now - self._moved.get(tp.partition, now) >= self.quiet_s]
+
+    async def unstall(self, positions: Mapping[Any, int | None]) -> int:
+        """Seek each :meth:`stalled` partition back to its expected offset; how many. After
+        :data:`SEEKS_BEFORE_ABSENT` such seeks with no record coming, the offsets up to the
+        position are not in Kafka (a transaction marker last in the partition, say)."""
+        generation = self._generation
+        stalled = self.stalled(positions)
+        for tp in stalled:
+            partition, expected, position = tp.partition, self._next[tp.partition], positions[tp]
+            assert position is not None
+            sought = self._sought[partition] = self._sought.get(partition, 0) + 1
+            if sought > SEEKS_BEFORE_ABSENT:
+                log.warning("worker: offsets %s..%s of %s/%s are not in Kafka (read past by "
+                            "the consumer, %s seeks there brought no record); going on from "
+                            "%s", expected, position - 1, tp.topic, partition,
+                            SEEKS_BEFORE_ABSENT, position)
+                self._absent(tp, expected, position)
+                self.absent += position - expected
+                self._next[partition] = position
+                self._sought.pop(partition)
+                self._seeking.pop(partition, None)
+                continue
+            log.warning("worker: %s/%s was read up to offset %s, but offset %s never reached "
+                        "the worker; seeking back to it (%s of %s)", tp.topic, partition,
+                        position, expected, sought, SEEKS_BEFORE_ABSENT)
+            self._seeking[partition] = _PENDING
+            self.reseeks += 1
+            await self._seek_to(tp, expected, generation)
+        return len(stalled)
 
     async def admit(self, batch: Sequence[Any]) -> list[Any]:
         """The events of ``batch`` to apply, in order; seeks back where one is missing."""
@@ -225,6 +285,7 @@ class InputSequence:
             self._sought.pop(partition, None)
         if offset == expected:
             self._next[partition] = offset + 1
+            self._moved[partition] = time.monotonic()
             return True
         if offset < expected:
             self.repeats += 1

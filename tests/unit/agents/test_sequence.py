@@ -7,6 +7,7 @@ commits are made of) on a stand-in for the consumer's state; the sequence tests 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
 from types import SimpleNamespace
 from typing import Any
@@ -131,12 +132,13 @@ class Broker:
 class Worker:
     """An InputSequence restarted as at a recovery (Faust sought ``committed``)."""
 
-    def __init__(self, committed: int | None) -> None:
+    def __init__(self, committed: int | None, quiet_s: float = 5.0) -> None:
         self.broker = Broker()
         self.absent: list[tuple[int, int]] = []
         self.seq = InputSequence(committed=lambda tp: committed,
                                  mark=lambda tp: self.broker.mark(), seek=self.broker.seek,
-                                 absent=lambda tp, s, e: self.absent.append((s, e)))
+                                 absent=lambda tp, s, e: self.absent.append((s, e)),
+                                 quiet_s=quiet_s)
         self.loop = asyncio.new_event_loop()
         self.loop.run_until_complete(self.seq.restart([TP0]))
 
@@ -273,4 +275,45 @@ def test_records_fetched_after_the_seek_count_before_its_call_has_returned() -> 
 
     assert w.loop.run_until_complete(scenario()) == [1, 2, 3]
     assert w.absent == [] and w.broker.sought == [1, 1]
+    w.close()
+
+
+def test_a_record_lost_with_none_behind_it_is_read_again() -> None:
+    # 12 was fetched (the consumer's position is 13) but never reached the agent, and no
+    # later record came to show the gap: once the partition has been quiet, seek back.
+    w = Worker(committed=10, quiet_s=0.0)
+    assert w.admit([10, 11]) == [10, 11]
+    assert w.seq.stalled({TP0: 12}) == []  # read up to where it applied: nothing missing
+    assert w.seq.stalled({TP0: 13}) == [TP0]
+    assert w.loop.run_until_complete(w.seq.unstall({TP0: 13})) == 1
+    assert w.broker.sought == [10, 12] and w.seq.reseeks == 1
+    assert w.admit([12]) == [12]
+    assert w.seq.stalled({TP0: 13}) == [] and w.absent == []
+    w.close()
+
+
+def test_a_busy_or_just_moved_partition_is_not_stalled() -> None:
+    w = Worker(committed=10)  # quiet_s 5
+    assert w.admit([10]) == [10]
+    moved = time.monotonic()
+    assert w.seq.stalled({TP0: 20}, now=moved + 1) == []   # applied a record 1 s ago
+    assert w.seq.stalled({TP0: 20}, now=moved + 6) == [TP0]
+    assert w.seq.stalled({TP0: None}, now=moved + 6) == []  # position not known
+    w.seq.forget()
+    assert w.seq.stalled({TP0: 20}, now=moved + 6) == []   # not started
+    w.close()
+
+
+def test_offsets_read_past_that_no_seek_brings_are_not_in_kafka() -> None:
+    # a transaction marker last in the partition: the consumer's position is past it, and
+    # no record ever comes
+    w = Worker(committed=10, quiet_s=0.0)
+    assert w.admit([10]) == [10]
+    for _ in range(SEEKS_BEFORE_ABSENT):
+        assert w.loop.run_until_complete(w.seq.unstall({TP0: 12})) == 1
+    assert w.broker.sought == [10] + [11] * SEEKS_BEFORE_ABSENT and w.absent == []
+    assert w.loop.run_until_complete(w.seq.unstall({TP0: 12})) == 1
+    assert w.absent == [(11, 12)] and w.seq.absent == 1
+    assert w.seq.stalled({TP0: 12}) == []
+    assert w.admit([12]) == [12]
     w.close()
