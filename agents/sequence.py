@@ -232,7 +232,13 @@ class InputSequence:
                         position, expected, sought, SEEKS_BEFORE_ABSENT)
             self._seeking[partition] = _PENDING
             self.reseeks += 1
-            await self._seek_to(tp, expected, generation)
+            try:
+                await self._seek_to(tp, expected, generation)
+            except Exception as exc:  # noqa: BLE001 - revoked meanwhile, or the seek timed out
+                log.warning("worker: seeking %s/%s back failed (%s: %s); trying again later",
+                            tp.topic, partition, type(exc).__name__, exc)
+                if self._generation == generation:
+                    self._seeking.pop(partition, None)  # read on as before; due again later
         return len(stalled)
 
     async def admit(self, batch: Sequence[Any]) -> list[Any]:

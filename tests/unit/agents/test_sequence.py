@@ -317,3 +317,16 @@ def test_offsets_read_past_that_no_seek_brings_are_not_in_kafka() -> None:
     assert w.seq.stalled({TP0: 12}) == []
     assert w.admit([12]) == [12]
     w.close()
+
+
+def test_a_failed_seek_back_leaves_the_partition_readable_and_due_again() -> None:
+    w = Worker(committed=10, quiet_s=0.0)
+    assert w.admit([10]) == [10]
+
+    async def refused(tp: Any, offset: int) -> None:
+        raise RuntimeError("partition not assigned")
+
+    w.seq._seek = refused
+    assert w.loop.run_until_complete(w.seq.unstall({TP0: 12})) == 1
+    assert w.admit([11]) == [11]  # not held back by a seek that never happened
+    w.close()
