@@ -144,9 +144,10 @@ class InputSequence:
         self._next: dict[int, int] = {}
         self._seeking: dict[int, Any] = {}
         self._sought: dict[int, int] = {}
+        """Per partition, seeks made to its expected offset that a later record, or no
+        record at all, answered."""
         self._moved: dict[int, float] = {}
         """Per partition, when a record of it was last applied or it was last sought."""
-        """Per partition, seeks made to its expected offset that a later record answered."""
         self._generation = 0
         """Bumped by :meth:`forget`: a seek asked for before it is not made after it."""
         self._lock = asyncio.Lock()
