@@ -356,9 +356,11 @@ class Pipeline:
         async for batch in stream.take_events(settings.worker_batch_records,
                                               within=settings.worker_batch_within_s):
             try:
+                self.sequence.applying()  # no seek back of a quiet partition meanwhile
                 batch = await self.sequence.admit(batch)
                 self.acks.hold(batch)  # acknowledged once its writes are delivered (acks.py)
                 await self._batch(batch)
+                self.sequence.applied()
             except Exception as exc:  # noqa: BLE001 - bad input never gets here
                 # A restarted agent would go on past this batch, and its records would
                 # never be applied: stop the worker; restarted, it reads them again.

@@ -148,6 +148,8 @@ class InputSequence:
         record at all, answered."""
         self._moved: dict[int, float] = {}
         """Per partition, when a record of it was last applied or it was last sought."""
+        self._applying: float | None = None
+        """Since when the agent applies a batch (:meth:`applying`, :meth:`applied`)."""
         self._generation = 0
         """Bumped by :meth:`forget`: a seek asked for before it is not made after it."""
         self._lock = asyncio.Lock()
@@ -194,12 +196,29 @@ class InputSequence:
                 self._moved[tp.partition] = time.monotonic()
                 await self._seek(tp, offset)
 
+    def applying(self) -> None:
+        """The agent begins a batch: records waiting behind it are not missing, however
+        long it takes (a broker away holds its writes)."""
+        self._applying = time.monotonic()
+
+    def applied(self) -> None:
+        """The agent finished its batch. If that took a while, the quiet time of every
+        partition starts again now: their records had to wait behind it."""
+        began, self._applying = self._applying, None
+        now = time.monotonic()
+        if began is not None and now - began >= self.quiet_s / 2:
+            for partition in self._next:
+                self._moved[partition] = now
+
     def stalled(self, positions: Mapping[Any, int | None], *, now: float | None = None
                 ) -> list[Any]:
         """The partitions (of ``positions``: each's consumer position, the next offset it
         will fetch) that the consumer has read past the expected offset, while no record of
-        theirs was applied, nor were they sought, for :attr:`quiet_s`: a record went missing
-        with none behind it to show the gap (or, after a seek, none came at all)."""
+        theirs was applied, nor were they sought, for :attr:`quiet_s` while the agent waited
+        for records: a record went missing with none behind it to show the gap (or, after a
+        seek, none came at all)."""
+        if self._applying is not None:
+            return []
         now = time.monotonic() if now is None else now
         return [tp for tp, position in positions.items()
                 if position is not None and tp.partition in self._next

@@ -330,3 +330,27 @@ def test_a_failed_seek_back_leaves_the_partition_readable_and_due_again() -> Non
     assert w.loop.run_until_complete(w.seq.unstall({TP0: 12})) == 1
     assert w.admit([11]) == [11]  # not held back by a seek that never happened
     w.close()
+
+
+def test_records_waiting_behind_a_long_batch_are_not_missing() -> None:
+    # the broker-away test on Tansu: the agent held in a batch for 30 s while its writes
+    # waited, with the partitions read ahead of it
+    w = Worker(committed=10, quiet_s=0.2)
+    assert w.admit([10]) == [10]
+    w.seq.applying()
+    time.sleep(0.25)
+    assert w.seq.stalled({TP0: 20}) == []  # the agent is busy
+    w.seq.applied()  # a long batch: the quiet time starts again
+    assert w.seq.stalled({TP0: 20}) == []
+    assert w.seq.stalled({TP0: 20}, now=time.monotonic() + 0.2) == [TP0]
+    w.close()
+
+
+def test_short_batches_of_other_partitions_do_not_hide_a_stalled_one() -> None:
+    w = Worker(committed=10, quiet_s=0.2)
+    assert w.admit([10]) == [10]
+    for _ in range(5):
+        w.seq.applying()
+        w.seq.applied()
+    assert w.seq.stalled({TP0: 20}, now=time.monotonic() + 0.2) == [TP0]
+    w.close()
