@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
@@ -336,6 +337,24 @@ class LocalService:
         return f"{type(self).__name__}({self.host}:{port}, {self._state()}{self._repr_extra()})"
 
 
+def _stopped(pid: int) -> bool:
+    """True once every thread of ``pid`` is stopped (state ``T`` or ``t`` in /proc), or
+    where /proc cannot say."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return True
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue  # the thread ended meanwhile
+        if state not in (b"T", b"t"):
+            return False
+    return True
+
+
 class BrokerProcess(LocalService):
     """A broker run as one child process group (``start_new_session``): frozen and let go
     with SIGSTOP and SIGCONT, restarted on the same ports, its temporary directory removed
@@ -371,6 +390,13 @@ class BrokerProcess(LocalService):
         assert self._proc is not None
         os.killpg(self._proc.pid, signal.SIGSTOP)
         self._paused = True
+        # the signal takes effect asynchronously: return once the process is stopped, so
+        # that nothing sent after pause() is answered (CI once saw a produce succeed)
+        deadline = time.monotonic() + 5.0
+        while not _stopped(self._proc.pid):
+            if time.monotonic() > deadline:
+                raise ServiceError(f"the {self.SERVICE} did not stop within 5 s of SIGSTOP")
+            time.sleep(0.005)
 
     def resume(self) -> None:
         """Let a paused broker run again (SIGCONT); no-op when it is not paused."""
