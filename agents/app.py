@@ -175,7 +175,7 @@ class Pipeline:
             self.app.timer(settings.worker_cache_interval_s / 2,
                            name="write_out")(self._write_out_due)
         self.expiry = EdgeExpiry(  # silent edges leave the table (agents/expiry.py)
-            silent_s=settings.edge_expire_s, data=lambda: self.state.data, owns=self.owns,
+            silent_s=settings.edge_expire_s, items=self.rollups.owned_items,
             touched=self.cache.touched_edges, delete=self.delete,
             removable=lambda key, window: self.sink is not None and self.sink.removable(
                 key, window), busy=lambda: bool(self.app.in_recovery or self.app.rebalancing))

@@ -58,15 +58,15 @@ def drop_unowned(data: MutableMapping[str, Any], owned: Iterable[int]) -> list[s
 class EdgeExpiry:
     """Deletes silent edges of owned partitions (see the module docstring)."""
 
-    def __init__(self, *, silent_s: float, data: Callable[[], MutableMapping[str, Any]],
-                 owns: Callable[[int], bool], touched: Callable[[], set[str]],
-                 removable: Callable[[str, Any], bool],
+    def __init__(self, *, silent_s: float, items: Callable[[], Iterable[tuple[str, Any]]],
+                 touched: Callable[[], set[str]], removable: Callable[[str, Any], bool],
                  delete: Callable[[list[str]], Any], busy: Callable[[], bool],
                  clock: Callable[[], float] = time.time) -> None:
+        """``items``: the table's items of the partitions this worker owns now
+        (:meth:`pipeline.core.rollups.Rollups.owned_items`)."""
         self.silent_s = silent_s
         self._removable = removable
-        self._data = data
-        self._owns = owns
+        self._items = items
         self._busy = busy
         self._touched = touched
         self._delete = delete
@@ -83,19 +83,10 @@ class EdgeExpiry:
         way: the table may be partly restored); their keys."""
         if self.silent_s <= 0 or self._busy():
             return []
-        owned: dict[int, bool] = {}
-        items = []
-        for key, value in list(self._data().items()):
-            partition = parse_id(key)[1]
-            mine = owned.get(partition)
-            if mine is None:
-                mine = owned[partition] = self._owns(partition)
-            if mine:
-                items.append((key, value))
         touched = self._touched()
         keys: list[str] = []
         edges, edge_out = 0, False
-        for key in expired_edges(items, now=self._clock(), silent_s=self.silent_s,
+        for key in expired_edges(self._items(), now=self._clock(), silent_s=self.silent_s,
                                  removable=self._removable):
             if key[0] == "e":  # an edge key, followed by those of its windows
                 edge_out = key in touched

@@ -77,7 +77,8 @@ class Rollups:
         self._clock = clock
         self._owned = owned
 
-    def _items(self) -> Iterable[tuple[str, Any]]:
+    def owned_items(self) -> list[tuple[str, Any]]:
+        """The store's items of the source partitions owned now (a list: a snapshot)."""
         items = list(self._store.items())  # a snapshot: the worker keeps writing
         if self._owned is None:
             return items
@@ -132,7 +133,7 @@ class Rollups:
     def edges(self) -> list[tuple[int, tuple[str, str, str], EdgeMeta]]:
         """``(partition, edge, meta)`` of every owned edge state."""
         out = []
-        for key, value in self._items():
+        for key, value in self.owned_items():
             if isinstance(value, EdgeMeta):
                 _, partition, edge, _ = parse_id(key)
                 out.append((partition, split_edge_key(edge), value))  # type: ignore[arg-type]
@@ -140,13 +141,13 @@ class Rollups:
 
     def details(self) -> list[tuple[str, DetailBatch]]:
         """Kept events (``aggregate.keeps_detail``) of owned partitions, as ``(key, batch)``."""
-        return sorted(((k, v) for k, v in self._items() if isinstance(v, DetailBatch)),
+        return sorted(((k, v) for k, v in self.owned_items() if isinstance(v, DetailBatch)),
                       key=lambda kv: (parse_id(kv[0])[1], kv[1].offset))
 
     def windows(self) -> list[WindowRow]:
         """Every window held now, closed or not, sorted by (start, edge, partition)."""
         rows = []
-        for key, value in self._items():
+        for key, value in self.owned_items():
             if isinstance(value, WindowStats):
                 _, partition, edge, start = parse_id(key)
                 source, target, protocol = split_edge_key(edge)  # type: ignore[arg-type]
@@ -170,7 +171,7 @@ class Rollups:
         grace = self.config.grace_s
         by_partition: dict[int, tuple[float, bool]] = {}
         out = []
-        for key, value in self._items():
+        for key, value in self.owned_items():
             if not isinstance(value, WindowStats):
                 continue
             partition = int(key.split(SEP, 2)[1])
@@ -214,7 +215,7 @@ class Rollups:
                 ) -> CircuitView | None:
         """Circuit state of an edge (from the partition that saw it last)."""
         edge = edge_key(source_service, target_service, protocol)
-        metas = [v for k, v in self._items()
+        metas = [v for k, v in self.owned_items()
                  if isinstance(v, EdgeMeta) and parse_id(k)[2] == edge]
         if not metas:
             return None

@@ -7,6 +7,7 @@ from typing import Any
 
 from agents.expiry import EdgeExpiry, drop_unowned, expiry_interval
 from pipeline.core.batch import PartitionBatch
+from pipeline.core.rollups import Rollups
 from pipeline.core.store import edge_id, parse_id, partition_id, window_id
 from pipeline.core.window import WindowConfig
 from pipeline.wire.events import Event, edge_key
@@ -41,8 +42,9 @@ class Worker:
                 del store[key]
             self.deleted.extend(keys)
 
-        self.expiry = EdgeExpiry(silent_s=100.0, data=lambda: store,
-                                 owns=lambda p: p in owned, touched=lambda: touched or set(),
+        rollups = Rollups(store, CFG, idle_close_s=1e9, owned=owned.__contains__)
+        self.expiry = EdgeExpiry(silent_s=100.0, items=rollups.owned_items,
+                                 touched=lambda: touched or set(),
                                  removable=lambda key, window: stored,
                                  delete=delete, busy=lambda: busy, clock=lambda: now)
 
