@@ -22,7 +22,9 @@ side would have to copy. This module is the whole of what we need.
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from collections.abc import Iterable
+from itertools import accumulate
 from typing import Any, Final
 
 __all__ = ["ALPHA", "GAMMA", "ZERO_MS", "LatencySketch", "bucket_of", "value_of"]
@@ -106,42 +108,26 @@ class LatencySketch:
         self.max = max(self.max, other.max)
 
     def quantile(self, q: float) -> float | None:
-        """The ``q``-quantile (0 <= q <= 1) within 1 %; ``None`` when the sketch is empty."""
         if not 0.0 <= q <= 1.0:
             raise ValueError(f"quantile must be within [0, 1], got {q}")
-        if self.count == 0:
-            return None
-        rank = q * (self.count - 1)
-        seen = self.zero
-        if seen > rank:
-            return 0.0
-        for b in sorted(self.bins):
-            seen += self.bins[b]
-            if seen > rank:
-                return min(max(value_of(b), self.min), self.max)
-        return self.max  # unreachable when counts are consistent
+        return self.quantiles((q,))[0] if self.count else None
 
     def quantiles(self, qs: tuple[float, ...]) -> list[float]:
-        """:meth:`quantile` of each of ``qs`` (increasing) in one pass; empty sketch: []."""
+        """The value at rank ``floor(q * (count - 1))`` for each of ``qs`` (increasing),
+        from one cumulative pass over the buckets; empty sketch: []."""
         if self.count == 0:
             return []
         if list(qs) != sorted(qs) or not all(0.0 <= q <= 1.0 for q in qs):
             raise ValueError(f"quantiles must be increasing, within [0, 1], got {qs}")
+        keys, counts = zip(*sorted(self.bins.items())) if self.bins else ((), ())
+        # seen[i]: values at or below bucket keys[i - 1] (seen[0]: the zero bucket)
+        seen = list(accumulate(counts, initial=self.zero))
+        low, high, last = self.min, self.max, len(keys)
         out: list[float] = []
-        ranks = [q * (self.count - 1) for q in qs]
-        seen = self.zero
-        while ranks and seen > ranks[0]:
-            out.append(0.0)
-            ranks.pop(0)
-        bins = self.bins
-        for b in sorted(bins):
-            seen += bins[b]
-            while ranks and seen > ranks[0]:
-                out.append(min(max(value_of(b), self.min), self.max))
-                ranks.pop(0)
-            if not ranks:
-                break
-        out.extend(self.max for _ in ranks)  # unreachable when counts are consistent
+        for q in qs:
+            i = bisect_right(seen, q * (self.count - 1))  # the first with seen[i] > rank
+            out.append(0.0 if i == 0 else high if i > last
+                       else min(max(value_of(keys[i - 1]), low), high))
         return out
 
     @property

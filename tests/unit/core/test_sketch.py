@@ -261,3 +261,27 @@ def test_quantile_clamped_to_min_and_max() -> None:
     s = _sketch([100.0, 100.0, 100.0])
     for q in QUANTILES:
         assert s.quantile(q) == 100.0
+
+
+def _walked(sketch: LatencySketch, q: float) -> float:
+    """The rank's bucket found by walking the buckets one by one (the definition)."""
+    rank = q * (sketch.count - 1)
+    seen = sketch.zero
+    if seen > rank:
+        return 0.0
+    for b in sorted(sketch.bins):
+        seen += sketch.bins[b]
+        if seen > rank:
+            return min(max(value_of(b), sketch.min), sketch.max)
+    raise AssertionError("counts are inconsistent")
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_quantiles_in_one_pass_equal_the_bucket_walk(seed: int) -> None:
+    r = random.Random(seed)
+    sketch = LatencySketch()
+    for _ in range(r.choice((1, 2, 7, 300))):
+        sketch.add(r.choice((0.0, ZERO_MS / 2, r.uniform(0.01, 3.0), r.lognormvariate(3, 2))))
+    qs = tuple(sorted(r.random() for _ in range(5))) + (1.0,)
+    assert sketch.quantiles((0.0, *qs)) == [_walked(sketch, q) for q in (0.0, *qs)]
+    assert [sketch.quantile(q) for q in qs] == [_walked(sketch, q) for q in qs]
