@@ -129,16 +129,19 @@ def run(ctx: Context) -> list[Row]:
         create_topics(broker.bootstrap, [topic, f"{topic}.dlq"])
         ctx.say(f"metrics: producing {n:,} events over {edges:,} edges")
         produce_chunks(broker.bootstrap, topic, n, edges)
-        # no restart here, so Tansu's end offsets do not matter: the producer's usual batches
-        env = worker_env(broker.bootstrap, topic, COMMPIPE_RETAIN_WITHOUT_SINK_S=60,
-                         COMMPIPE_WORKER_PRODUCER_BATCH_BYTES=16384)
+        def env() -> dict[str, str]:
+            """A fresh app id each run: no worker recovers another's changelog, so
+            Tansu's end offsets do not matter (the producer's usual batches)."""
+            return worker_env(broker.bootstrap, topic, COMMPIPE_RETAIN_WITHOUT_SINK_S=60,
+                              COMMPIPE_WORKER_PRODUCER_BATCH_BYTES=16384)
+
         ctx.say(f"metrics: worker, not scraped ({cap} s once every edge is in)")
-        with workers("commpipe", env, ctx) as procs:
+        with workers("commpipe", env(), ctx) as procs:
             seeded(procs[0], edges)
             quiet = measure(procs, n, cap_s=cap)
         ctx.say(f"metrics: worker, scraped every {INTERVAL_S:.0f} s ({cap} s once every "
                 "edge is in)")
-        with workers("commpipe", env, ctx) as procs:
+        with workers("commpipe", env(), ctx) as procs:
             seeded(procs[0], edges)
             scraper = Scraper(procs[0], until_s=cap)
             try:
@@ -152,9 +155,11 @@ def run(ctx: Context) -> list[Row]:
     costs = [s[3] for s in scraper.done[1:]] + [last[3]]
     note = (f"{len(times)} scrapes while streaming: {', '.join(f'{t:.2f}' for t in times)} s, "
             f"{scraper.done[-1][1] / 1e6 if scraper.done else 0:.1f} MB each, edges reported "
-            f"{sizes}; the worker's own measure of each (loop / render / render CPU, s): "
-            + "; ".join(f"{c.get('loop', 0):.3f} / {c.get('render', 0):.2f} / "
-                        f"{c.get('render_cpu', 0):.2f}" for c in costs)
+            f"{sizes}; the worker's own measure of each (waiting for the loop / on it / "
+            f"render / render CPU, s): "
+            + "; ".join(f"{c.get('wait', 0):.3f} / {c.get('loop', 0):.3f} / "
+                        f"{c.get('render', 0):.2f} / {c.get('render_cpu', 0):.2f}"
+                        for c in costs)
             + f"; {n:,} events, {edges:,} edges, ~{PER_RECORD} events/record, sink off")
     return [
         Row(NAME, f"slowest scrape at {edges:,} edges, streaming (s)", worst, INTERVAL_S,
