@@ -7,12 +7,10 @@ Run with ``commpipe worker`` (creates the topics first) or
 One agent reads ``comm.events`` in batches (``take_events``): each record is
 decoded (one event or a batch of one edge's events), bad records and bad events
 go to ``comm.events.dlq`` with their reason, and the good events are applied
-per source partition by :class:`pipeline.core.batch.PartitionBatch`. Each
-changed key is written once per batch. Faust picks a table write's changelog
-partition from the stream's current event, which ``take_events`` leaves
-pointing at whichever event came last; we point it at an event of the partition
-being written, so state always lives in the changelog partition of the
-partition its records came from, whatever partitioner their producer used.
+per source partition by :class:`pipeline.core.batch.PartitionBatch`. The
+worker writes its table and changelog itself (the record cache): state always
+lives in the changelog partition of the partition its records came from,
+whatever partitioner their producer used.
 """
 
 from __future__ import annotations
@@ -251,6 +249,9 @@ class Pipeline:
     async def _revoked(self, sender: Any, revoked: Any, **_: Any) -> None:
         self.ready.revoked()
         self.sequence.forget()
+        if self.metrics_server is not None:  # counters keep what leaves (export/edges.py)
+            self.exposition.edges.retire(
+                tp.partition for tp in revoked if tp.topic == self.settings.topic)
 
     def _setup_consumer(self, consumer: Any) -> None:
         """The worker's aiokafka consumer, before it starts (agents/consumer.py)."""

@@ -95,17 +95,16 @@ class Rollups:
                 out.append((k, v))
         return out
 
-    def snapshot(self) -> tuple[list[tuple[str, Any]], frozenset[int] | None]:
-        """Every item of the store and the source partitions owned now (None: all), in one
-        cheap step: values are never changed in place (a batch writes fresh copies), so
-        another thread may read the items while the worker goes on writing. Partitions are
-        those with a partition state (``p`` key), which every batch writes."""
-        items = list(self._store.items())
-        if self._owned is None:
-            return items, None
+    def view(self) -> tuple[Mapping[str, Any], frozenset[int]]:
+        """The store itself, and the source partitions owned now that it holds a partition
+        state (``p`` key) of, which every batch writes. For a reader that finishes before
+        the worker writes again: the event loop, or a forked copy of the worker."""
+        store = self._store
+        while isinstance(getattr(store, "data", None), Mapping):
+            store = store.data  # a table's store, then its dict: no per-key hooks
+        present = {int(k[2:]) for k in store if k[0] == "p"}
         owned = self._owned
-        return items, frozenset(p for p in {int(k[2:]) for k, _ in items if k[0] == "p"}
-                                if owned(p))
+        return store, frozenset(present if owned is None else (p for p in present if owned(p)))
 
     def offset_of(self, key: str) -> int | None:
         """The source offset of the version the store holds now under ``key`` (None: none)."""

@@ -1,73 +1,218 @@
-"""The ``/metrics`` body without stopping the stream: rendered in the event loop, in slices.
+"""The ``/metrics`` body, rendered in a forked copy of the worker so that the stream goes on.
 
-:meth:`Exposition.scrape` runs in the event loop: between two of its steps (never in the
-middle of a table write) it takes the per-edge snapshot and renders the worker's own
-(small) metrics, then renders the per-edge text
-(:meth:`pipeline.export.edges.EdgeExporter.render_in_slices`) giving the loop back every
-10 ms, so batches go on between the slices. A thread rendering beside the loop was tried
-and measured worse: each of the loop's socket calls then waited for Python's lock (up to
-the 5 ms switch interval), and at 10,000 edges the stream crawled. The HTTP server's
-request thread calls :meth:`scrape_from_thread`, and gzips and sends the body itself
+A scrape at 10,000 edges is ~36 MB of text and most of a second of Python. Rendered by
+the worker's own process (in its event loop, or in a thread beside it: Python runs one
+of them at a time), that second is taken from the stream. Here the event loop, between
+two of its steps (never in the middle of a table write), only collects the worker's own
+(small) metrics and forks (a few milliseconds); the child's memory is the worker's at
+that instant (copy on write), so it is a consistent snapshot of the table for free. The
+child renders the text on another core, gzips it when asked, writes it and the render's
+small :class:`pipeline.export.edges.Outcome` to a pipe, and exits; the HTTP request's
+thread reads the pipe, applies the outcome (the series cap's state) and sends the body
 (:mod:`pipeline.export.server`).
+
+The child touches nothing it shares with the worker: its signal handlers go back to the
+defaults first (a signal to the child must not reach the worker's event loop through
+their shared wake-up pipe), it never logs or flushes the worker's buffers, and it ends
+with ``os._exit``. A child that takes longer than the timeout is killed and the scrape
+answers 503. One scrape renders at a time; others wait for it.
+
+Where ``os.fork`` does not exist, or with ``fork=False``, the event loop renders at once
+(the stream waits for it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import gc
+import gzip
+import os
+import pickle
+import select
+import signal
+import struct
+import threading
 import time
+import traceback
 from typing import Any
 
-from pipeline.export.edges import EdgeExporter
+from pipeline.export.edges import EdgeExporter, Outcome
 
-__all__ = ["CONTENT_TYPE", "Exposition", "worker_exposition"]
+__all__ = ["CONTENT_TYPE", "Exposition", "RenderFailed", "worker_exposition"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_HEAD = struct.Struct("!cQ")  # b"K" (a pickled outcome follows, then the body) or b"E"
+
+
+class RenderFailed(RuntimeError):
+    """The forked render failed or took too long (the scrape answers 503)."""
 
 
 class Exposition:
     """The whole ``/metrics`` body: per-edge series, then the registry's (worker) series."""
 
-    def __init__(self, edges: EdgeExporter, registry: Any) -> None:
+    def __init__(self, edges: EdgeExporter, registry: Any, *, fork: bool | None = None,
+                 timeout_s: float = 30.0) -> None:
         self.edges = edges
         self.registry = registry
-        self._lock = asyncio.Lock()
-        self.last: tuple[float, float, float] = (0.0, 0.0, 0.0)
-        """The previous scrape's seconds: the snapshot (on the loop), rendering from start to
-        end, and the loop's time in its slices."""
+        self.fork = hasattr(os, "fork") if fork is None else fork
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self.last: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+        """The previous scrape's seconds: waiting for the event loop, on it, the render
+        from the fork to its last byte, and the render's CPU."""
 
-    async def scrape(self) -> bytes:
-        """The body; run it in the event loop (:meth:`scrape_from_thread` from others)."""
+    # ---- the request's thread --------------------------------------------------------------
+
+    def scrape_from_thread(self, loop: asyncio.AbstractEventLoop, *, gzipped: bool = False
+                           ) -> bytes:
+        """The body (gzip-compressed if ``gzipped``), from a thread other than ``loop``'s
+        (the HTTP server's)."""
+        with self._lock:
+            deadline = time.monotonic() + self.timeout_s
+            began = time.perf_counter()
+            future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            loop.call_soon_threadsafe(self._on_loop, future, gzipped)
+            try:
+                started = future.result(self.timeout_s)
+            except concurrent.futures.TimeoutError:
+                if future.cancel():  # the loop never came to it: it never will now
+                    raise RenderFailed("the event loop did not answer in time") from None
+                started = future.result()  # it is forking: a moment
+            if isinstance(started, bytes):  # rendered in the loop (no fork)
+                return started
+            pid, fd, taken, on_loop = started
+            try:
+                frame = _read_all(fd, deadline)
+            finally:
+                os.close(fd)
+                _reap(pid, deadline)
+            outcome, body, cpu = _parse(frame)
+            self.edges.absorb(outcome)
+            self.last = (taken - began, on_loop, time.perf_counter() - taken - on_loop, cpu)
+            return body
+
+    # ---- the event loop ---------------------------------------------------------------------
+
+    def _on_loop(self, future: concurrent.futures.Future[Any], gzipped: bool) -> None:
+        if not future.set_running_or_notify_cancel():
+            return  # the request gave up waiting
+        try:
+            began = time.perf_counter()
+            if not self.fork:
+                future.set_result(self._render_here(gzipped))
+                return
+            from prometheus_client import generate_latest
+
+            worker = generate_latest(self.registry)
+            read, write = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child: never returns
+                _child(self, read, write, worker, gzipped)
+            os.close(write)
+            future.set_result((pid, read, began, time.perf_counter() - began))
+        except BaseException as e:  # noqa: BLE001 - the request's thread reports it
+            future.set_exception(e)
+
+    def _render_here(self, gzipped: bool) -> bytes:
         from prometheus_client import generate_latest
 
-        async with self._lock:
-            began = time.perf_counter()
-            snapshot = self.edges.snapshot()
-            worker = generate_latest(self.registry)
-            on_loop = time.perf_counter() - began
-            began = time.perf_counter()
-            edges, spent = await self.edges.render_in_slices(snapshot)
-            previous = self.last
-            self.last = (on_loop, time.perf_counter() - began, spent)
-        return self._with_cost(edges, worker, previous)
+        began, cpu = time.perf_counter(), time.process_time()
+        worker = generate_latest(self.registry)
+        edges, outcome = self.edges.render(self.edges.snapshot())
+        self.edges.absorb(outcome)
+        body = self.body(edges, worker)
+        took = time.perf_counter() - began
+        self.last = (0.0, took, took, time.process_time() - cpu)
+        return gzip.compress(body, compresslevel=1) if gzipped else body
 
-    def scrape_from_thread(self, loop: asyncio.AbstractEventLoop, timeout: float = 30.0
-                           ) -> bytes:
-        """The body, from a thread other than ``loop``'s (the HTTP server's)."""
-        return asyncio.run_coroutine_threadsafe(self.scrape(), loop).result(timeout)
-
-    def _with_cost(self, edges: bytes, worker: bytes, previous: tuple[float, float, float]
-                   ) -> bytes:
+    def body(self, edges: bytes, worker: bytes) -> bytes:
+        """The per-edge text, the worker's, and the previous scrape's cost."""
         ns = self.edges.ns
         cost = "".join(f'{ns}_exporter_scrape_seconds{{part="{part}"}} {value!r}\n'
-                       for part, value in zip(("loop", "render", "render_cpu"), previous,
-                                              strict=True))
+                       for part, value in zip(("wait", "loop", "render", "render_cpu"),
+                                              self.last, strict=True))
         return (edges + worker + f"# HELP {ns}_exporter_scrape_seconds The previous scrape's "
-                f"cost: the snapshot, rendering from start to end, and the event loop's "
-                f"time in its slices\n"
+                f"cost: waiting for the event loop, on it, the render from the fork to "
+                f"its last byte, and the render's CPU\n"
                 f"# TYPE {ns}_exporter_scrape_seconds gauge\n{cost}".encode())
 
     def close(self) -> None:
         """Nothing to release (kept for the server's stop)."""
+
+
+def _child(exposition: Exposition, read: int, write: int, worker: bytes,
+           gzipped: bool) -> None:
+    """The forked render: write its frame to ``write`` and exit, whatever happens."""
+    code = 1
+    try:
+        for sig in signal.valid_signals():
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                if signal.getsignal(sig) not in (signal.SIG_DFL, signal.SIG_IGN, None):
+                    signal.signal(sig, signal.SIG_DFL)
+        with contextlib.suppress(ValueError):
+            signal.set_wakeup_fd(-1)
+        gc.disable()  # short-lived: collecting would only copy the worker's pages
+        os.close(read)
+        cpu = time.process_time()
+        edges = exposition.edges
+        text, outcome = edges.render(edges.snapshot())
+        body = exposition.body(text, worker)
+        if gzipped:
+            body = gzip.compress(body, compresslevel=1)
+        head = pickle.dumps((outcome, time.process_time() - cpu), pickle.HIGHEST_PROTOCOL)
+        _write_all(write, _HEAD.pack(b"K", len(head)) + head)
+        _write_all(write, body)
+        code = 0
+    except BaseException:  # noqa: BLE001 - reported through the pipe, never raised here
+        with contextlib.suppress(BaseException):
+            text = traceback.format_exc(limit=8).encode()
+            _write_all(write, _HEAD.pack(b"E", len(text)) + text)
+    finally:
+        os._exit(code)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _read_all(fd: int, deadline: float) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise RenderFailed("the render took longer than its timeout")
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def _reap(pid: int, deadline: float) -> None:
+    """Wait for the child (killed if it is still there past ``deadline``)."""
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return
+            time.sleep(0.005)
+
+
+def _parse(frame: bytes) -> tuple[Outcome, bytes, float]:
+    if len(frame) < _HEAD.size:
+        raise RenderFailed("the render ended without an answer")
+    kind, size = _HEAD.unpack_from(frame)
+    data = frame[_HEAD.size:_HEAD.size + size]
+    if kind != b"K" or len(data) != size:
+        raise RenderFailed("the render failed: " + data.decode(errors="replace").strip()
+                           .rsplit("\n", 1)[-1])
+    outcome, cpu = pickle.loads(data)  # noqa: S301 - our own child's, through our pipe
+    return outcome, frame[_HEAD.size + size:], cpu
 
 
 def worker_exposition(worker: Any, settings: Any, rollups: Any, slo: Any,

@@ -3,9 +3,9 @@
 A scrape at 10,000 edges is megabytes of text. Served by the event loop (Faust's own web
 server), each part of it waited for the loop between two batches, and the transfer took
 many such turns; while the text was built, the loop stood still. Here a small threaded
-HTTP server answers instead: the loop takes the snapshot between two batches (never in the
-middle of a table write) and renders in 10 ms slices (:meth:`Exposition.scrape`); the gzip
-(when asked for) and the transfer happen in the request's thread.
+HTTP server answers instead: the loop only forks a copy of the worker that renders (and
+gzips, when asked) the body (:meth:`Exposition.scrape_from_thread`); the request's thread
+waits for it and sends it.
 
 Only ``/metrics``, ``/health`` (200 ``ok`` while the worker runs) and the pages in
 :attr:`MetricsServer.routes` are served; Faust's own pages (``/table/...`` shows table
@@ -47,9 +47,11 @@ class MetricsServer:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 path = self.path.split("?", 1)[0]
+                gzipped = "gzip" in self.headers.get("Accept-Encoding", "")
                 try:
-                    if path == "/metrics":
-                        body, kind = server.exposition.scrape_from_thread(loop), CONTENT_TYPE
+                    if path == "/metrics":  # compressed by the render when asked
+                        body = server.exposition.scrape_from_thread(loop, gzipped=gzipped)
+                        kind = CONTENT_TYPE
                     elif path == "/health":
                         body, kind = b"ok\n", "text/plain; charset=utf-8"
                     elif path in server.routes:
@@ -61,8 +63,7 @@ class MetricsServer:
                     log.error("metrics: %s failed (%s: %s)", path, type(e).__name__, e)
                     self.send_error(503, "the worker could not answer now")
                     return
-                gzipped = "gzip" in self.headers.get("Accept-Encoding", "")
-                if gzipped:
+                if gzipped and path != "/metrics":
                     body = gzip.compress(body, compresslevel=1)
                 self.send_response(200)
                 self.send_header("Content-Type", kind)
