@@ -119,7 +119,7 @@ class LatencySketch:
             return []
         if list(qs) != sorted(qs) or not all(0.0 <= q <= 1.0 for q in qs):
             raise ValueError(f"quantiles must be increasing, within [0, 1], got {qs}")
-        keys, counts = zip(*sorted(self.bins.items())) if self.bins else ((), ())
+        keys, counts = zip(*sorted(self.bins.items()), strict=True) if self.bins else ((), ())
         # seen[i]: values at or below bucket keys[i - 1] (seen[0]: the zero bucket)
         seen = list(accumulate(counts, initial=self.zero))
         low, high, last = self.min, self.max, len(keys)

@@ -17,8 +17,8 @@ their shared wake-up pipe), it never logs or flushes the worker's buffers, and i
 with ``os._exit``. A child that takes longer than the timeout is killed and the scrape
 answers 503. One scrape renders at a time; others wait for it.
 
-Where ``os.fork`` does not exist, or with ``fork=False``, the event loop renders at once
-(the stream waits for it).
+Where ``os.fork`` does not exist or fails (no memory or processes left for the copy: logged),
+or with ``fork=False``, the event loop renders at once (the stream waits for it).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import concurrent.futures
 import contextlib
 import gc
 import gzip
+import logging
 import os
 import pickle
 import select
@@ -43,6 +44,7 @@ from pipeline.export.edges import EdgeExporter, Outcome
 __all__ = ["CONTENT_TYPE", "Exposition", "RenderFailed", "worker_exposition"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+log = logging.getLogger("commpipe.metrics")
 _HEAD = struct.Struct("!cQ")  # b"K" (a pickled outcome follows, then the body) or b"E"
 
 
@@ -108,7 +110,15 @@ class Exposition:
 
             worker = generate_latest(self.registry)
             read, write = os.pipe()
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError as e:  # no memory or processes for a copy: render here
+                os.close(read)
+                os.close(write)
+                log.warning("metrics: could not fork the render (%s); rendering in the event "
+                            "loop, which the stream waits for", e)
+                future.set_result(self._render_here(gzipped))
+                return
             if pid == 0:  # the child: never returns
                 _child(self, read, write, worker, gzipped)
             os.close(write)

@@ -180,3 +180,20 @@ def test_a_signal_to_the_child_never_reaches_the_workers_loop(
     assert str(failed) == "the render ended without an answer"
     assert stopped == []
     assert no_children_left()
+
+
+def test_a_fork_that_fails_renders_in_the_loop(monkeypatch: pytest.MonkeyPatch,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    store = store_of_two_edges()
+    here, = scrapes(exposition(store, fork=False))
+
+    def no_memory() -> int:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(os, "fork", no_memory)
+    served, = scrapes(exposition(store, fork=True))
+    assert isinstance(here, bytes) and isinstance(served, bytes)
+    assert edge_part(served) == edge_part(here)
+    assert [r.getMessage() for r in caplog.records if "could not fork" in r.message] == [
+        "metrics: could not fork the render ([Errno 12] Cannot allocate memory); rendering "
+        "in the event loop, which the stream waits for"]
