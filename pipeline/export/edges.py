@@ -291,15 +291,15 @@ class EdgeExporter:
         if not retired and len(state.parts) == 1:
             meta, = state.parts.values()
             return meta.totals, meta.late_events
-        kept = [(m.totals, m.late_events) for m in state.parts.values()]
+        kept = {p: (m.totals, m.late_events) for p, m in state.parts.items()}
         for partition, (totals, late, offset) in (retired or {}).items():
             meta = state.parts.get(partition)
-            if meta is None:
-                kept.append((totals, late))
-            elif meta.offset >= offset:  # back with its state
+            if meta is not None and meta.offset >= offset:  # back with its state
                 forget.append((edge, partition, offset))
+            else:  # elsewhere (or back behind what it had here)
+                kept[partition] = (totals, late)
         t, late = EdgeTotals(), 0
-        for totals, n in kept:
+        for totals, n in kept.values():
             t.merge(totals)
             late += n
         return t, late
