@@ -74,12 +74,35 @@ def edge_part(body: bytes) -> dict[Any, float]:
             if k[0] != "commpipe_exporter_scrape_seconds"}
 
 
+FORKED: list[int] = []
+
+
+@pytest.fixture(autouse=True)
+def forks_recorded(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Each child's pid, so that a test can tell it was reaped (other children of this
+    process, the session's broker and database, are not its business)."""
+    fork = os.fork
+
+    def recorded() -> int:
+        pid = fork()
+        if pid:
+            FORKED.append(pid)
+        return pid
+
+    monkeypatch.setattr(os, "fork", recorded)
+    FORKED.clear()
+    yield
+
+
 def no_children_left() -> bool:
-    try:
-        os.waitpid(-1, os.WNOHANG)
-    except ChildProcessError:
-        return True
-    return False
+    """Every child the test forked has exited and was reaped."""
+    for pid in FORKED:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            continue
+        return False
+    return bool(FORKED)
 
 
 def test_a_forked_render_gives_the_loops_text_and_gzips_when_asked() -> None:
@@ -168,7 +191,7 @@ def test_a_signal_to_the_child_never_reaches_the_workers_loop(
     async def terminate_the_child(loop: asyncio.AbstractEventLoop) -> None:
         loop.add_signal_handler(signal.SIGTERM, stopped.append, 1)
         try:
-            while not pids.exists():
+            while not (pids.exists() and pids.read_text()):  # written whole, not begun
                 await asyncio.sleep(0.01)
             os.kill(int(pids.read_text()), signal.SIGTERM)
             await asyncio.sleep(0.5)  # a wake-up byte would be handled by now
