@@ -88,8 +88,8 @@ class Outcome:
     forget: list[tuple[Edge, int, int]]
     """Retired (edge, partition, offset) no longer needed: the edge left, or the partition
     came back with its state."""
-    edges: int = 0
-    series: int = 0
+    series: int
+    """Per-edge series reported."""
 
 
 @dataclass(slots=True)
@@ -193,8 +193,7 @@ class EdgeExporter:
                   for p, m in parts.items()}
         rows = {edge: self._row(edge, state, snap.store, closes, forget)
                 for edge, (_, state) in live.items()}
-        reported, outcome = self._admit(live, rows)
-        outcome.forget = forget
+        reported, outcome = self._admit(live, rows, forget)
         out: list[str] = []
         for head, text in zip(self.text.heads(), self.text.families(
                 [rows[e] for e in reported]), strict=True):
@@ -333,8 +332,8 @@ class EdgeExporter:
         return Row(lab, t, late, circuit, size + len(quantiles) + 1 + 3 * len(results),
                     window, quantiles, results)
 
-    def _admit(self, live: dict[Edge, tuple[float, _Edge]], rows: dict[Edge, Row]
-               ) -> tuple[list[Edge], Outcome]:
+    def _admit(self, live: dict[Edge, tuple[float, _Edge]], rows: dict[Edge, Row],
+               forget: list[tuple[Edge, int, int]]) -> tuple[list[Edge], Outcome]:
         """The edges reported, sorted: the cap counts series (see the module docstring)."""
         admitted = self._admitted
         order = sorted(live, key=lambda e: (e not in admitted, -live[e][0], e))
@@ -348,7 +347,7 @@ class EdgeExporter:
                 refused.add(edge)
         new = [(edge, rows[edge].size) for edge in sorted(refused - self._refused)]
         now = set(reported)
-        outcome = Outcome(None if now == admitted else now, refused, new, [],
-                          len(reported), self.max_series - budget)
+        outcome = Outcome(None if now == admitted else now, refused, new, forget,
+                          self.max_series - budget)
         reported.sort()
         return reported, outcome
