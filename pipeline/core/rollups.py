@@ -95,13 +95,19 @@ class Rollups:
                 out.append((k, v))
         return out
 
+    def data(self) -> Mapping[str, Any]:
+        """The store's plain mapping: a table's store, then its dict, read without their
+        per-key hooks."""
+        store = self._store
+        while isinstance(getattr(store, "data", None), Mapping):
+            store = store.data
+        return store
+
     def view(self) -> tuple[Mapping[str, Any], frozenset[int]]:
         """The store itself, and the source partitions owned now that it holds a partition
         state (``p`` key) of, which every batch writes. For a reader that finishes before
         the worker writes again: the event loop, or a forked copy of the worker."""
-        store = self._store
-        while isinstance(getattr(store, "data", None), Mapping):
-            store = store.data  # a table's store, then its dict: no per-key hooks
+        store = self.data()
         present = {int(k[2:]) for k in store if k[0] == "p"}
         owned = self._owned
         return store, frozenset(present if owned is None else (p for p in present if owned(p)))

@@ -139,7 +139,7 @@ class EdgeExporter:
         if not mine:
             return
         kept: list[tuple[Edge, int, Kept]] = []
-        store = self.rollups.view()[0]
+        store = self.rollups.data()
         for key in store:
             if key[0] != "e":
                 continue

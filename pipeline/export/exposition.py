@@ -102,13 +102,13 @@ class Exposition:
         if not future.set_running_or_notify_cancel():
             return  # the request gave up waiting
         try:
-            began = time.perf_counter()
-            if not self.fork:
-                future.set_result(self._render_here(gzipped))
-                return
             from prometheus_client import generate_latest
 
+            began = time.perf_counter()
             worker = generate_latest(self.registry)
+            if not self.fork:
+                future.set_result(self._render_here(gzipped, worker, began))
+                return
             read, write = os.pipe()
             try:
                 pid = os.fork()
@@ -117,7 +117,7 @@ class Exposition:
                 os.close(write)
                 log.warning("metrics: could not fork the render (%s); rendering in the event "
                             "loop, which the stream waits for", e)
-                future.set_result(self._render_here(gzipped))
+                future.set_result(self._render_here(gzipped, worker, began))
                 return
             if pid == 0:  # the child: never returns
                 _child(self, read, write, worker, gzipped)
@@ -126,11 +126,10 @@ class Exposition:
         except BaseException as e:  # noqa: BLE001 - the request's thread reports it
             future.set_exception(e)
 
-    def _render_here(self, gzipped: bool) -> bytes:
-        from prometheus_client import generate_latest
-
-        began, cpu = time.perf_counter(), time.process_time()
-        worker = generate_latest(self.registry)
+    def _render_here(self, gzipped: bool, worker: bytes, began: float) -> bytes:
+        """The body rendered in the loop, after ``worker`` (the registry's text) collected
+        from ``began``."""
+        cpu = time.process_time()
         edges, outcome = self.edges.render(self.edges.snapshot())
         self.edges.absorb(outcome)
         body = self.body(edges, worker)
