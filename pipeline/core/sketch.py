@@ -47,6 +47,10 @@ def value_of(bucket: int) -> float:
     return 2.0 * GAMMA**bucket / (GAMMA + 1.0)
 
 
+_CHECKED: set[tuple[float, ...]] = set()
+"""Quantile tuples :meth:`LatencySketch.quantiles` has checked (a few, asked often)."""
+
+
 class LatencySketch:
     """Log-bucket counts plus exact count, sum, min and max, in milliseconds."""
 
@@ -117,8 +121,11 @@ class LatencySketch:
         from one cumulative pass over the buckets; empty sketch: []."""
         if self.count == 0:
             return []
-        if list(qs) != sorted(qs) or not all(0.0 <= q <= 1.0 for q in qs):
-            raise ValueError(f"quantiles must be increasing, within [0, 1], got {qs}")
+        if qs not in _CHECKED:
+            if list(qs) != sorted(qs) or not all(0.0 <= q <= 1.0 for q in qs):
+                raise ValueError(f"quantiles must be increasing, within [0, 1], got {qs}")
+            if len(_CHECKED) < 64:
+                _CHECKED.add(tuple(qs))
         keys, counts = zip(*sorted(self.bins.items()), strict=True) if self.bins else ((), ())
         # seen[i]: values at or below bucket keys[i - 1] (seen[0]: the zero bucket)
         seen = list(accumulate(counts, initial=self.zero))

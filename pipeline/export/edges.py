@@ -94,10 +94,15 @@ class Outcome:
 
 @dataclass(slots=True)
 class _Edge:
+    name: str
+    """The edge as the table's keys write it."""
     parts: dict[int, EdgeMeta] = field(default_factory=dict)
     """Owned partitions' state of the edge now."""
-    windows: list[tuple[float, int, str]] = field(default_factory=list)
-    """(start, partition, key) of each of its windows."""
+
+
+PROBES = 4
+"""Window slots looked up per (partition, edge) from the newest that can be closed, before
+the edge's windows are looked for by a pass over the table (see ``_closed``)."""
 
 
 class EdgeExporter:
@@ -183,15 +188,16 @@ class EdgeExporter:
         exporter's state (not applied: :meth:`absorb`).
 
         Column by column: a pass over the live edges gathers each one's values, then each
-        family's lines are formatted over whole columns (``map`` over str.format)."""
+        family's lines are formatted over whole columns (one ``%`` per family)."""
         edges, parts = self._group(snap)
         forget: list[tuple[Edge, int, int]] = []
         live = self._live(edges, snap.now, forget)
         idle = self.rollups.idle_close_s
-        closes = {p: (m.watermark - self.config.grace_s,
+        closes = {p: (m.watermark, m.watermark - self.config.grace_s,
                       m.last_seen is not None and snap.now - m.last_seen >= idle)
                   for p, m in parts.items()}
-        rows = {edge: self._row(edge, state, snap.store, closes, forget)
+        closed = self._closed(live, snap.store, closes)
+        rows = {edge: self._row(edge, state, closed.get(edge), forget)
                 for edge, (_, state) in live.items()}
         reported, outcome = self._admit(live, rows, forget)
         out: list[str] = []
@@ -216,27 +222,23 @@ class EdgeExporter:
         return "".join(out).encode(), outcome
 
     def _group(self, snap: Snapshot) -> tuple[dict[Edge, _Edge], dict[int, PartitionMeta]]:
-        """The reported partitions' edge states and windows by edge (start, partition, key:
-        a window is read only if it is the one reported), and partition states."""
+        """The reported partitions' edge states by edge, and partition states (windows are
+        looked up later, only the one each edge reports)."""
         store = snap.store
         parts = {p: store[partition_id(p)] for p in snap.partitions}
         mine = {str(p): p for p in snap.partitions}  # as keys write it -> the partition
         by_name: dict[str, _Edge] = {}
         for key in store:
-            kind = key[0]
-            if kind == "d" or kind == "p":
+            if key[0] != "e":
                 continue
-            fields = key.split(SEP)
-            partition = mine.get(fields[1])
+            _, p, name = key.split(SEP, 2)
+            partition = mine.get(p)
             if partition is None:
                 continue
-            state = by_name.get(fields[2])
+            state = by_name.get(name)
             if state is None:
-                state = by_name[fields[2]] = _Edge()
-            if kind == "e":
-                state.parts[partition] = store[key]
-            else:
-                state.windows.append((float(fields[3]), partition, key))
+                state = by_name[name] = _Edge(name)
+            state.parts[partition] = store[key]
         return {tuple(name.split("\x1f")): state  # type: ignore[misc]
                 for name, state in by_name.items()}, parts
 
@@ -263,25 +265,63 @@ class EdgeExporter:
             forget.extend((edge, p, v[2]) for p, v in self._retired[edge].items())
         return live
 
-    @staticmethod
-    def _closed(state: _Edge, store: Mapping[str, Any], closes: dict[int, tuple[float, bool]]
-                ) -> list[tuple[int, WindowStats]]:
-        """The edge's last closed window, one row per partition. ``closes``: per owned
-        partition, its watermark less the grace, and whether it is closed by idleness."""
-        windows = state.windows
-        windows.sort(reverse=True)  # newest first: (start, partition) are unique
-        best, closed = -math.inf, []
-        for start, partition, key in windows:
-            if start < best:
-                break
-            close = closes.get(partition)
-            if close is None:
-                continue
-            stats = store[key]
-            if close[1] or stats.window_end <= close[0]:
-                best = start
-                closed.append((partition, stats))
-        return closed
+    def _closed(self, live: dict[Edge, tuple[float, _Edge]], store: Mapping[str, Any],
+                closes: dict[int, tuple[float, float, bool]]
+                ) -> dict[Edge, list[tuple[int, WindowStats]]]:
+        """Each edge's last closed window, one (partition, stats) per partition holding it
+        (partitions descending). ``closes``: per owned partition, its watermark, the
+        watermark less the grace (a window ending by then is closed), and whether idleness
+        closed all its windows.
+
+        A window's start is a multiple of the window size no later than its partition's
+        watermark (late events count in the watermark's window), so each (partition, edge)
+        looks up the slots from the newest that can be closed, down ``PROBES`` of them; the
+        windows of the few it does not find so are looked for in one pass over the table."""
+        size = self.config.size_s
+        floor = math.floor
+        newest: dict[tuple[Edge, int], tuple[float, WindowStats]] = {}
+        wanted: dict[str, tuple[Edge, int]] = {}
+        for edge, (_, state) in live.items():
+            name = state.name
+            for partition in state.parts:
+                watermark, limit, idle = closes[partition]
+                head = f"w{SEP}{partition}{SEP}{name}"
+                top = floor(watermark / size)
+                if not idle:
+                    top = min(top, floor(limit / size))
+                for k in range(top, top - PROBES, -1):
+                    start = float(k * size)
+                    stats = store.get(f"{head}{SEP}{start!r}")
+                    if stats is not None and (idle or stats.window_end <= limit):
+                        newest[edge, partition] = (start, stats)
+                        break
+                else:
+                    wanted[head] = (edge, partition)
+        if wanted:
+            for key in store:
+                if key[0] != "w":
+                    continue
+                head, _, text = key.rpartition(SEP)
+                found = wanted.get(head)
+                if found is None:
+                    continue
+                start, stats = float(text), store[key]
+                _, limit, idle = closes[found[1]]
+                if (idle or stats.window_end <= limit) and start > newest.get(
+                        found, (-math.inf,))[0]:
+                    newest[found] = (start, stats)
+        best: dict[Edge, float] = {}
+        out: dict[Edge, list[tuple[int, WindowStats]]] = {}
+        for (edge, partition), (start, stats) in newest.items():
+            if start > best.get(edge, -math.inf):
+                best[edge] = start
+                out[edge] = [(partition, stats)]
+            elif start == best[edge]:
+                out[edge].append((partition, stats))
+        for closed in out.values():
+            if len(closed) > 1:
+                closed.sort(key=lambda ps: -ps[0])
+        return out
 
     def _totals(self, edge: Edge, state: _Edge, forget: list[tuple[Edge, int, int]]
                 ) -> tuple[EdgeTotals, int]:
@@ -303,9 +343,8 @@ class EdgeExporter:
             late += n
         return t, late
 
-    def _row(self, edge: Edge, state: _Edge, store: Mapping[str, Any],
-             closes: dict[int, tuple[float, bool]], forget: list[tuple[Edge, int, int]]
-             ) -> Row:
+    def _row(self, edge: Edge, state: _Edge, closed: list[tuple[int, WindowStats]] | None,
+             forget: list[tuple[Edge, int, int]]) -> Row:
         """What the edge's lines show, and how many series they are."""
         t, late = self._totals(edge, state, forget)
         lab = labels(edge)
@@ -319,7 +358,6 @@ class EdgeExporter:
         derived = meta.derived.track.state
         if derived is not None:
             circuit, size = circuit + templates["derived", derived], size + 3
-        closed = self._closed(state, store, closes) if state.windows else []
         if not closed:
             return Row(lab, t, late, circuit, size)
         window = closed[0][1]

@@ -1,15 +1,15 @@
 """The exposition text of per-edge metrics: family heads, and each family's lines over
-every reported edge at once (``map`` over ``str.format`` templates: the formatting runs in
-C, the Python per edge is :class:`pipeline.export.edges.EdgeExporter`'s gathering of
-values into :class:`Row`)."""
+every reported edge at once (a ``%``-template of one edge's lines, repeated for every
+edge and filled in one ``%``: the formatting runs in C; the Python per edge is
+:class:`pipeline.export.edges.EdgeExporter`'s gathering of values into :class:`Row`)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import accumulate
-from operator import attrgetter, itemgetter
+from itertools import accumulate, chain, repeat
+from operator import attrgetter, itemgetter, truediv
 
 from pipeline.core.slo import Result
 from pipeline.core.totals import LATENCY_BUCKETS_S, EdgeTotals
@@ -92,18 +92,18 @@ class Text:
         }
         n = [self._heads[f][0] for f in self.FAMILIES]
         self.names = n
-        # str.format templates, {0} the edge's labels: one call per edge and family
-        self.simple = [f"{name}{{{{{{0}}}}}} {{1}}\n" for name in n[:5]]
-        self.hist = "".join(f'{n[6]}_bucket{{{{{{0}},le="{b!r}"}}}} {{{i + 1}}}\n'
-                             for i, b in enumerate(buckets))
-        last = len(buckets) + 1
-        self.hist += (f'{n[6]}_bucket{{{{{{0}},le="+Inf"}}}} {{{last}}}\n'
-                       f"{n[6]}_count{{{{{{0}}}}}} {{{last}}}\n"
-                       f"{n[6]}_sum{{{{{{0}}}}}} {{{last + 1}}}\n")
+        # %-templates of one edge's lines of a family, %s the edge's labels: a family is
+        # one ``%`` over the template repeated for every edge (see _lines)
+        self.simple = [f"{name}{{%s}} %s\n" for name in n[:5]]
+        self.hist = "".join(f'{n[6]}_bucket{{%s,le="{b!r}"}} %s\n' for b in buckets)
+        self.hist += (f'{n[6]}_bucket{{%s,le="+Inf"}} %s\n{n[6]}_count{{%s}} %s\n'
+                      f"{n[6]}_sum{{%s}} %r\n")
         self.index = [LATENCY_BUCKETS_S.index(b) for b in buckets]  # ValueError if not
         self.hist_size = len(buckets) + 3
-        self.quantile = "".join(f'{n[8]}{{{{{{0}},quantile="{q!r}"}}}} {{{i + 1}}}\n'
-                                 for i, q in enumerate(QUANTILES))
+        self.quantile = "".join(f'{n[8]}{{%s,quantile="{q!r}"}} %r\n' for q in QUANTILES)
+        self.ratio = f"{n[9]}{{%s}} %r\n"
+        self.slo = [f'{name}{{%s,objective="%s"}} %s\n' for name in n[10:13]]
+        # str.format templates, {0} the labels: one per edge, chosen by its circuit states
         self.circuit = {
             (source, now): "".join(f'{n[7]}{{{{{{0}},state="{s}",source="{source}"}}}} '
                                    f"{1 if s == now else 0}\n" for s in STATES)
@@ -119,29 +119,41 @@ class Text:
         labs = [r.lab for r in rows]
         totals = [r.totals for r in rows]
         simple, n = self.simple, self.names
-        out = ["".join(map(simple[i].format, labs, map(attrgetter(attr), totals)))
+        out = [_lines(simple[i], labs, list(map(attrgetter(attr), totals)))
                for i, attr in enumerate(("requests", "responses", "timeouts", "retries"))]
-        out.append("".join(map(simple[4].format, labs, [r.late for r in rows])))
+        out.append(_lines(simple[4], labs, [r.late for r in rows]))
         out.append("".join([f'{n[5]}{{{r.lab},error_type="{_escape(k)}"}} {c}\n'
                             for r in rows if r.totals.errors
                             for k, c in sorted(r.totals.errors.items())]))
         cums = [list(accumulate(t.buckets)) for t in totals]
-        columns = [list(map(itemgetter(i), cums)) for i in self.index]
-        out.append("".join(map(self.hist.format, labs, *columns, map(itemgetter(-1), cums),
-                               [repr(t.latency_sum_ms / 1000.0) for t in totals])))
+        columns: list[list[object]] = []
+        for i in self.index:
+            columns += (labs, list(map(itemgetter(i), cums)))
+        counts = list(map(itemgetter(-1), cums))
+        sums = list(map(truediv, map(attrgetter("latency_sum_ms"), totals), repeat(1000.0)))
+        out.append(_lines(self.hist, *columns, labs, counts, labs, counts, labs, sums))
         out.append("".join(map(str.format, [r.circuit for r in rows], labs)))
         windowed = [r for r in rows if r.window is not None]
         timed = [r for r in windowed if r.quantiles]
-        out.append("".join(map(self.quantile.format, [r.lab for r in timed],
-                               *[[repr(r.quantiles[i] / 1000.0) for r in timed]
-                                 for i in range(len(QUANTILES))])))
-        out.append("".join([f"{n[9]}{{{r.lab}}} {r.window.error_rate!r}\n"  # type: ignore
-                            for r in windowed]))
+        tlabs = [r.lab for r in timed]
+        out.append(_lines(self.quantile, *[column for i in range(len(QUANTILES)) for column in (
+            tlabs, [r.quantiles[i] / 1000.0 for r in timed])]))
+        out.append(_lines(self.ratio, [r.lab for r in windowed],
+                          [r.window.error_rate for r in windowed]))  # type: ignore[union-attr]
         judged = [(r.lab, result) for r in windowed for result in r.results]
-        out.append("".join([f'{n[10]}{{{lab},objective="{j.objective}"}} {1 if j.ok else 0}\n'
-                            for lab, j in judged]))
-        out.append("".join([f'{n[11]}{{{lab},objective="{j.objective}"}} {_fmt(j.measured)}\n'
-                            for lab, j in judged]))
-        out.append("".join([f'{n[12]}{{{lab},objective="{j.objective}"}} '
-                            f"{_fmt(j.threshold)}\n" for lab, j in judged]))
+        jlabs = [lab for lab, _ in judged]
+        objectives = [j.objective for _, j in judged]
+        out.append(_lines(self.slo[0], jlabs, objectives, [1 if j.ok else 0 for _, j in judged]))
+        out.append(_lines(self.slo[1], jlabs, objectives, [_fmt(j.measured) for _, j in judged]))
+        out.append(_lines(self.slo[2], jlabs, objectives,
+                          [_fmt(j.threshold) for _, j in judged]))
         return out
+
+
+def _lines(template: str, *columns: Sequence[object]) -> str:
+    """``template`` (one edge's lines; its i-th placeholder takes ``columns[i]``'s value of
+    the edge) over every edge: one ``%`` over the template repeated, so the formatting of
+    a family runs in C."""
+    if not columns[0]:
+        return ""
+    return (template * len(columns[0])) % tuple(chain.from_iterable(zip(*columns, strict=True)))

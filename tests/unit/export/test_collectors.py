@@ -229,6 +229,62 @@ def test_last_closed_window_gauges_and_circuit_states() -> None:
     assert sum(states.values()) == 2
 
 
+def ratio_and_p50(got: Scraped, edge: tuple[str, str, str]) -> tuple[float, float] | None:
+    p = "commpipe_communication"
+    if (f"{p}_error_ratio", lab(edge)) not in got:
+        return None
+    return (got[(f"{p}_error_ratio", lab(edge))],
+            got[(f"{p}_latency_quantile_seconds", lab(edge, quantile="0.5"))])
+
+
+def test_the_last_closed_window_is_found_however_far_back_or_misaligned() -> None:
+    """The exporter looks windows up by their slot from the watermark down (PROBES slots),
+    then by a pass over the table: every case below reports the same window either way."""
+    store: dict[str, Any] = {}
+    quiet, new, late = ("q", "x", "http"), ("n", "x", "http"), ("l", "x", "http")
+    # quiet: one error (40 ms) at T0+1, then silence while B runs to T0+95: its only window,
+    # 9 slots behind the watermark, is the last closed one
+    feed(store, 0, 1, [ev(quiet, "error", T0 + 1, 1, error_type="x", latency_ms=40.0)],
+         now=100.0)
+    # late: a response at T0+52 (window T0+50), then, once B has moved the watermark to
+    # T0+95, one 50 s late, counted in the watermark's window (T0+90, open): the last
+    # closed window stays T0+50
+    feed(store, 0, 2, [ev(late, "response", T0 + 52, 2, latency_ms=9.0)], now=100.0)
+    feed(store, 0, 3, [ev(B, "response", T0 + 95, 3, latency_ms=5.0)], now=100.0)
+    feed(store, 0, 4, [ev(late, "response", T0 + 45, 4, latency_ms=1.0)], now=100.0)
+    # new: events in the open window only (nothing of it closed)
+    feed(store, 0, 5, [ev(new, "response", T0 + 93, 5, latency_ms=7.0)], now=100.0)
+    # on partition 1, a window stored under another size (the worker ran with 7 s
+    # windows; its start, T0+71, is no slot of the 10 s windows), then 10 s windows again
+    odd = WindowConfig(size_s=7.0, grace_s=5.0)
+    C = ("o", "x", "http")
+    batch = PartitionBatch(1, odd, store)
+    batch.apply(1, [ev(C, "error", T0 + 71.5, 6, error_type="y", latency_ms=30.0)],
+                record_ts=T0 + 100, now=T0 + 100)
+    store.update(batch.changes())
+    feed(store, 1, 2, [ev(A, "request", T0 + 95, 7)], now=100.0)
+
+    def report(idle_s: float) -> Scraped:
+        return scrape(EdgeExporter(Rollups(store, CFG, idle_close_s=idle_s),
+                                   clock=lambda: T0 + 100.0))
+
+    got = report(1e9)
+    assert ratio_and_p50(got, quiet) == (1.0, pytest.approx(0.040, rel=0.01))
+    assert ratio_and_p50(got, new) is None
+    assert ratio_and_p50(got, late) == (0.0, pytest.approx(0.009, rel=0.01))
+    assert ratio_and_p50(got, C) == (1.0, pytest.approx(0.030, rel=0.01))
+    assert ratio_and_p50(got, B) is None  # its only window, T0+90, is open
+    # closed for idleness, every window is closed: each edge's newest counts
+    got = report(0.0)
+    assert ratio_and_p50(got, new) == (0.0, pytest.approx(0.007, rel=0.01))
+    assert ratio_and_p50(got, B) == (0.0, pytest.approx(0.005, rel=0.01))
+    assert ratio_and_p50(got, C) == (1.0, pytest.approx(0.030, rel=0.01))
+    p = "commpipe_communication"
+    # the late event's window holds no latency: a ratio of 0 outcomes, no quantiles
+    assert got[(f"{p}_error_ratio", lab(late))] == 0.0
+    assert (f"{p}_latency_quantile_seconds", lab(late, quantile="0.5")) not in got
+
+
 def test_worker_metrics() -> None:
     store: dict[str, Any] = {}
     feed(store, 0, 1, [ev(A, "request", T0 + 1, 1), ev(A, "request", T0 + 30, 2)], now=1.0)
