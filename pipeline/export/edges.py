@@ -185,7 +185,13 @@ class EdgeExporter:
 
     def render(self, snap: Snapshot) -> tuple[bytes, Outcome]:
         """The exposition text (Prometheus 0.0.4) of ``snap``, and what it changes of the
-        exporter's state (not applied: :meth:`absorb`).
+        exporter's state (not applied: :meth:`absorb`)."""
+        pieces, outcome = self.render_pieces(snap)
+        return "".join(pieces).encode(), outcome
+
+    def render_pieces(self, snap: Snapshot) -> tuple[list[str], Outcome]:
+        """:meth:`render`'s text in pieces (a family's head, its lines, ...), for a writer
+        that sends them one by one rather than copying 36 MB (10,000 edges) into one.
 
         Column by column: a pass over the live edges gathers each one's values, then each
         family's lines are formatted over whole columns (one ``%`` per family)."""
@@ -219,7 +225,7 @@ class EdgeExporter:
                    f"the series cap\n# TYPE {ns}_exporter_edges_refused_total counter\n"
                    f"{ns}_exporter_edges_refused_total "
                    f"{self.refusals + len(outcome.new_refusals)}\n")
-        return "".join(out).encode(), outcome
+        return out, outcome
 
     def _group(self, snap: Snapshot) -> tuple[dict[Edge, _Edge], dict[int, PartitionMeta]]:
         """The reported partitions' edge states by edge, and partition states (windows are

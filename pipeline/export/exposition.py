@@ -37,6 +37,8 @@ import struct
 import threading
 import time
 import traceback
+import zlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from pipeline.export.edges import EdgeExporter, Outcome
@@ -45,7 +47,9 @@ __all__ = ["CONTENT_TYPE", "Exposition", "RenderFailed", "worker_exposition"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 log = logging.getLogger("commpipe.metrics")
-_HEAD = struct.Struct("!cQ")  # b"K" (a pickled outcome follows, then the body) or b"E"
+_TAIL = struct.Struct("!Qc3s")
+"""What ends the child's answer, after the body and a payload of the given size: b"K" (the
+payload is the pickled outcome and CPU) or b"E" (a traceback), then b"end"."""
 
 
 class RenderFailed(RuntimeError):
@@ -139,14 +143,19 @@ class Exposition:
 
     def body(self, edges: bytes, worker: bytes) -> bytes:
         """The per-edge text, the worker's, and the previous scrape's cost."""
+        return edges + self.tail(worker).encode()
+
+    def tail(self, worker: bytes) -> str:
+        """What follows the per-edge text: the worker's own series (the registry's text)
+        and the previous scrape's cost."""
         ns = self.edges.ns
         cost = "".join(f'{ns}_exporter_scrape_seconds{{part="{part}"}} {value!r}\n'
                        for part, value in zip(("wait", "loop", "render", "render_cpu"),
                                               self.last, strict=True))
-        return (edges + worker + f"# HELP {ns}_exporter_scrape_seconds The previous scrape's "
-                f"cost: waiting for the event loop, on it, the render from the fork to "
-                f"its last byte, and the render's CPU\n"
-                f"# TYPE {ns}_exporter_scrape_seconds gauge\n{cost}".encode())
+        return (worker.decode() + f"# HELP {ns}_exporter_scrape_seconds The previous "
+                f"scrape's cost: waiting for the event loop, on it, the render from the "
+                f"fork to its last byte, and the render's CPU\n"
+                f"# TYPE {ns}_exporter_scrape_seconds gauge\n{cost}")
 
     def close(self) -> None:
         """Nothing to release (kept for the server's stop)."""
@@ -167,20 +176,32 @@ def _child(exposition: Exposition, read: int, write: int, worker: bytes,
         os.close(read)
         cpu = time.process_time()
         edges = exposition.edges
-        text, outcome = edges.render(edges.snapshot())
-        body = exposition.body(text, worker)
-        if gzipped:
-            body = gzip.compress(body, compresslevel=1)
-        head = pickle.dumps((outcome, time.process_time() - cpu), pickle.HIGHEST_PROTOCOL)
-        _write_all(write, _HEAD.pack(b"K", len(head)) + head)
-        _write_all(write, body)
+        pieces, outcome = edges.render_pieces(edges.snapshot())
+        # the pieces one by one, each encoded (and compressed) as it goes: joining them
+        # would copy 36 MB at 10,000 edges, twice, into pages the child must fault in
+        pieces.append(exposition.tail(worker))
+        out: Iterable[bytes] = map(str.encode, pieces)
+        for chunk in _gzip(out) if gzipped else out:
+            _write_all(write, chunk)
+        done = pickle.dumps((outcome, time.process_time() - cpu), pickle.HIGHEST_PROTOCOL)
+        _write_all(write, done + _TAIL.pack(len(done), b"K", b"end"))
         code = 0
     except BaseException:  # noqa: BLE001 - reported through the pipe, never raised here
         with contextlib.suppress(BaseException):
             text = traceback.format_exc(limit=8).encode()
-            _write_all(write, _HEAD.pack(b"E", len(text)) + text)
+            _write_all(write, text + _TAIL.pack(len(text), b"E", b"end"))
     finally:
         os._exit(code)
+
+
+def _gzip(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """``chunks`` as one gzip stream (level 1: text compresses ~20x even so)."""
+    z = zlib.compressobj(1, zlib.DEFLATED, 31)  # wbits 16 + 15: the gzip container
+    for chunk in chunks:
+        out = z.compress(chunk)
+        if out:
+            yield out
+    yield z.flush()
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -213,15 +234,19 @@ def _reap(pid: int, deadline: float) -> None:
 
 
 def _parse(frame: bytes) -> tuple[Outcome, bytes, float]:
-    if len(frame) < _HEAD.size:
+    """The child's answer: its outcome, the body before it, and its CPU."""
+    end = len(frame) - _TAIL.size
+    if end < 0:
         raise RenderFailed("the render ended without an answer")
-    kind, size = _HEAD.unpack_from(frame)
-    data = frame[_HEAD.size:_HEAD.size + size]
-    if kind != b"K" or len(data) != size:
+    size, kind, mark = _TAIL.unpack_from(frame, end)
+    if mark != b"end" or size > end:
+        raise RenderFailed("the render ended without an answer")
+    data = frame[end - size:end]
+    if kind != b"K":
         raise RenderFailed("the render failed: " + data.decode(errors="replace").strip()
                            .rsplit("\n", 1)[-1])
     outcome, cpu = pickle.loads(data)  # noqa: S301 - our own child's, through our pipe
-    return outcome, frame[_HEAD.size + size:], cpu
+    return outcome, frame[:end - size], cpu
 
 
 def worker_exposition(worker: Any, settings: Any, rollups: Any, slo: Any,

@@ -144,7 +144,7 @@ def test_a_failing_render_answers_with_its_error_and_leaves_no_child(
     def broken(snapshot: Any) -> Any:
         raise KeyError("no such window")
 
-    monkeypatch.setattr(ex.edges, "render", broken)
+    monkeypatch.setattr(ex.edges, "render_pieces", broken)
     failed, = scrapes(ex)
     assert isinstance(failed, RenderFailed)
     assert str(failed) == "the render failed: KeyError: 'no such window'"
@@ -161,7 +161,7 @@ def test_a_render_past_its_timeout_is_killed(monkeypatch: pytest.MonkeyPatch,
         pids.write_text(str(os.getpid()))
         time.sleep(60)
 
-    monkeypatch.setattr(ex.edges, "render", hangs)
+    monkeypatch.setattr(ex.edges, "render_pieces", hangs)
     began = time.monotonic()
     failed, = scrapes(ex)
     assert isinstance(failed, RenderFailed)
@@ -178,14 +178,14 @@ def test_a_signal_to_the_child_never_reaches_the_workers_loop(
     SIGTERM to the child would stop the worker."""
     ex = exposition(store_of_two_edges(), fork=True)
     pids = tmp_path / "pid"
-    render = ex.edges.render
+    render = ex.edges.render_pieces
 
     def slow(snapshot: Any) -> Any:
         pids.write_text(str(os.getpid()))
         time.sleep(2)
         return render(snapshot)
 
-    monkeypatch.setattr(ex.edges, "render", slow)
+    monkeypatch.setattr(ex.edges, "render_pieces", slow)
     stopped: list[int] = []
 
     async def terminate_the_child(loop: asyncio.AbstractEventLoop) -> None:
