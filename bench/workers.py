@@ -64,11 +64,16 @@ def run_commpipe(settings: Settings) -> None:
 
 def _run(app: Any, settings: Settings) -> None:
     """As ``commpipe worker`` runs a worker: without Faust's terminal spinner, which sets
-    the root logger to DEBUG (every library then builds debug records it drops)."""
+    the root logger to DEBUG (every library then builds debug records it drops), and with
+    rare full garbage collections (agents/memory.py; the naive agent too: a baseline gets
+    what costs nothing to copy)."""
     from faust import Worker
+
+    from agents import memory
 
     worker = Worker(app, loglevel=settings.worker_loglevel)
     worker.spinner = None
+    memory.tune()
     worker.execute_from_commandline()
 
 

@@ -146,10 +146,12 @@ def add_commands(app: Any, console: Any, out: Any) -> None:
             raise typer.Exit(1) from None
         from faust import Worker
 
+        from agents import memory
         from agents.app import create_app
 
         pipeline = create_app(settings)
         worker = Worker(pipeline.app, loglevel=settings.worker_loglevel)
+        memory.tune()  # rare full collections (agents/memory.py)
         # Faust's terminal spinner sets the root logger to DEBUG at warn and above, so every
         # library builds debug records that are then dropped (~12 % of the worker's CPU)
         worker.spinner = None
