@@ -79,7 +79,7 @@ class Rollups:
 
     def owned_items(self) -> list[tuple[str, Any]]:
         """The store's items of the source partitions owned now (a list: a snapshot)."""
-        items = list(self._store.items())  # a snapshot: the worker keeps writing
+        items = list(self.data().items())  # a snapshot: the worker keeps writing
         if self._owned is None:
             return items
         # owned() asks the assignor each time: once per partition, not once per key (at
@@ -114,11 +114,11 @@ class Rollups:
 
     def offset_of(self, key: str) -> int | None:
         """The source offset of the version the store holds now under ``key`` (None: none)."""
-        value = self._store.get(key)
+        value = self.data().get(key)  # the table's get runs Faust's hooks: ~2 us a key
         return None if value is None else value.offset
 
     def partition_meta(self, partition: int) -> PartitionMeta | None:
-        return self._store.get(partition_id(partition))
+        return self.data().get(partition_id(partition))
 
     def is_closed(self, partition: int, window_end: float, *, now: float | None = None) -> bool:
         meta = self.partition_meta(partition)
