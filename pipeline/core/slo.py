@@ -160,15 +160,17 @@ class Result(NamedTuple):
     """How far past the threshold (same unit as ``measured``; 0 when it held)."""
 
 
-def evaluate(edge: tuple[str, str, str], stats: WindowStats, objectives: Objectives
-             ) -> list[Result]:
-    """Every objective that one (merged) window of ``edge`` gives something to judge."""
+def evaluate(edge: tuple[str, str, str], stats: WindowStats, objectives: Objectives, *,
+             p95: float | None = None) -> list[Result]:
+    """Every objective that one (merged) window of ``edge`` gives something to judge.
+    ``p95``: the window's ``latency.quantile(0.95)``, if the caller has it already."""
     out: list[Result] = []
     sketch = stats.latency
     enough = objectives.min_outcomes
     if sketch.count:
         if edge[2] in objectives.sync_protocols and sketch.count >= enough:
-            p95 = sketch.quantile(0.95)
+            if p95 is None:
+                p95 = sketch.quantile(0.95)
             limit = objectives.latency_p95_ms
             held = p95 < limit * (1.0 + ALPHA)  # the sketch's error in the edge's favour
             out.append(Result("latency_p95", limit, p95, held, 0.0 if held else p95 - limit))

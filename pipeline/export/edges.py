@@ -100,6 +100,7 @@ class _Edge:
     """Owned partitions' state of the edge now."""
 
 
+_P95 = QUANTILES.index(0.95)
 PROBES = 4
 """Window slots looked up per (partition, edge) from the newest that can be closed, before
 the edge's windows are looked for by a pass over the table (see ``_closed``)."""
@@ -372,7 +373,8 @@ class EdgeExporter:
             for _, stats in closed:
                 window.merge(stats)
         quantiles = window.latency.quantiles(QUANTILES)
-        results = evaluate(edge, window, self.slo.for_edge(edge))
+        results = evaluate(edge, window, self.slo.for_edge(edge),
+                           p95=quantiles[_P95] if quantiles else None)
         return Row(lab, t, late, circuit, size + len(quantiles) + 1 + 3 * len(results),
                     window, quantiles, results)
 

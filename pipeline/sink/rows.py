@@ -30,6 +30,7 @@ __all__ = ["Prepared", "part_json", "prepare", "quantiles"]
 
 Edge = tuple[str, str, str]
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
+_P95 = QUANTILES.index(0.95)
 _EMPTY = "{}"
 
 
@@ -81,8 +82,9 @@ def quantiles(sketch: LatencySketch) -> tuple[float | None, ...]:
 
 
 def rollup_row(start: float, end: float, edge: Edge, stats: WindowStats,
-               partitions: int) -> tuple[Any, ...]:
-    """One ``communication_rollups`` row, as :func:`pipeline.sink.sql.rollup_values`."""
+               partitions: int, q: tuple[float | None, ...] | None = None) -> tuple[Any, ...]:
+    """One ``communication_rollups`` row, as :func:`pipeline.sink.sql.rollup_values`
+    (``q``: :func:`quantiles` of its sketch, if the caller has them)."""
     sketch = stats.latency
     has = sketch.count > 0
     errors = stats.errors
@@ -91,7 +93,7 @@ def rollup_row(start: float, end: float, edge: Edge, stats: WindowStats,
     return (start, end, *edge, stats.requests, stats.responses, failed - stats.timeouts,
             stats.timeouts, stats.retries, stats.retry_backoff_ms, stats.late_events,
             stats.payload_bytes, sketch.count, sketch.sum, sketch.min if has else None,
-            *quantiles(sketch), sketch.max if has else None,
+            *(quantiles(sketch) if q is None else q), sketch.max if has else None,
             failed / max(outcomes, 1), stats.reported_state or stats.derived_state,
             stats.derived_state, _json(errors), _json(stats.health), _json(stats.transitions),
             orjson.dumps(sketch.to_json()).decode(), partitions)
@@ -115,13 +117,14 @@ class Judge:
         self.config = config
         self._by_edge: dict[Edge, Objectives] = {}
 
-    def rows(self, start: float, end: float, edge: Edge, stats: WindowStats
-             ) -> list[tuple[Any, ...]]:
-        """The ``communication_slo`` rows of one (merged) window."""
+    def rows(self, start: float, end: float, edge: Edge, stats: WindowStats, *,
+             p95: float | None = None) -> list[tuple[Any, ...]]:
+        """The ``communication_slo`` rows of one (merged) window (``p95``: its sketch's, if
+        the caller has it)."""
         objectives = self._by_edge.get(edge)
         if objectives is None:
             objectives = self._by_edge[edge] = self.config.for_edge(edge)
-        return [(start, end, *edge, *r) for r in evaluate(edge, stats, objectives)]
+        return [(start, end, *edge, *r) for r in evaluate(edge, stats, objectives, p95=p95)]
 
 
 def prepare(windows: Sequence[WindowRow], judge: Judge) -> Prepared:
@@ -140,6 +143,7 @@ def prepare(windows: Sequence[WindowRow], judge: Judge) -> Prepared:
         parts.append((start, *edge, w.partition, end, stats.offset, part_json(stats)))
         if shared and (start, *edge) in shared:
             continue
-        rollups.append(rollup_row(start, end, edge, stats, 1))
-        slo.extend(judge.rows(start, end, edge, stats))
+        q = quantiles(stats.latency)
+        rollups.append(rollup_row(start, end, edge, stats, 1, q))
+        slo.extend(judge.rows(start, end, edge, stats, p95=q[_P95]))
     return out
