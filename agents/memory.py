@@ -20,9 +20,11 @@ scrape from 0.5-1.0 s down to under 5 ms. Cyclic garbage is still collected, onl
 
 from __future__ import annotations
 
+import contextlib
 import gc
+from collections.abc import Iterator
 
-__all__ = ["THRESHOLDS", "tune"]
+__all__ = ["THRESHOLDS", "tune", "tuned"]
 
 THRESHOLDS = (50_000, 20, 10)
 """``gc.set_threshold``: young collections every 50,000 allocations (CPython: 700), the
@@ -34,3 +36,16 @@ def tune() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*THRESHOLDS)
+
+
+@contextlib.contextmanager
+def tuned() -> Iterator[None]:
+    """:func:`tune` for a while (a benchmark running the worker's code in its own process),
+    then CPython's policy back."""
+    thresholds = gc.get_threshold()
+    tune()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)

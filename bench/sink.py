@@ -156,6 +156,13 @@ def copy_rate(dialect: str, where: str, windows: list[WindowRow], workdir: Any) 
 
 
 def run(ctx: Context) -> list[Row]:
+    from agents import memory
+
+    with memory.tuned():  # as in the worker, whose sink this is
+        return _run(ctx)
+
+
+def _run(ctx: Context) -> list[Row]:
     n = ctx.size(50_000, 10_000)
     pg_base, duck_base = ctx.size(20_000, 5_000), ctx.size(1_000, 200)
     rollups = closed_windows(n)

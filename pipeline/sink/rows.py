@@ -40,10 +40,15 @@ def _sketch(value: Any) -> Any:
     raise TypeError(f"cannot serialise {type(value).__name__} in a window")
 
 
-def part_json(stats: WindowStats) -> str:
+def part_json(stats: WindowStats, sketch: bytes | None = None) -> str:
     """The part's ``stats`` column: :meth:`WindowStats.to_json` as JSON text (orjson reads
-    the dataclass' fields itself; the sketch goes through its own ``to_json``)."""
-    return orjson.dumps(stats, default=_sketch).decode()
+    the dataclass' fields itself; the sketch goes through its own ``to_json``, or is
+    ``sketch``, its JSON made already)."""
+    if sketch is None:
+        return orjson.dumps(stats, default=_sketch).decode()
+    made = orjson.Fragment(sketch)
+    return orjson.dumps(stats, default=lambda v: made if v is stats.latency else _sketch(v)
+                        ).decode()
 
 
 def _json(value: dict[str, Any]) -> str:
@@ -82,9 +87,11 @@ def quantiles(sketch: LatencySketch) -> tuple[float | None, ...]:
 
 
 def rollup_row(start: float, end: float, edge: Edge, stats: WindowStats,
-               partitions: int, q: tuple[float | None, ...] | None = None) -> tuple[Any, ...]:
+               partitions: int, q: tuple[float | None, ...] | None = None,
+               sketch_json: bytes | None = None) -> tuple[Any, ...]:
     """One ``communication_rollups`` row, as :func:`pipeline.sink.sql.rollup_values`
-    (``q``: :func:`quantiles` of its sketch, if the caller has them)."""
+    (``q``: :func:`quantiles` of its sketch, ``sketch_json`` its JSON, if the caller has
+    them)."""
     sketch = stats.latency
     has = sketch.count > 0
     errors = stats.errors
@@ -96,7 +103,8 @@ def rollup_row(start: float, end: float, edge: Edge, stats: WindowStats,
             *(quantiles(sketch) if q is None else q), sketch.max if has else None,
             failed / max(outcomes, 1), stats.reported_state or stats.derived_state,
             stats.derived_state, _json(errors), _json(stats.health), _json(stats.transitions),
-            orjson.dumps(sketch.to_json()).decode(), partitions)
+            (orjson.dumps(sketch.to_json()) if sketch_json is None else sketch_json).decode(),
+            partitions)
 
 
 @dataclass
@@ -140,10 +148,11 @@ def prepare(windows: Sequence[WindowRow], judge: Judge) -> Prepared:
         stats = w.stats
         edge = (w.source_service, w.target_service, w.protocol)
         start, end = w.window_start, w.window_end
-        parts.append((start, *edge, w.partition, end, stats.offset, part_json(stats)))
+        sketch = orjson.dumps(stats.latency.to_json())  # once, for the part and the rollup
+        parts.append((start, *edge, w.partition, end, stats.offset, part_json(stats, sketch)))
         if shared and (start, *edge) in shared:
             continue
         q = quantiles(stats.latency)
-        rollups.append(rollup_row(start, end, edge, stats, 1, q))
+        rollups.append(rollup_row(start, end, edge, stats, 1, q, sketch))
         slo.extend(judge.rows(start, end, edge, stats, p95=q[_P95]))
     return out

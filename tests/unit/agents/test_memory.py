@@ -51,6 +51,15 @@ def test_tune_sets_the_thresholds_and_freezes_what_exists(restore_gc: None) -> N
     assert gc.get_freeze_count() > 0  # what existed is out of every scan
 
 
+def test_tuned_puts_cpythons_policy_back() -> None:
+    before = gc.get_threshold()
+    with memory.tuned():
+        assert gc.get_threshold() == memory.THRESHOLDS
+        assert gc.get_freeze_count() > 0
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
+
+
 def test_short_lived_objects_no_longer_make_full_collections() -> None:
     # CPython's thresholds: the batches' objects outlive two young collections, reach the
     # old generation and make it collect in full again and again
