@@ -382,15 +382,19 @@ class EdgeExporter:
                forget: list[tuple[Edge, int, int]]) -> tuple[list[Edge], Outcome]:
         """The edges reported, sorted: the cap counts series (see the module docstring)."""
         admitted = self._admitted
-        order = sorted(live, key=lambda e: (e not in admitted, -live[e][0], e))
         budget, reported, refused = self.max_series, [], set()
-        for edge in order:
-            size = rows[edge].size
-            if size <= budget:
-                budget -= size
-                reported.append(edge)
-            else:
-                refused.add(edge)
+        total = sum(row.size for row in rows.values())
+        if total <= budget:  # all fit: no order of precedence needed
+            budget -= total
+            reported = list(live)
+        else:
+            for edge in sorted(live, key=lambda e: (e not in admitted, -live[e][0], e)):
+                size = rows[edge].size
+                if size <= budget:
+                    budget -= size
+                    reported.append(edge)
+                else:
+                    refused.add(edge)
         new = [(edge, rows[edge].size) for edge in sorted(refused - self._refused)]
         now = set(reported)
         outcome = Outcome(None if now == admitted else now, refused, new, forget,
