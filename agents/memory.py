@@ -8,14 +8,14 @@ dicts, futures) or the table (windows, sketches, edge states): nearly nothing fo
 reference cycles. With the default thresholds a record batch in flight outlives two
 young collections, so its objects reach the old generation and make full collections
 frequent: measured at 10,000 edges (``python -m bench --cases metrics``), 26-29 full
-collections in one minute of streaming, each 150-415 ms of the event loop, during which
+collections in a minute-long run, each 150-415 ms of the event loop, during which
 nothing is read, flushed or scraped.
 
 :func:`tune` (the ``commpipe worker`` command calls it before the worker starts) collects
 once, freezes what startup built (modules, classes, Faust's and aiokafka's objects: never
 scanned again), and raises the young generation's threshold so that short-lived objects
 die young: 3-4 full collections in the same run, the event loop's longest wait for a
-scrape from 0.5-1.0 s down to under 5 ms. Cyclic garbage is still collected, only later.
+scrape from 0.5-1.0 s down to 0-170 ms. Cyclic garbage is still collected, only later.
 """
 
 from __future__ import annotations
