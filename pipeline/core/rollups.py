@@ -146,8 +146,19 @@ class Rollups:
 
     def details(self) -> list[tuple[str, DetailBatch]]:
         """Kept events (``aggregate.keeps_detail``) of owned partitions, as ``(key, batch)``."""
-        return sorted(((k, v) for k, v in self.owned_items() if isinstance(v, DetailBatch)),
-                      key=lambda kv: (parse_id(kv[0])[1], kv[1].offset))
+        owned, store = self._owned, self.data()
+        kept = [(k, v) for k, v in store.items() if k[0] == "d" and isinstance(v, DetailBatch)]
+        if owned is not None:  # asked once per partition, as owned_items does
+            mine: dict[int, bool] = {}
+
+            def ok(key: str) -> bool:
+                partition = parse_id(key)[1]
+                if partition not in mine:
+                    mine[partition] = owned(partition)
+                return mine[partition]
+
+            kept = [kv for kv in kept if ok(kv[0])]
+        return sorted(kept, key=lambda kv: (parse_id(kv[0])[1], kv[1].offset))
 
     def windows(self) -> list[WindowRow]:
         """Every window held now, closed or not, sorted by (start, edge, partition)."""
@@ -174,24 +185,29 @@ class Rollups:
         needs a :class:`WindowRow` only for the few a database still lacks."""
         now = self._clock() if now is None else now
         grace = self.config.grace_s
-        by_partition: dict[int, tuple[float, bool]] = {}
+        store = self.data()
+        owned = self._owned
+        # per partition as keys write it: (partition, watermark, closed for idleness), or
+        # None when it is not owned (or has no state yet: nothing is closed)
+        by_partition: dict[str, tuple[int, float, bool] | None] = {}
         out = []
-        for key, value in self.owned_items():
-            if not isinstance(value, WindowStats):
+        for key, value in store.items():  # no await below: the table cannot change
+            if key[0] != "w":
                 continue
-            partition = int(key.split(SEP, 2)[1])
-            state = by_partition.get(partition)
-            if state is None:
-                meta = self.partition_meta(partition)
-                if meta is None:  # no watermark yet: nothing is closed
-                    state = (-math.inf, False)
-                else:
-                    state = (meta.watermark, meta.last_seen is not None
-                             and now - meta.last_seen >= self.idle_close_s)
-                by_partition[partition] = state
-            watermark, idle = state
-            if idle or value.window_end + grace <= watermark:
-                out.append((key, partition, value))
+            p = key.split(SEP, 2)[1]
+            if p in by_partition:
+                state = by_partition[p]
+            else:
+                partition = int(p)
+                meta = store.get(partition_id(partition))
+                state = by_partition[p] = None if meta is None or (
+                    owned is not None and not owned(partition)) else (
+                    partition, meta.watermark,
+                    meta.last_seen is not None and now - meta.last_seen >= self.idle_close_s)
+            if state is None or not isinstance(value, WindowStats):
+                continue
+            if state[2] or value.window_end + grace <= state[1]:
+                out.append((key, state[0], value))
         return out
 
     @staticmethod

@@ -123,17 +123,25 @@ class Sink:
         began = time.perf_counter()
         # each edge's newest closed window stays: the exporter reports from it
         newest: dict[str, float] = {}
-        for k, _, w, _ in windows:
-            edge = k.rpartition(SEP)[0]
+        heads = [k.rpartition(SEP)[0] for k, _, _, _ in windows]
+        for edge, (_, _, w, _) in zip(heads, windows, strict=True):
             if w.window_start > newest.get(edge, -math.inf):
                 newest[edge] = w.window_start
         # Judged on the table as it is now, after the last await: the agent kept applying
         # records while the databases wrote, so a window may hold a newer version than the
-        # one stored (the caller deletes these keys before it awaits anything).
-        offset_of, is_final = self.rollups.offset_of, self.rollups.is_final
-        final = [(k, off) for k, p, w, off in windows
-                 if offset_of(k) == off and is_final(p, w.window_end + self.retain_s)
-                 and w.window_start < newest[k.rpartition(SEP)[0]]]
+        # one stored (the caller deletes these keys before it awaits anything). Final as
+        # Rollups.is_final(p, end + retain_s) says, with each partition's state read once.
+        store = self.rollups.data()
+        grace, retain = self.rollups.config.grace_s, self.retain_s
+        marks = {p: self.rollups.partition_meta(p) for p in {p for _, p, _, _ in windows}}
+        watermark = {p: -math.inf if m is None else m.watermark for p, m in marks.items()}
+        final = []
+        for edge, (k, p, w, off) in zip(heads, windows, strict=True):
+            if (w.window_end + retain) + grace <= watermark[p] and \
+                    w.window_start < newest[edge]:
+                value = store.get(k)
+                if value is not None and value.offset == off:
+                    final.append((k, off))
         self._bound(windows, final, details)
         done = [k for k, off in final if all(s.has(k, off) for s in self.status)]
         done += [k for k, _ in details if all(s.has_detail(k) for s in self.status)]
@@ -167,6 +175,9 @@ class Sink:
                details: list[tuple[str, DetailBatch]]) -> None:
         """Count what some target lacks; with ``drop``, give up a failing target's copy of
         the oldest final windows and kept events past the bound."""
+        if not self.status:  # nothing to store: nothing lacking
+            self.backlog.update(0, 0)
+            return
         lacking_w = {k for k, _, _, off in windows if not all(s.has(k, off) for s in self.status)}
         lacking_d = sum(len(d.events) for k, d in details
                         if not all(s.has_detail(k) for s in self.status))

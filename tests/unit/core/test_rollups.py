@@ -9,10 +9,11 @@ from typing import Any
 import pytest
 
 from pipeline.core.circuit import Breaker, StateTrack
+from pipeline.core.details import DetailBatch
 from pipeline.core.edge import EdgeMeta, PartitionMeta
 from pipeline.core.rollups import CircuitView, Rollups, WindowRow
 from pipeline.core.sketch import GAMMA
-from pipeline.core.store import edge_id, parse_id, partition_id, window_id
+from pipeline.core.store import detail_id, edge_id, parse_id, partition_id, window_id
 from pipeline.core.window import WindowConfig, WindowStats
 from pipeline.wire.events import edge_key
 
@@ -309,3 +310,21 @@ def test_only_owned_partitions_are_reported() -> None:
     assert rows_key(rollups.windows()) == sorted(
         (T0 + off, e, p) for (p, e, off) in WINDOWS if p == 1)
     assert {r.partition for r in rollups.closed_windows(now=10_000.0)} == {1}
+    assert {p for _, p, _ in rollups.closed_items(now=10_000.0)} == {1}
+
+
+def test_kept_events_of_owned_partitions_by_partition_and_offset() -> None:
+    store = build_store()
+    batches = {(p, off): DetailBatch(events=[{"event_id": f"{p}.{off}"}], offset=off)
+               for p, off in ((1, 9), (0, 3), (1, 2), (2, 1), (0, 12))}
+    for (p, off), batch in batches.items():
+        store[detail_id(p, off)] = batch
+    every = Rollups(store, CFG, idle_close_s=IDLE, clock=lambda: 0.0)
+    assert every.details() == [(detail_id(p, off), batches[p, off])
+                               for p, off in ((0, 3), (0, 12), (1, 2), (1, 9), (2, 1))]
+    asked: list[int] = []
+    mine = Rollups(store, CFG, idle_close_s=IDLE, clock=lambda: 0.0,
+                   owned=lambda partition: asked.append(partition) or partition != 1)
+    assert mine.details() == [(detail_id(p, off), batches[p, off])
+                              for p, off in ((0, 3), (0, 12), (2, 1))]
+    assert sorted(asked) == [0, 1, 2]  # once per partition
