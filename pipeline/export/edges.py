@@ -285,7 +285,7 @@ class EdgeExporter:
         looks up the slots from the newest that can be closed, down ``PROBES`` of them; the
         windows of the few it does not find so are looked for in one pass over the table."""
         size = self.config.size_s
-        floor = math.floor
+        floor, isfinite = math.floor, math.isfinite
         newest: dict[tuple[Edge, int], tuple[float, WindowStats]] = {}
         wanted: dict[str, tuple[Edge, int]] = {}
         for edge, (_, state) in live.items():
@@ -293,6 +293,9 @@ class EdgeExporter:
             for partition in state.parts:
                 watermark, limit, idle = closes[partition]
                 head = f"w{SEP}{partition}{SEP}{name}"
+                if not isfinite(limit):  # no event time yet: nothing to look up by slot
+                    wanted[head] = (edge, partition)
+                    continue
                 top = floor(watermark / size)
                 if not idle:
                     top = min(top, floor(limit / size))

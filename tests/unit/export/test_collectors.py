@@ -5,6 +5,7 @@ parser (and, where promtool is installed, checked by it)."""
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import Counter
 from types import SimpleNamespace
 from typing import Any
@@ -15,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.core.batch import PartitionBatch
 from pipeline.core.rollups import Rollups
+from pipeline.core.store import partition_id
 from pipeline.core.window import WindowConfig
 from pipeline.export.collectors import WorkerCollector, check_namespace
 from pipeline.export.edges import EdgeExporter
@@ -283,6 +285,21 @@ def test_the_last_closed_window_is_found_however_far_back_or_misaligned() -> Non
     # the late event's window holds no latency: a ratio of 0 outcomes, no quantiles
     assert got[(f"{p}_error_ratio", lab(late))] == 0.0
     assert (f"{p}_latency_quantile_seconds", lab(late, quantile="0.5")) not in got
+
+
+def test_a_partition_without_event_time_renders() -> None:
+    """A partition state that has no watermark yet (-inf) has nothing closed by it, and its
+    windows are no slot of anything: the render looks for them, and does not fail."""
+    store: dict[str, Any] = {}
+    feed(store, 0, 1, [ev(A, "response", T0 + 1, 1, latency_ms=4.0)], now=100.0)
+    store[partition_id(0)].watermark = -math.inf
+
+    def report(idle_s: float) -> Scraped:
+        return scrape(EdgeExporter(Rollups(store, CFG, idle_close_s=idle_s),
+                                   clock=lambda: T0 + 100.0))
+
+    assert ratio_and_p50(report(1e9), A) is None
+    assert ratio_and_p50(report(0.0), A) == (0.0, pytest.approx(0.004, rel=0.01))
 
 
 def test_worker_metrics() -> None:
