@@ -245,7 +245,10 @@ def _parse(frame: bytes) -> tuple[Outcome, bytes, float]:
     if kind != b"K":
         raise RenderFailed("the render failed: " + data.decode(errors="replace").strip()
                            .rsplit("\n", 1)[-1])
-    outcome, cpu = pickle.loads(data)  # noqa: S301 - our own child's, through our pipe
+    try:
+        outcome, cpu = pickle.loads(data)  # noqa: S301 - our own child's, through our pipe
+    except Exception:  # noqa: BLE001 - a cut-off body that happened to end like a trailer
+        raise RenderFailed("the render ended without an answer") from None
     return outcome, frame[:end - size], cpu
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import os
+import pickle
 import signal
 import time
 from pathlib import Path
@@ -16,8 +17,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from pipeline.core.rollups import Rollups
-from pipeline.export.edges import EdgeExporter
-from pipeline.export.exposition import Exposition, RenderFailed
+from pipeline.export.edges import EdgeExporter, Outcome
+from pipeline.export.exposition import _TAIL, Exposition, RenderFailed, _parse
 from tests.unit.export.test_collectors import (
     BARE_EDGE_SERIES,
     CFG,
@@ -220,3 +221,18 @@ def test_a_fork_that_fails_renders_in_the_loop(monkeypatch: pytest.MonkeyPatch,
     assert [r.getMessage() for r in caplog.records if "could not fork" in r.message] == [
         "metrics: could not fork the render ([Errno 12] Cannot allocate memory); rendering "
         "in the event loop, which the stream waits for"]
+
+
+def test_an_answer_cut_off_is_no_answer() -> None:
+    """A child that died while writing (the OOM killer, say) leaves part of a body and no
+    trailer; a cut that happens to end like one is no answer either."""
+    outcome = Outcome(None, set(), [], [], 0)
+    done = pickle.dumps((outcome, 0.5))
+    whole = b"# some text\n" + done + _TAIL.pack(len(done), b"K", b"end")
+    assert _parse(whole)[1:] == (b"# some text\n", 0.5)
+    for cut in (whole[:5], whole[:12], whole[:-1], b""):
+        with pytest.raises(RenderFailed, match="ended without an answer"):
+            _parse(cut)
+    fake = b"metric 1\n" + _TAIL.pack(4, b"K", b"end")  # 4 bytes of text, not a pickle
+    with pytest.raises(RenderFailed, match="ended without an answer"):
+        _parse(fake)
