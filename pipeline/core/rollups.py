@@ -80,11 +80,14 @@ class Rollups:
     def owned_items(self) -> list[tuple[str, Any]]:
         """The store's items of the source partitions owned now (a list: a snapshot)."""
         items = list(self.data().items())  # a snapshot: the worker keeps writing
-        if self._owned is None:
-            return items
-        # owned() asks the assignor each time: once per partition, not once per key (at
-        # 10,000 edges the sink's scans spent most of the worker's time there)
+        return items if self._owned is None else self._mine(items)
+
+    def _mine(self, items: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+        """``items`` of the partitions owned now. owned() asks the assignor each time: once
+        per partition, not once per key (at 10,000 edges the sink's scans spent most of the
+        worker's time there)."""
         owned, mine = self._owned, {}
+        assert owned is not None
         out = []
         for k, v in items:
             partition = k.split(SEP, 2)[1]
@@ -146,18 +149,10 @@ class Rollups:
 
     def details(self) -> list[tuple[str, DetailBatch]]:
         """Kept events (``aggregate.keeps_detail``) of owned partitions, as ``(key, batch)``."""
-        owned, store = self._owned, self.data()
-        kept = [(k, v) for k, v in store.items() if k[0] == "d" and isinstance(v, DetailBatch)]
-        if owned is not None:  # asked once per partition, as owned_items does
-            mine: dict[int, bool] = {}
-
-            def ok(key: str) -> bool:
-                partition = parse_id(key)[1]
-                if partition not in mine:
-                    mine[partition] = owned(partition)
-                return mine[partition]
-
-            kept = [kv for kv in kept if ok(kv[0])]
+        kept = [(k, v) for k, v in self.data().items()
+                if k[0] == "d" and isinstance(v, DetailBatch)]
+        if self._owned is not None:
+            kept = self._mine(kept)
         return sorted(kept, key=lambda kv: (parse_id(kv[0])[1], kv[1].offset))
 
     def windows(self) -> list[WindowRow]:
