@@ -285,27 +285,32 @@ class EdgeExporter:
         looks up the slots from the newest that can be closed, down ``PROBES`` of them; the
         windows of the few it does not find so are looked for in one pass over the table."""
         size = self.config.size_s
-        floor, isfinite = math.floor, math.isfinite
+        # per partition: its keys' prefix, and the slots to look up (each key's suffix and
+        # the window's start), newest first; none without event time yet
+        plans: dict[int, tuple[str, list[tuple[str, float]], float, bool]] = {}
+        for partition, (watermark, limit, idle) in closes.items():
+            slots: list[tuple[str, float]] = []
+            if math.isfinite(limit):
+                top = math.floor(watermark / size)
+                if not idle:
+                    top = min(top, math.floor(limit / size))
+                slots = [(f"{SEP}{start!r}", start) for start in
+                         (float(k * size) for k in range(top, top - PROBES, -1))]
+            plans[partition] = (f"w{SEP}{partition}{SEP}", slots, limit, idle)
+        get = store.get
         newest: dict[tuple[Edge, int], tuple[float, WindowStats]] = {}
         wanted: dict[str, tuple[Edge, int]] = {}
         for edge, (_, state) in live.items():
             name = state.name
             for partition in state.parts:
-                watermark, limit, idle = closes[partition]
-                head = f"w{SEP}{partition}{SEP}{name}"
-                if not isfinite(limit):  # no event time yet: nothing to look up by slot
-                    wanted[head] = (edge, partition)
-                    continue
-                top = floor(watermark / size)
-                if not idle:
-                    top = min(top, floor(limit / size))
-                for k in range(top, top - PROBES, -1):
-                    start = float(k * size)
-                    stats = store.get(f"{head}{SEP}{start!r}")
+                prefix, slots, limit, idle = plans[partition]
+                head = prefix + name
+                for suffix, start in slots:
+                    stats = get(head + suffix)
                     if stats is not None and (idle or stats.window_end <= limit):
                         newest[edge, partition] = (start, stats)
                         break
-                else:
+                else:  # not in its slots (or no event time yet): looked for in the pass
                     wanted[head] = (edge, partition)
         if wanted:
             for key in store:
