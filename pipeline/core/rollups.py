@@ -106,14 +106,9 @@ class Rollups:
             store = store.data
         return store
 
-    def view(self) -> tuple[Mapping[str, Any], frozenset[int]]:
-        """The store itself, and the source partitions owned now that it holds a partition
-        state (``p`` key) of, which every batch writes. For a reader that finishes before
-        the worker writes again: the event loop, or a forked copy of the worker."""
-        store = self.data()
-        present = {int(k[2:]) for k in store if k[0] == "p"}
-        owned = self._owned
-        return store, frozenset(present if owned is None else (p for p in present if owned(p)))
+    def owns(self, partition: int) -> bool:
+        """Whether this process owns source ``partition`` now (see ``owned``)."""
+        return self._owned is None or self._owned(partition)
 
     def offset_of(self, key: str) -> int | None:
         """The source offset of the version the store holds now under ``key`` (None: none)."""

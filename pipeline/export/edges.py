@@ -7,23 +7,9 @@ admits, which it refused); :meth:`EdgeExporter.absorb` applies that. The two are
 that the render can run in a forked copy of the worker (:mod:`pipeline.export.exposition`)
 and only the small outcome comes back.
 
-Per edge (``source_service``, ``target_service``, ``protocol``), by default:
-
-- counters since the edge's state began: ``<ns>_communication_requests_total``,
-  ``..._responses_total``, ``..._errors_total{error_type}``, ``..._timeouts_total``,
-  ``..._retries_total``, ``..._late_events_total``;
-- ``..._latency_seconds``: a histogram over ``buckets`` (a subset of the stored bounds,
-  :data:`DEFAULT_BUCKETS_S`: ten bounds from 5 ms to 10 s, +Inf, ``_sum``, ``_count``);
-- over the edge's last closed window: ``..._latency_quantile_seconds{quantile}`` for
-  0.5, 0.95 and 0.99 (the sketch's, within 1 %; no ``_count``/``_sum``: a window's
-  count is not a counter) and ``..._error_ratio`` (0-1);
-- ``..._circuit_state{state, source}``: 1 for the current state, 0 for the others,
-  ``source`` = ``reported`` (circuit events, if the edge sends any) and ``derived``;
-- ``<ns>_slo_ok`` / ``_slo_measured`` / ``_slo_threshold{objective}`` for each objective
-  the last closed window judged.
-
-That is 26 series for an edge with one error type, outcomes and no reported circuit,
-plus 3 per objective judged (usually 3 objectives: 35 in all).
+Per edge (``source_service``, ``target_service``, ``protocol``): counters since the edge's
+state began, a latency histogram, and gauges over its last closed window (quantiles, error
+ratio, objectives) and of its circuit: :mod:`pipeline.export.text` lists them.
 
 Counters never decrease within a process: when this worker gives up a partition an edge
 spans (:meth:`EdgeExporter.retire`, called as partitions are revoked), that partition's
@@ -43,7 +29,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +49,8 @@ log = logging.getLogger("commpipe.exporter")
 Edge = tuple[str, str, str]
 Kept = tuple[EdgeTotals, int, int]
 """A partition's totals of an edge, its late events, and the offset they are at."""
+Forget = tuple[Edge, int, int]
+"""A retired (edge, partition, offset) no longer needed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,8 +59,9 @@ class Snapshot:
     in the event loop between two of its steps, or in a forked copy of the worker)."""
 
     store: Mapping[str, Any]
-    partitions: frozenset[int]
-    """The partitions reported: owned now, with a partition state."""
+    owns: Callable[[int], bool]
+    """Whether this worker owns a source partition (its partitions with a partition state
+    in the store are reported)."""
     now: float
 
 
@@ -98,6 +87,19 @@ class _Edge:
     """The edge as the table's keys write it."""
     parts: dict[int, EdgeMeta] = field(default_factory=dict)
     """Owned partitions' state of the edge now."""
+
+
+@dataclass(slots=True)
+class Plan:
+    """What a render found before it makes the edges' rows (:meth:`EdgeExporter.plan`)."""
+
+    store: Mapping[str, Any]
+    live: dict[Edge, tuple[float, _Edge]]
+    """The edges reported unless the cap refuses them, with their last_seen."""
+    closes: dict[int, tuple[float, float, bool]]
+    """Per partition: its watermark, the watermark less the grace, and whether idleness
+    closed all its windows."""
+    forget: list[Forget]
 
 
 _P95 = QUANTILES.index(0.95)
@@ -134,8 +136,7 @@ class EdgeExporter:
 
     def snapshot(self) -> Snapshot:
         """The table and the partitions reported, now."""
-        store, partitions = self.rollups.view()
-        return Snapshot(store, partitions, self._clock())
+        return Snapshot(self.rollups.data(), self.rollups.owns, self._clock())
 
     def retire(self, partitions: Iterable[int]) -> None:
         """``partitions`` are being given up (call it before they leave the table): keep
@@ -190,12 +191,31 @@ class EdgeExporter:
         pieces, outcome = self.render_pieces(snap)
         return "".join(pieces).encode(), outcome
 
-    def render_pieces(self, snap: Snapshot) -> tuple[list[str], Outcome]:
-        """:meth:`render`'s text in pieces (a family's head, its lines, ...), for a writer
-        that sends them one by one rather than copying 36 MB (10,000 edges) into one.
+    def render_pieces(self, snap: Snapshot) -> tuple[Iterator[str], Outcome]:
+        """:meth:`render`'s text in pieces (a family's head, a thousand edges' lines of it,
+        ...), made as they are taken: a writer that sends each before taking the next
+        never holds more than one (36 MB at 10,000 edges, whole). The outcome is known
+        before the first piece.
 
         Column by column: a pass over the live edges gathers each one's values, then each
-        family's lines are formatted over whole columns (one ``%`` per family)."""
+        family's lines are formatted over whole columns (one ``%`` per piece). The phases
+        (:meth:`plan`, :meth:`rows`, :meth:`admit`, :meth:`assemble`) are apart so that
+        the rows of a part of the edges can be made in another process
+        (:mod:`pipeline.export.split`)."""
+        return self.pieces_of(self.plan(snap))
+
+    def pieces_of(self, plan: Plan) -> tuple[Iterator[str], Outcome]:
+        """:meth:`render_pieces` from its :meth:`plan`."""
+        edges = list(plan.live)
+        rows, forget = self.rows(plan, edges)
+        reported, outcome = self.admit(plan, dict(zip(edges, (r.size for r in rows),
+                                                      strict=True)), forget)
+        by_edge = dict(zip(edges, rows, strict=True))
+        return self.assemble([self.text.chunks([by_edge[e] for e in reported])],
+                             len(reported), plan, outcome), outcome
+
+    def plan(self, snap: Snapshot) -> Plan:
+        """The live edges of ``snap`` and what finding their closed windows needs."""
         edges, parts = self._group(snap)
         forget: list[tuple[Edge, int, int]] = []
         live = self._live(edges, snap.now, forget)
@@ -203,49 +223,65 @@ class EdgeExporter:
         closes = {p: (m.watermark, m.watermark - self.config.grace_s,
                       m.last_seen is not None and snap.now - m.last_seen >= idle)
                   for p, m in parts.items()}
-        closed = self._closed(live, snap.store, closes)
-        rows = {edge: self._row(edge, state, closed.get(edge), forget)
-                for edge, (_, state) in live.items()}
-        reported, outcome = self._admit(live, rows, forget)
-        out: list[str] = []
-        for head, text in zip(self.text.heads(), self.text.families(
-                [rows[e] for e in reported]), strict=True):
-            out.append(head)
-            out.append(text)
-        ns = self.ns
-        refused = len(live) - len(reported)
-        out.append(f"# HELP {ns}_exporter_edges Edges reported\n# TYPE {ns}_exporter_edges "
-                   f"gauge\n{ns}_exporter_edges {len(reported)}\n")
-        out.append(f"# HELP {ns}_exporter_series Per-edge series reported\n"
-                   f"# TYPE {ns}_exporter_series gauge\n"
-                   f"{ns}_exporter_series {outcome.series}\n")
-        out.append(f"# HELP {ns}_exporter_edges_refused Live edges left out now over the "
-                   f"series cap\n# TYPE {ns}_exporter_edges_refused gauge\n"
-                   f"{ns}_exporter_edges_refused {refused}\n")
-        out.append(f"# HELP {ns}_exporter_edges_refused_total Times an edge was left out over "
-                   f"the series cap\n# TYPE {ns}_exporter_edges_refused_total counter\n"
-                   f"{ns}_exporter_edges_refused_total "
-                   f"{self.refusals + len(outcome.new_refusals)}\n")
-        return out, outcome
+        return Plan(snap.store, live, closes, forget)
+
+    def rows(self, plan: Plan, edges: Sequence[Edge]) -> tuple[list[Row], list[Forget]]:
+        """The rows of ``edges`` (live ones of ``plan``), and the retired totals they found
+        no longer needed."""
+        live = plan.live
+        some = live if len(edges) == len(live) else {e: live[e] for e in edges}
+        closed = self._closed(some, plan.store, plan.closes)
+        forget: list[Forget] = []
+        return [self._row(e, live[e][1], closed.get(e), forget) for e in edges], forget
+
+    def admit(self, plan: Plan, sizes: Mapping[Edge, int], forget: list[Forget]
+              ) -> tuple[list[Edge], Outcome]:
+        """The edges reported (sorted) given every live edge's series, and the outcome
+        (``forget``: what :meth:`rows` found, beside the plan's own)."""
+        return self._admit(plan.live, sizes, plan.forget + forget)
+
+    def assemble(self, parts: Sequence[Iterator[Iterable[str | bytes]]], reported: int,
+                 plan: Plan, outcome: Outcome) -> Iterator[str | bytes]:
+        """The text: each family's head, then that family's pieces from each of ``parts``
+        (one per run of consecutive reported edges, in order: each an iterator over the
+        families, in :attr:`Text.FAMILIES` order, of iterables of pieces), then the
+        exporter's own series."""
+        for head in self.text.heads():
+            yield head
+            for part in parts:
+                yield from next(part)
+        yield self.text.own(reported, outcome.series, len(plan.live) - reported,
+                            self.refusals + len(outcome.new_refusals))
 
     def _group(self, snap: Snapshot) -> tuple[dict[Edge, _Edge], dict[int, PartitionMeta]]:
         """The reported partitions' edge states by edge, and partition states (windows are
-        looked up later, only the one each edge reports)."""
+        looked up later, only the one each edge reports). One pass over the table's keys
+        finds both: the reported partitions are those owned with a partition state."""
         store = snap.store
-        parts = {p: store[partition_id(p)] for p in snap.partitions}
-        mine = {str(p): p for p in snap.partitions}  # as keys write it -> the partition
-        by_name: dict[str, _Edge] = {}
+        found: dict[str, list[tuple[str, str]]] = {}  # partition as keys write it -> edges
+        present: list[int] = []
         for key in store:
-            if key[0] != "e":
+            kind = key[0]
+            if kind == "e":
+                _, p, name = key.split(SEP, 2)
+                edges = found.get(p)
+                if edges is None:
+                    edges = found[p] = []
+                edges.append((name, key))
+            elif kind == "p":
+                present.append(int(key[2:]))
+        owns = snap.owns
+        parts = {p: store[partition_id(p)] for p in present if owns(p)}
+        by_name: dict[str, _Edge] = {}
+        for p, edges in found.items():
+            partition = int(p)
+            if partition not in parts:
                 continue
-            _, p, name = key.split(SEP, 2)
-            partition = mine.get(p)
-            if partition is None:
-                continue
-            state = by_name.get(name)
-            if state is None:
-                state = by_name[name] = _Edge(name)
-            state.parts[partition] = store[key]
+            for name, key in edges:
+                state = by_name.get(name)
+                if state is None:
+                    state = by_name[name] = _Edge(name)
+                state.parts[partition] = store[key]
         return {tuple(name.split("\x1f")): state  # type: ignore[misc]
                 for name, state in by_name.items()}, parts
 
@@ -366,13 +402,13 @@ class EdgeExporter:
         metas = state.parts
         meta = (next(iter(metas.values())) if len(metas) == 1 else
                 max(metas.values(), key=lambda m: m.last_ts or -math.inf))
-        templates = self.text.circuit
-        circuit, size = "", 5 + len(t.errors) + self.text.hist_size
+        circuit: tuple[tuple[str, str], ...] = ()
         if meta.reported is not None and meta.reported.state is not None:
-            circuit, size = templates["reported", meta.reported.state], size + 3
+            circuit = (("reported", meta.reported.state),)
         derived = meta.derived.track.state
         if derived is not None:
-            circuit, size = circuit + templates["derived", derived], size + 3
+            circuit += (("derived", derived),)
+        size = 5 + len(t.errors) + self.text.hist_size + 3 * len(circuit)
         if not closed:
             return Row(lab, t, late, circuit, size)
         window = closed[0][1]
@@ -386,24 +422,24 @@ class EdgeExporter:
         return Row(lab, t, late, circuit, size + len(quantiles) + 1 + 3 * len(results),
                     window, quantiles, results)
 
-    def _admit(self, live: dict[Edge, tuple[float, _Edge]], rows: dict[Edge, Row],
-               forget: list[tuple[Edge, int, int]]) -> tuple[list[Edge], Outcome]:
+    def _admit(self, live: dict[Edge, tuple[float, _Edge]], sizes: Mapping[Edge, int],
+               forget: list[Forget]) -> tuple[list[Edge], Outcome]:
         """The edges reported, sorted: the cap counts series (see the module docstring)."""
         admitted = self._admitted
         budget, reported, refused = self.max_series, [], set()
-        total = sum(row.size for row in rows.values())
+        total = sum(sizes.values())
         if total <= budget:  # all fit: no order of precedence needed
             budget -= total
             reported = list(live)
         else:
             for edge in sorted(live, key=lambda e: (e not in admitted, -live[e][0], e)):
-                size = rows[edge].size
+                size = sizes[edge]
                 if size <= budget:
                     budget -= size
                     reported.append(edge)
                 else:
                     refused.add(edge)
-        new = [(edge, rows[edge].size) for edge in sorted(refused - self._refused)]
+        new = [(edge, sizes[edge]) for edge in sorted(refused - self._refused)]
         now = set(reported)
         outcome = Outcome(None if now == admitted else now, refused, new, forget,
                           self.max_series - budget)

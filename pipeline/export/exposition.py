@@ -37,6 +37,7 @@ import threading
 import time
 import traceback
 from collections.abc import Iterable, Iterator
+from itertools import chain
 from typing import Any
 
 from isal import isal_zlib
@@ -177,10 +178,10 @@ def _child(exposition: Exposition, read: int, write: int, worker: bytes,
         cpu = time.process_time()
         edges = exposition.edges
         pieces, outcome = edges.render_pieces(edges.snapshot())
-        # the pieces one by one, each encoded (and compressed) as it goes: joining them
-        # would copy 36 MB at 10,000 edges, twice, into pages the child must fault in
-        pieces.append(exposition.tail(worker))
-        out: Iterable[bytes] = map(str.encode, pieces)
+        # the pieces one by one, each made, encoded (and compressed) and sent before the
+        # next: whole, the text is 36 MB at 10,000 edges, twice (str and bytes), in new
+        # pages, and each page the child takes is a fault (copy on write, or zeroed)
+        out: Iterable[bytes] = map(_encoded, chain(pieces, (exposition.tail(worker),)))
         for chunk in _gzip(out) if gzipped else out:
             _write_all(write, chunk)
         done = pickle.dumps((outcome, time.process_time() - cpu), pickle.HIGHEST_PROTOCOL)
@@ -192,6 +193,10 @@ def _child(exposition: Exposition, read: int, write: int, worker: bytes,
             _write_all(write, text + _TAIL.pack(len(text), b"E", b"end"))
     finally:
         os._exit(code)
+
+
+def _encoded(piece: str | bytes) -> bytes:
+    return piece.encode() if type(piece) is str else piece  # type: ignore[return-value]
 
 
 def _gzip(chunks: Iterable[bytes]) -> Iterator[bytes]:
