@@ -43,11 +43,12 @@ them for each edge's last closed window, and ``commpipe health`` gates on them.
 
 from __future__ import annotations
 
-from fnmatch import fnmatchcase
+import re
+from fnmatch import translate
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from pipeline.config_file import load_data
 from pipeline.core.sketch import ALPHA
@@ -102,15 +103,32 @@ class SloConfig(BaseModel):
     defaults: Objectives = Objectives()
     edges: tuple[_Rule, ...] = ()
 
+    _cache: dict[Any, Any] = PrivateAttr(default_factory=dict)
+    """The rules' patterns compiled (``None``), and the thresholds of each set of matching
+    rules met so far: a scrape asks for every edge's, and merging the rules' models per
+    edge cost 8-23 us with three rules."""
+
     def for_edge(self, edge: tuple[str, str, str]) -> Objectives:
         """The thresholds of ``edge``: the defaults, then every matching rule in order."""
-        changes: dict[str, Any] = {}
-        for rule in self.edges:
-            if all(fnmatchcase(v, pat) for v, pat in zip(
-                    edge, (rule.source, rule.target, rule.protocol), strict=True)):
-                changes |= rule.model_dump(exclude={"source", "target", "protocol"},
-                                           exclude_none=True)
-        return self.defaults.model_copy(update=changes) if changes else self.defaults
+        if not self.edges:
+            return self.defaults
+        cache = self.__pydantic_private__["_cache"]  # type: ignore[index] - self._cache: 5 us
+        patterns = cache.get(None)
+        if patterns is None:  # one pattern per rule over "source\x1ftarget\x1fprotocol"
+            patterns = cache[None] = [re.compile("\x1f".join(  # translate ends in \Z
+                translate(p)[:-2] for p in (r.source, r.target, r.protocol)) + r"\Z").match
+                for r in self.edges]
+        name = "\x1f".join(edge)
+        matching = tuple(i for i, match in enumerate(patterns) if match(name))
+        merged = cache.get(matching)
+        if merged is None:
+            changes: dict[str, Any] = {}
+            for i in matching:
+                changes |= self.edges[i].model_dump(exclude={"source", "target", "protocol"},
+                                                    exclude_none=True)
+            merged = self.defaults.model_copy(update=changes) if changes else self.defaults
+            cache[matching] = merged
+        return merged
 
 
 def load_config(path: str | Path | None) -> SloConfig:

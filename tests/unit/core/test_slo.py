@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import random
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pipeline.core.batch import PartitionBatch
-from pipeline.core.slo import Objectives, Result, SloConfig, evaluate, load_config
+from pipeline.core.slo import Objectives, Result, SloConfig, _Rule, evaluate, load_config
 from pipeline.core.store import edge_id, window_id
 from pipeline.core.window import WindowConfig, WindowStats
 from pipeline.errors import ConfigError
@@ -122,6 +124,13 @@ def test_file_overrides_defaults_and_matching_edges(tmp_path: Path, suffix: str)
         latency_max_ms=300, latency_p95_ms=500, delivery_success=0.99)
     assert config.for_edge(("orders", "bank", "http")) == Objectives(
         latency_max_ms=300, latency_p95_ms=500)
+    # asked again (a scrape asks for every edge's), the same answers: the rules' merge of
+    # each set of matching rules is kept
+    assert config.for_edge(("pay", "bank", "grpc")) is config.for_edge(
+        ("payments", "bank", "amqp"))
+    assert config.for_edge(("pay", "bank", "grpc")) == Objectives(
+        latency_max_ms=300, latency_p95_ms=500, delivery_success=0.99)
+    assert config.for_edge(("pay", "shop", "grpc")) is config.defaults
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -192,3 +201,25 @@ def test_circuit_reaction_counts_the_change_to_open_not_an_open_reported_again()
     store.update(batch.changes())
     edge = "\x1f".join(EDGE)
     assert store[window_id(0, edge, T0)].circuit_reaction_ms == pytest.approx(40.0)
+
+
+def test_rules_match_as_fnmatch_matches_each_label() -> None:
+    """Each rule's three patterns are compiled into one over the joined edge: every edge
+    gets what fnmatchcase on each label, rule by rule, would give it."""
+    rules = (_Rule(source="pay*", latency_p95_ms=300), _Rule(protocol="grpc", latency_max_ms=500),
+             _Rule(target="db*", delivery_success=0.99),
+             _Rule(source="a?c", target="[xy]*", min_outcomes=5),
+             _Rule(source="*", target="*x*", protocol="h*", retry_backoff_ms=7))
+    config = SloConfig(edges=rules)
+    rng = random.Random(24)
+    names = ["pay", "payments", "abc", "axc", "ac", "db", "db1", "x", "y1", "grpc", "http", "",
+             "pa y", "*", "a\nc", "xx", "h", "[x]"]
+    for _ in range(3000):
+        edge = (rng.choice(names), rng.choice(names), rng.choice(names))
+        changes: dict[str, Any] = {}
+        for rule in rules:
+            if all(fnmatchcase(v, p) for v, p in zip(edge, (rule.source, rule.target,
+                                                            rule.protocol), strict=True)):
+                changes |= rule.model_dump(exclude={"source", "target", "protocol"},
+                                           exclude_none=True)
+        assert config.for_edge(edge) == Objectives(**changes), edge
