@@ -80,7 +80,8 @@ OTHER_VARIABLES = frozenset(PREFIX + name for name in (
     "SOAK_S", "CHAOS_KILLS", "KEEP_SCREENSHOT"))  # read outside Settings (migrations, tests)
 _TOPIC = re.compile(r"[a-zA-Z0-9._-]{1,200}")
 _MOST = {"partitions": 10_000, "shim_buffer_size": 100_000_000,
-         "worker_fetch_wait_ms": 60_000, "worker_producer_batch_bytes": 64 * 1024 * 1024}
+         "worker_fetch_wait_ms": 60_000, "worker_producer_batch_bytes": 64 << 20,
+         "metrics_render_processes": 64}
 """Upper bounds of settings whose absurd values would otherwise be tried (10,000
 partitions is past what one Kafka cluster serves well per topic)."""
 
@@ -250,6 +251,8 @@ class Settings:
     metrics_max_series: int = 400_000
     """Most per-edge series one worker reports (about 35 per edge: 10,000 edges fit); edges
     past it are refused, newest first, and counted (``exporter_edges_refused``)."""
+    metrics_render_processes: int = 2
+    """Processes a ``/metrics`` render shares its edges over, from 2,000 edges each."""
     metrics_latency_buckets: str = "0.005,0.01,0.025,0.05,0.1,0.25,0.5,1.0,2.5,10.0"
     """Bounds (seconds) of the latency histogram in ``/metrics``: a subset of 0.001, 0.0025,
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60 (what is stored)."""
@@ -310,7 +313,8 @@ class Settings:
                     "broker_session_timeout_s", "broker_heartbeat_interval_s",
                     "breaker_failure_threshold", "breaker_half_open_probes", "sink_interval_s",
                     "sink_batch_rows", "sink_backoff_max_s", "patterns_lookback_s",
-                    "metrics_stale_s", "metrics_max_series", "worker_producer_batch_bytes")
+                    "metrics_stale_s", "metrics_max_series", "worker_producer_batch_bytes",
+                    "metrics_render_processes")
         for f in dataclasses.fields(self):  # NaN passes every comparison: refuse it first
             value = getattr(self, f.name)
             if type(value) is float and not math.isfinite(value):
@@ -338,17 +342,13 @@ class Settings:
             if getattr(self, name) < 1 and getattr(self, name) != -1:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be > 0, or -1 to keep records "
                                   f"for ever, got {getattr(self, name)}")
-        if self.worker_batch_records > MAX_WORKER_BATCH_RECORDS:
-            raise ConfigError(
-                f"{PREFIX}WORKER_BATCH_RECORDS must be at most {MAX_WORKER_BATCH_RECORDS}, "
-                f"got {self.worker_batch_records}")
         for name, most, what in (
                 ("shim_batch_bytes", WORKER_RECORD_BYTES, "the largest record"),
                 ("shim_batch_events", WORKER_BATCH_EVENTS, "the most events of one record")):
             if getattr(self, name) > most:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be at most {most} ({what} the "
                                   f"worker accepts), got {getattr(self, name)}")
-        for name, most in _MOST.items():
+        for name, most in (*_MOST.items(), ("worker_batch_records", MAX_WORKER_BATCH_RECORDS)):
             if getattr(self, name) > most:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be at most {most:,}, got "
                                   f"{getattr(self, name):,}")

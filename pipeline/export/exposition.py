@@ -42,6 +42,7 @@ from typing import Any
 
 from isal import isal_zlib
 
+from pipeline.export import split
 from pipeline.export.edges import EdgeExporter, Outcome
 
 __all__ = ["CONTENT_TYPE", "Exposition", "RenderFailed", "worker_exposition"]
@@ -61,11 +62,13 @@ class Exposition:
     """The whole ``/metrics`` body: per-edge series, then the registry's (worker) series."""
 
     def __init__(self, edges: EdgeExporter, registry: Any, *, fork: bool | None = None,
-                 timeout_s: float = 30.0) -> None:
+                 timeout_s: float = 30.0, processes: int = 1) -> None:
         self.edges = edges
         self.registry = registry
         self.fork = hasattr(os, "fork") if fork is None else fork
         self.timeout_s = timeout_s
+        self.processes = processes
+        """Processes the forked render shares its edges over (:mod:`pipeline.export.split`)."""
         self._lock = threading.Lock()
         self.last: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
         """The previous scrape's seconds: waiting for the event loop, on it, the render
@@ -177,7 +180,9 @@ def _child(exposition: Exposition, read: int, write: int, worker: bytes,
         os.close(read)
         cpu = time.process_time()
         edges = exposition.edges
-        pieces, outcome = edges.render_pieces(edges.snapshot())
+        pieces, outcome = split.render(edges, edges.snapshot(), processes=exposition.processes,
+                                       deadline=time.monotonic() + exposition.timeout_s,
+                                       close=(write,))
         # the pieces one by one, each made, encoded (and compressed) and sent before the
         # next: whole, the text is 36 MB at 10,000 edges, twice (str and bytes), in new
         # pages, and each page the child takes is a fault (copy on write, or zeroed)
@@ -271,4 +276,4 @@ def worker_exposition(worker: Any, settings: Any, rollups: Any, slo: Any,
     edges = EdgeExporter(rollups, namespace=s.metrics_namespace,
                          stale_s=s.metrics_stale_s, max_series=s.metrics_max_series,
                          buckets=parse_buckets(s.metrics_latency_buckets), slo=slo)
-    return Exposition(edges, registry)
+    return Exposition(edges, registry, processes=s.metrics_render_processes)
