@@ -35,7 +35,7 @@ from typing import Any
 
 from pipeline.export.edges import Edge, EdgeExporter, Outcome, Plan, Snapshot
 
-__all__ = ["MIN_EDGES", "render"]
+__all__ = ["MIN_EDGES", "own_session", "render"]
 
 MIN_EDGES = 2_000
 """Below this many live edges one process renders (a fork costs more than it saves)."""
@@ -178,11 +178,23 @@ class _Helper:
         return data
 
 
+def own_session() -> None:
+    """Start a session of its own: where the kernel shares CPU between sessions first
+    (Linux's autogroup, on by default outside cgroups), a render in the worker's session
+    took its CPU from the worker's share, and ran at a third of a core beside the stream
+    and a helper. Its own session is one more group, with a share of its own. Signals to
+    the worker's process group (a terminal's Ctrl-C) no longer reach it: the worker's
+    timeout kills it by pid."""
+    with contextlib.suppress(OSError):  # already a session leader
+        os.setsid()
+
+
 def _help(edges: EdgeExporter, plan: Plan, run: list[Edge], up: int, down: int,
           text: int) -> None:
     """The helper's work (see the module docstring); exits, whatever happens."""
     code = 1
     try:
+        own_session()
         rows, forget = edges.rows(plan, run)
         _send(up, b"S", pickle.dumps(([r.size for r in rows], forget),
                                      pickle.HIGHEST_PROTOCOL))

@@ -236,3 +236,23 @@ def test_an_answer_cut_off_is_no_answer() -> None:
     fake = b"metric 1\n" + _TAIL.pack(4, b"K", b"end")  # 4 bytes of text, not a pickle
     with pytest.raises(RenderFailed, match="ended without an answer"):
         _parse(fake)
+
+
+def test_the_render_runs_in_a_session_of_its_own(monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Path) -> None:
+    """Where the kernel shares CPU between sessions first, a render in the worker's session
+    would run on the worker's own share."""
+    ex = exposition(store_of_two_edges(), fork=True)
+    render = ex.edges.render_pieces
+    seen = tmp_path / "session"
+
+    def recording(snapshot: Any) -> Any:
+        seen.write_text(f"{os.getsid(0)} {os.getpid()}")
+        return render(snapshot)
+
+    monkeypatch.setattr(ex.edges, "render_pieces", recording)
+    body, = scrapes(ex)
+    assert isinstance(body, bytes) and b"commpipe_exporter_edges 2\n" in body
+    session, pid = map(int, seen.read_text().split())
+    assert session == pid != os.getsid(0)
+    assert no_children_left()
