@@ -35,6 +35,9 @@ def test_every_service_restarts_and_the_worker_is_health_checked() -> None:
     check = services["worker"]["healthcheck"]
     assert "http://127.0.0.1:9464/health" in " ".join(check["test"])
     assert services["loadgen"]["healthcheck"] == {"disable": True}  # no /health there
+    # the worker forks its /metrics renders (and they their helpers): an init reaps
+    # what a render killed at its timeout leaves, the worker being PID 1 otherwise
+    assert services["worker"]["init"] is True
     assert "http://127.0.0.1:9464/health" in (ROOT / "Dockerfile").read_text()
 
 
