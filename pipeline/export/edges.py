@@ -189,9 +189,9 @@ class EdgeExporter:
         """The exposition text (Prometheus 0.0.4) of ``snap``, and what it changes of the
         exporter's state (not applied: :meth:`absorb`)."""
         pieces, outcome = self.render_pieces(snap)
-        return "".join(pieces).encode(), outcome
+        return "".join(pieces).encode(), outcome  # type: ignore[arg-type] - one process: str
 
-    def render_pieces(self, snap: Snapshot) -> tuple[Iterator[str], Outcome]:
+    def render_pieces(self, snap: Snapshot) -> tuple[Iterator[str | bytes], Outcome]:
         """:meth:`render`'s text in pieces (a family's head, a thousand edges' lines of it,
         ...), made as they are taken: a writer that sends each before taking the next
         never holds more than one (36 MB at 10,000 edges, whole). The outcome is known
@@ -204,7 +204,7 @@ class EdgeExporter:
         (:mod:`pipeline.export.split`)."""
         return self.pieces_of(self.plan(snap))
 
-    def pieces_of(self, plan: Plan) -> tuple[Iterator[str], Outcome]:
+    def pieces_of(self, plan: Plan) -> tuple[Iterator[str | bytes], Outcome]:
         """:meth:`render_pieces` from its :meth:`plan`."""
         edges = list(plan.live)
         rows, forget = self.rows(plan, edges)

@@ -64,8 +64,9 @@ def render(edges: EdgeExporter, snap: Snapshot, *, processes: int, deadline: flo
     runs = [order[bounds[i]:bounds[i + 1]] for i in range(count)]
     helpers: list[_Helper] = []
     try:
-        for run in runs[1:]:
-            helpers.append(_Helper(edges, plan, run, deadline, close))
+        for run in runs[1:]:  # each closes what it inherits of the helpers before it
+            helpers.append(_Helper(edges, plan, run, deadline, [
+                *close, *(fd for h in helpers for fd in (h.up, h.down, h.text))]))
         rows, forget = edges.rows(plan, runs[0])
         sizes = dict(zip(runs[0], (r.size for r in rows), strict=True))
         for helper in helpers:
