@@ -192,14 +192,14 @@ def _child(exposition: Exposition, read: int, write: int, worker: bytes,
         # pages, and each page the child takes is a fault (copy on write, or zeroed)
         out: Iterable[bytes] = map(_encoded, chain(pieces, (exposition.tail(worker),)))
         for chunk in _gzip(out) if gzipped else out:
-            _write_all(write, chunk)
+            split.write_all(write, chunk)
         done = pickle.dumps((outcome, time.process_time() - cpu), pickle.HIGHEST_PROTOCOL)
-        _write_all(write, done + _TAIL.pack(len(done), b"K", b"end"))
+        split.write_all(write, done + _TAIL.pack(len(done), b"K", b"end"))
         code = 0
     except BaseException:  # noqa: BLE001 - reported through the pipe, never raised here
         with contextlib.suppress(BaseException):
             text = traceback.format_exc(limit=8).encode()
-            _write_all(write, text + _TAIL.pack(len(text), b"E", b"end"))
+            split.write_all(write, text + _TAIL.pack(len(text), b"E", b"end"))
     finally:
         os._exit(code)
 
@@ -216,12 +216,6 @@ def _gzip(chunks: Iterable[bytes]) -> Iterator[bytes]:
         if out:
             yield out
     yield z.flush()
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def _read_all(fd: int, deadline: float) -> bytes:

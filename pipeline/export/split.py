@@ -35,7 +35,7 @@ from typing import Any
 
 from pipeline.export.edges import Edge, EdgeExporter, Outcome, Plan, Snapshot
 
-__all__ = ["MIN_EDGES", "own_session", "render"]
+__all__ = ["MIN_EDGES", "own_session", "render", "write_all"]
 
 MIN_EDGES = 2_000
 """Below this many live edges one process renders (a fork costs more than it saves)."""
@@ -205,7 +205,7 @@ def _help(edges: EdgeExporter, plan: Plan, run: list[Edge], up: int, down: int,
         end = 0
         for family in edges.text.chunks(rows):
             for piece in family:
-                end += _write_all(text, piece.encode())
+                end += write_all(text, piece.encode())
             _send(up, b"F", _OFFSET.pack(end))
         code = 0
     except BaseException:  # noqa: BLE001 - reported through the pipe, never raised here
@@ -216,10 +216,11 @@ def _help(edges: EdgeExporter, plan: Plan, run: list[Edge], up: int, down: int,
 
 
 def _send(fd: int, kind: bytes, data: bytes) -> None:
-    _write_all(fd, _FRAME.pack(kind, len(data)) + data)
+    write_all(fd, _FRAME.pack(kind, len(data)) + data)
 
 
-def _write_all(fd: int, data: bytes) -> int:
+def write_all(fd: int, data: bytes) -> int:
+    """Write all of ``data`` to ``fd`` (a pipe takes what it has room for); its size."""
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
