@@ -135,7 +135,7 @@ class EdgeExporter:
     # ---- on the event loop ----------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
-        """The table and the partitions reported, now."""
+        """The table, which partitions this worker owns, and the time, now."""
         return Snapshot(self.rollups.data(), self.rollups.owns, self._clock())
 
     def retire(self, partitions: Iterable[int]) -> None:
