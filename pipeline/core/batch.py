@@ -47,9 +47,9 @@ from pipeline.core.dedup import MAX_DUP_OFFSETS
 from pipeline.core.details import (
     DETAIL_CHUNK_BYTES,
     DETAIL_CHUNK_EVENTS,
+    DETAIL_KINDS,
     DetailBatch,
     detail_of,
-    keeps_detail,
 )
 from pipeline.core.edge import EdgeMeta, PartitionMeta
 from pipeline.core.store import (
@@ -90,6 +90,7 @@ class PartitionBatch:
         self.details: list[DetailBatch] = []
         self._detail_bytes = 0  # JSON bytes in the last of them
         self._fresh: set[int] = set()  # id() of values that have not seen the current record
+        self._fresh_values: list[WindowStats | EdgeMeta] = []  # the same values
         self.applied = 0
         self.late = 0
         self.skipped = 0
@@ -141,6 +142,7 @@ class PartitionBatch:
         if value.offset >= offset:
             return True
         self._fresh.add(id(value))
+        self._fresh_values.append(value)
         return False
 
     def apply(self, offset: int, events: Sequence[Event], *, record_ts: float | None,
@@ -168,13 +170,13 @@ class PartitionBatch:
         size = config.size_s
         limit = math.inf if record_ts is None else record_ts + config.max_future_s
         self._fresh.clear()
-        touched: list[WindowStats | EdgeMeta] = []
+        fresh = self._fresh_values
+        fresh.clear()
         if producer is not None and events:
             edge_meta = self._edge(events[0].edge)
             if self._holds(edge_meta, offset):
                 duplicate = offset in edge_meta.dup_offsets  # a replay: as decided before
             else:
-                touched.append(edge_meta)
                 seen = events[0].ts if record_ts is None else record_ts
                 duplicate = not edge_meta.first_time(producer[0], producer[1], seen)
                 if duplicate:
@@ -188,11 +190,14 @@ class PartitionBatch:
                 meta.last_seen = now
                 return []
         # A shim record holds one edge's events, mostly of one window: look the edge and
-        # the window up again only when they change (same objects either way).
+        # the window up again only when they change (same objects either way), and ask
+        # whether each holds this record once (the answer cannot change within a record).
         last_fields: tuple[str, ...] = ()
         edge = ""
         edge_meta = EdgeMeta()
-        window: tuple[float, WindowStats] | None = None
+        edge_new = False
+        window: tuple[float, WindowStats, bool] | None = None
+        grace = config.grace_s
         for event in events:
             ts = event.ts
             if ts > limit:
@@ -200,56 +205,57 @@ class PartitionBatch:
                                        f"of its record's timestamp (at most "
                                        f"{config.max_future_s:g} s accepted)"))
                 continue
-            if keeps_detail(event):
-                wire = detail_of(event)
-                nbytes = len(orjson.dumps(wire))
-                details = self.details[-1] if self.details else None
-                if details is None or len(details.events) >= DETAIL_CHUNK_EVENTS or \
-                        self._detail_bytes + nbytes > DETAIL_CHUNK_BYTES:
-                    details = DetailBatch(offset=offset)
-                    self.details.append(details)
-                    self._detail_bytes = 0
-                self._detail_bytes += nbytes
-                details.events.append(wire)
+            kind = event.kind
+            if kind in DETAIL_KINDS or (kind == "response" and (event.attempt or 0) > 1):
+                self._keep(event, offset)  # keeps_detail(event), inlined
             fields = event[3:6]  # source_service, target_service, protocol
             if fields != last_fields:
                 last_fields = fields
                 edge = edge_key(*fields)
                 edge_meta = self._edge(edge)
+                edge_new = not self._holds(edge_meta, offset)
                 window = None
             edge_meta.last_seen = now
             start = math.floor(ts / size) * size
             if ts > meta.watermark:
                 meta.watermark = ts
-            if start + size + config.grace_s <= meta.watermark:
+            if start + size + grace <= meta.watermark:
                 stats = self._window(edge, config.start_of(meta.watermark))
                 if not self._holds(stats, offset):
                     stats.late_events += 1
-                    touched.append(stats)
-                if not self._holds(edge_meta, offset):
+                if edge_new:
                     edge_meta.late_events += 1
                     edge_meta.totals.add(event)
-                    touched.append(edge_meta)
                 self.late += 1
                 continue
             if window is None or window[0] != start:
-                window = (start, self._window(edge, start))
-            stats = window[1]
-            window_new = not self._holds(stats, offset)
-            edge_new = not self._holds(edge_meta, offset)
+                stats = self._window(edge, start)
+                window = (start, stats, not self._holds(stats, offset))
+            window_new = window[2]
             if not (window_new or edge_new):
                 self.skipped += 1
                 continue
-            self._add(stats if window_new else None, edge_meta if edge_new else None, event)
-            touched.append(stats)
-            touched.append(edge_meta)
+            self._add(window[1] if window_new else None, edge_meta if edge_new else None,
+                      event)
             self.applied += 1
-        for value in touched:
-            if id(value) in self._fresh:
-                value.offset = offset
+        for value in fresh:
+            value.offset = offset
         meta.offset = offset
         meta.last_seen = now
         return refused
+
+    def _keep(self, event: Event, offset: int) -> None:
+        """Keep ``event`` for the sink (:func:`~pipeline.core.details.keeps_detail`)."""
+        wire = detail_of(event)
+        nbytes = len(orjson.dumps(wire))
+        details = self.details[-1] if self.details else None
+        if details is None or len(details.events) >= DETAIL_CHUNK_EVENTS or \
+                self._detail_bytes + nbytes > DETAIL_CHUNK_BYTES:
+            details = DetailBatch(offset=offset)
+            self.details.append(details)
+            self._detail_bytes = 0
+        self._detail_bytes += nbytes
+        details.events.append(wire)
 
     def _add(self, stats: WindowStats | None, edge_meta: EdgeMeta | None, event: Event) -> None:
         """Add one event to its window and/or its edge (whichever does not hold it yet)."""
@@ -280,13 +286,20 @@ class PartitionBatch:
             if edge_meta.reported.enter(event.circuit_state, ts) and stats is not None:
                 _bump(stats.transitions, f"reported:{event.circuit_state}")
         breaker = edge_meta.derived
-        before = dict(breaker.track.entered)
-        breaker.observe(ts, _OUTCOME.get(kind), self.config.breaker)
+        track = breaker.track
+        success = _OUTCOME.get(kind)
+        if track.state == "closed" and track.since is not None and success is not False:
+            if success:  # what Breaker.observe does here, without a call
+                breaker.failures = 0
+        else:
+            before = dict(track.entered)
+            breaker.observe(ts, success, self.config.breaker)
+            if stats is not None:
+                for state, n in track.entered.items():
+                    if n > before.get(state, 0):
+                        _bump(stats.transitions, f"derived:{state}", n - before.get(state, 0))
         if stats is not None:
-            for state, n in breaker.track.entered.items():
-                if n > before.get(state, 0):
-                    _bump(stats.transitions, f"derived:{state}", n - before.get(state, 0))
-            stats.derived_state = breaker.track.state
+            stats.derived_state = track.state
             if edge_meta.reported is not None:
                 stats.reported_state = edge_meta.reported.state
         if edge_meta.last_ts is None or ts > edge_meta.last_ts:

@@ -160,6 +160,8 @@ def _checker(pattern: re.Pattern[str], rule: str, *, remember: bool = False,
 
 def _number(low: float, high: float, *, high_inclusive: bool = True) -> Callable[[Any], float]:
     def check(value: Any) -> float:
+        if type(value) is float and low <= value < high:  # the usual case: finite, in range
+            return value
         if value is None:
             raise _Bad("missing (required)")
         if type(value) is not float and type(value) is not int:
@@ -197,6 +199,8 @@ def _one_of(allowed: frozenset[str]) -> Callable[[Any], str]:
     rule = " | ".join(sorted(allowed))
 
     def check(value: Any) -> str:
+        if type(value) is str and value in allowed:
+            return value
         if value is None:
             raise _Bad("missing (required)")
         plain = _plain_str(value)
@@ -237,14 +241,27 @@ def _check_message(value: Any) -> str:
 
 _check_name = _checker(_NAME, "[A-Za-z0-9._:-]{1,100}", remember=True)
 _check_protocol = _checker(_PROTOCOL, "[a-z][a-z0-9._-]{0,31}", remember=True)
-# Ids are new in every event, so they are not remembered; str methods (C, no regex)
-# accept the usual ones: ASCII letters and digits are within [A-Za-z0-9_-], and ASCII
-# printable characters other than the space are exactly [!-~].
-_check_event_id = _checker(_EVENT_ID, "[A-Za-z0-9_-]{1,64}",
-                           fast=lambda v: 0 < len(v) <= 64 and v.isascii() and v.isalnum())
-_check_correlation_id = _checker(
-    _CORRELATION_ID, "1-128 printable ASCII characters, no spaces",
-    fast=lambda v: 0 < len(v) <= 128 and v.isascii() and v.isprintable() and " " not in v)
+# Ids are new in every event, so they are not remembered; str and bytes methods (C, no
+# regex) accept the usual ones: ASCII letters and digits are within [A-Za-z0-9_-], and
+# ASCII printable characters other than the space are exactly [!-~].
+_EVENT_ID_RULE: Final = "[A-Za-z0-9_-]{1,64}"
+_CORRELATION_ID_RULE: Final = "1-128 printable ASCII characters, no spaces"
+
+
+def _check_event_id(v: Any) -> str:
+    # ASCII letters and digits (bytes.isalnum is ASCII-only, and 4x str.isalnum's speed)
+    if type(v) is str and 0 < len(v) <= 64 and v.isascii() and v.encode().isalnum():
+        return v
+    return _string(v, _EVENT_ID, _EVENT_ID_RULE)
+
+
+def _check_correlation_id(v: Any) -> str:
+    if type(v) is str and 0 < len(v) <= 128 and v.isascii() and v.isprintable() and " " not in v:
+        return v
+    return _string(v, _CORRELATION_ID, _CORRELATION_ID_RULE)
+
+
+
 _check_ts = _number(TS_MIN, TS_MAX, high_inclusive=False)
 _check_ms = _number(0.0, MS_MAX)
 _check_kind = _one_of(KINDS)
@@ -282,8 +299,9 @@ _REQUIRED_BY_KIND: Final[dict[str, str]] = {
 }
 
 
-def validate_event(obj: Any, *, index: int | None = None) -> Event:
-    """Check one parsed JSON value against wire format v1 and return it as an :class:`Event`."""
+def _validate_in_order(obj: Any, index: int | None) -> Event:
+    """:func:`validate_event`, field by field in the order of the rules: its error is the
+    first rule broken in that order."""
     if type(obj) is not dict:
         raise EventValidationError(None, f"expected a JSON object, got {_describe(obj)}",
                                    index=index)
@@ -323,6 +341,44 @@ def validate_event(obj: Any, *, index: int | None = None) -> Event:
     # what Event(...) does, without its keyword handling (this runs once per event)
     return _new_event(Event, (kind, event_id, correlation_id, source, target, protocol, ts,
                               *optional, SCHEMA_VERSION))
+
+
+_SLOTS: Final[dict[str, tuple[int, Callable[[Any], Any]]]] = {
+    "kind": (0, _check_kind), "event_id": (1, _check_event_id),
+    "correlation_id": (2, _check_correlation_id), "source_service": (3, _check_name),
+    "target_service": (4, _check_name), "protocol": (5, _check_protocol), "ts": (6, _check_ts),
+    **{name: (7 + i, check) for name, (i, check) in _OPTIONAL_AT.items()},
+}
+"""Every field the decoder reads (``v`` aside), with its slot in :class:`Event`."""
+_TEMPLATE: Final = [None] * (len(Event._fields) - 1) + [SCHEMA_VERSION]
+_NEEDED_AT: Final[dict[str, int]] = {kind: _SLOTS[name][0]
+                                     for kind, name in _REQUIRED_BY_KIND.items()}
+
+
+def validate_event(obj: Any, *, index: int | None = None) -> Event:
+    """Check one parsed JSON value against wire format v1 and return it as an :class:`Event`.
+
+    A valid event is read in one pass over its fields; anything else is read again rule
+    by rule (:func:`_validate_in_order`), so an error names the first rule broken."""
+    if type(obj) is dict and type(obj.get("v")) is int and obj["v"] == SCHEMA_VERSION:
+        row = _TEMPLATE.copy()
+        slots = _SLOTS
+        try:
+            for name, value in obj.items():
+                slot = slots.get(name)
+                if slot is not None and value is not None:
+                    row[slot[0]] = slot[1](value)
+        except _Bad:
+            pass
+        else:
+            kind = row[0]
+            if (kind is not None and row[1] is not None and row[2] is not None
+                    and row[3] is not None and row[4] is not None and row[5] is not None
+                    and row[6] is not None):
+                needed = _NEEDED_AT.get(kind)
+                if needed is None or row[needed] is not None:
+                    return _new_event(Event, row)
+    return _validate_in_order(obj, index)
 
 
 def _parse(value: bytes | bytearray | memoryview | str | None) -> Any:

@@ -23,8 +23,15 @@ def producer_of(headers: Any) -> tuple[str, int] | None:
     without both, or with bad ones."""
     if not headers:
         return None
-    found = dict(headers) if not isinstance(headers, dict) else headers
-    producer, seq = found.get(PRODUCER_HEADER), found.get(SEQ_HEADER)
+    if isinstance(headers, dict):
+        producer, seq = headers.get(PRODUCER_HEADER), headers.get(SEQ_HEADER)
+    else:  # pairs, the last of a name winning (as dict(headers) would), without the dict
+        producer = seq = None
+        for name, value in headers:
+            if name == PRODUCER_HEADER:
+                producer = value
+            elif name == SEQ_HEADER:
+                seq = value
     if producer is None or seq is None:
         return None
     try:

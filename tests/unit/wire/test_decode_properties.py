@@ -92,3 +92,20 @@ def test_corrupted_valid_records(prefix: bytes, suffix: bytes) -> None:
                           "ts": 1.7e9}])
     _check_record(prefix + good + suffix)
     _check_record(good[: len(prefix)] + suffix)
+
+
+def _outcome(check: Any, obj: Any) -> Any:
+    try:
+        return check(obj)
+    except EventValidationError as e:
+        return ("error", e.field, e.reason)
+
+
+@settings(max_examples=1500, suppress_health_check=[HealthCheck.too_slow])
+@given(near_events | json_values)
+def test_the_one_pass_reading_decides_as_the_rules_in_order(obj: Any) -> None:
+    """validate_event reads a valid event in one pass and anything else rule by rule: both
+    must give the same event, or the same first broken rule."""
+    from pipeline.wire.decode import _validate_in_order
+
+    assert _outcome(validate_event, obj) == _outcome(lambda o: _validate_in_order(o, None), obj)
