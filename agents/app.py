@@ -4,13 +4,16 @@ Run with ``commpipe worker`` (creates the topics first) or
 ``faust -A agents.app worker -l info`` (topics must exist). Settings come from
 ``COMMPIPE_*`` (see :class:`pipeline.settings.Settings`).
 
-One agent reads ``comm.events`` in batches (``take_events``): each record is
-decoded (one event or a batch of one edge's events), bad records and bad events
-go to ``comm.events.dlq`` with their reason, and the good events are applied
-per source partition by :class:`pipeline.core.batch.PartitionBatch`. The
-worker writes its table and changelog itself (the record cache): state always
-lives in the changelog partition of the partition its records came from,
-whatever partitioner their producer used.
+The input topic's records reach the worker a fetch at a time, one batch per
+partition, past Faust's per-record path (:mod:`agents.intake`). The ``aggregate``
+task decodes each record (one event or a batch of one edge's events), sends bad
+records and bad events to ``comm.events.dlq`` with their reason, and applies the
+good events per source partition (:class:`pipeline.core.batch.PartitionBatch`) to
+the record cache (:mod:`agents.cache`). The worker writes its table and changelog
+itself and commits its input offsets itself (:mod:`agents.checkpoint`): state
+always lives in the changelog partition of the partition its records came from,
+whatever partitioner their producer used. Faust keeps the group, the table's
+recovery and standbys, the timers and the supervision.
 """
 
 from __future__ import annotations
@@ -19,33 +22,24 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import faust
 from faust.serializers import codecs
 
-from agents.acks import Acks, gate_acks
+from agents import private
 from agents.cache import RecordCache
-from agents.consumer import (
-    ReadyPartitions,
-    check_recovered,
-    consumer_lag,
-    fetch_mark,
-    input_positions,
-    patch_consumers,
-    positions_readable,
-    scheduler,
-    set_fetch_wait,
-)
-from agents.dead_letters import DeadLetters
+from agents.checkpoint import Checkpoint
+from agents.dead_letters import DeadLetters, ProducerTopic
 from agents.expiry import EdgeExpiry, drop_unowned, expiry_interval
-from agents.sequence import InputSequence, blind_read_offsets, count_absent, follow_seeks
+from agents.intake import InputBatch, Intake
+from agents.producer import WorkerProducer
+from agents.topics import changelog_topic
 from pipeline.core.batch import PartitionBatch
 from pipeline.core.rollups import Rollups
 from pipeline.core.slo import load_config
-from pipeline.core.store import decode_state, encode_state, parse_id
+from pipeline.core.store import decode_state, encode_state, parse_id, partition_id
 from pipeline.core.window import WindowConfig
 from pipeline.errors import EventValidationError
 from pipeline.settings import MAX_UNWRITTEN_RECORDS, Settings
@@ -56,7 +50,6 @@ from pipeline.wire.headers import producer_of
 __all__ = ["Pipeline", "create_app"]
 
 log = logging.getLogger("commpipe.worker")
-
 
 class _StateCodec(codecs.Codec):
     def _dumps(self, obj: Any) -> bytes:
@@ -79,39 +72,21 @@ codecs.register("commpipe_key", _KeyCodec())
 
 
 class _App(faust.App):
-    """Faust's app, with two hooks: ``setup_consumer`` (the worker's aiokafka consumer,
-    before it starts) and ``ready`` (no record reaches a stream during an assignment until
-    the table is recovered: agents/consumer.py)."""
+    """Faust's app, with what the consumer-thread hooks of :mod:`agents.private` read."""
 
-    setup_consumer: Callable[[Any], None] | None = None
-    ready: ReadyPartitions | None = None
-    giving_up: Callable[[], Awaitable[None]] | None = None
-    """Awaited when the worker starts giving its partitions up (a rebalance, a stop)."""
-
-    async def _on_partitions_assigned(self, assigned: Any, generation_id: int = 0) -> None:
-        if self.ready is not None:
-            self.ready.assigning(self.consumer)
-        await super()._on_partitions_assigned(assigned, generation_id)
-
-    async def _on_partitions_revoked(self, revoked: Any) -> None:
-        if self.giving_up is not None:
-            await self.giving_up()
-        await super()._on_partitions_revoked(revoked)
-
-    async def on_stop(self) -> None:
-        if self.giving_up is not None:
-            await self.giving_up()
-        await super().on_stop()
+    intake: Intake | None = None
+    fetch_wait_ms: int | None = None
 
 
 class Pipeline:
     """The app and the objects around it that the sink and the exporter read."""
 
     def __init__(self, settings: Settings) -> None:
+        private.check()  # a renamed private name stops the worker here, in one line
+        private.install()
         self.settings = settings
         self.config = WindowConfig.from_settings(settings)
         Path(settings.worker_datadir).mkdir(parents=True, exist_ok=True)
-        patch_consumers()
         self.app = _App(
             settings.app_id,
             broker=[f"kafka://{h.strip()}" for h in settings.kafka_bootstrap.split(",")],
@@ -122,31 +97,26 @@ class Pipeline:
             web_enabled=False,  # its pages would show table contents: MetricsServer instead
             broker_session_timeout=settings.broker_session_timeout_s,
             broker_heartbeat_interval=settings.broker_heartbeat_interval_s,
+            broker_max_poll_records=settings.worker_batch_records,
             consumer_auto_offset_reset="earliest",
             topic_allow_declare=True,
             table_cleanup_interval=3600.0,
-            producer_max_batch_size=settings.worker_producer_batch_bytes,
-            producer_acks=-1,  # all in-sync replicas: the changelog and dead letters
-            ConsumerScheduler=scheduler(),  # no record fetched before a seek (consumer.py)
+            producer_acks=-1,
         )
-        self.app.setup_consumer = self._setup_consumer
-        self.ready = self.app.ready = ReadyPartitions(settings.topic)
-        self.acks = Acks(lambda: self.app.consumer, self._stop)
-        self.sequence = InputSequence(  # in offset order, each once (sequence.py)
-            committed=lambda tp: self.app.consumer._committed_offset.get(tp),  # noqa: SLF001
-            mark=lambda tp: fetch_mark(self.kafka_consumer._subscription, tp),  # noqa: SLF001
-            seek=lambda tp, offset: self.app.consumer.seek_wait({tp: offset}),
-            absent=lambda tp, start, end: count_absent(self.app.consumer, tp, start, end))
-        self.app.giving_up = self._giving_up
+        self.app.fetch_wait_ms = settings.worker_fetch_wait_ms
+        self.intake = self.app.intake = Intake(
+            settings.topic, lambda: self.app.consumer_generation_id,
+            max_records=4 * settings.worker_batch_records, max_bytes=INTAKE_MAX_BYTES)
+        # The input topic: subscribed (Faust assigns its partitions with the changelog's),
+        # never iterated: its records leave each fetch in the consumer thread (intake.py).
+        # acks=False: Faust tracks no acknowledgement of it (the worker commits it itself).
         self.events = self.app.topic(settings.topic, key_type=bytes, value_type=bytes,
                                      key_serializer="raw", value_serializer="raw",
-                                     partitions=settings.partitions)
-        self.dlq = self.app.topic(settings.dlq_topic, key_serializer="raw",
-                                  value_serializer="raw", partitions=settings.partitions)
+                                     partitions=settings.partitions, acks=False)
+        self.app.topics.add(self.events)
+        self._changelog = changelog_topic(settings)
         # Our own changelog topic, with our codecs and the input's partition count (Faust
-        # requires them equal). ``acks=True`` is Faust's consumer-side acknowledgement of a
-        # topic's records, not the producer's; producer acks are ``producer_acks`` above.
-        self._changelog = f"{settings.app_id}-state-changelog"
+        # requires them equal); the worker writes it itself (agents/producer.py).
         changelog = self.app.topic(
             self._changelog, partitions=settings.partitions,
             key_serializer="commpipe_key", value_serializer="commpipe_state",
@@ -154,30 +124,29 @@ class Pipeline:
         self.state = self.app.Table("state", default=None, partitions=settings.partitions,
                                     changelog_topic=changelog)
         # Faust takes a table's serializers from a Record type's options, else JSON; our
-        # values are plain classes with their own codec. The worker writes the table's data
-        # and its changelog itself (_put, _send): the changelog partition is the source
-        # partition's, and each write's delivery decides when its records are acknowledged.
+        # values are plain classes with their own codec (recovery decodes with it).
         self.state.key_serializer = "commpipe_key"
         self.state.value_serializer = "commpipe_state"
         self.state.on_recover(self._recovered)
         self.app.on_partitions_revoked.connect(self._revoked)
+        self.producer = WorkerProducer(settings.kafka_client_options(),
+                                       batch_bytes=settings.worker_producer_batch_bytes,
+                                       last_alone=settings.worker_changelog_last_alone)
+        self.dead_letters = DeadLetters(ProducerTopic(self.producer, settings.dlq_topic))
         self.rollups = Rollups(self.state, self.config, idle_close_s=settings.idle_close_s,
                                owned=self.owns)
-        self.dead_letters = DeadLetters(self.dlq)
-        self.cache = RecordCache(
-            self.config, self.state, interval_s=settings.worker_cache_interval_s,
-            max_records=MAX_UNWRITTEN_RECORDS - settings.worker_batch_records,
-            put=self._put, send=self._send, settle=self.dead_letters.settle,
-            release=self._release)
+        self.cache = RecordCache(self.config, self.state.data, self.producer, self._changelog,
+                                 max_records=MAX_UNWRITTEN_RECORDS - settings.worker_batch_records)
+        self.checkpoint = Checkpoint(self.cache, self.dead_letters, self.intake,
+                                     on_failure=self._stop)
         if settings.worker_cache_interval_s > 0:
-            self.app.timer(settings.worker_cache_interval_s / 2,
-                           name="write_out")(self._write_out_due)
+            self.app.timer(settings.worker_cache_interval_s, name="commit")(
+                self.checkpoint.commit)
         self.expiry = EdgeExpiry(  # silent edges leave the table (agents/expiry.py)
             silent_s=settings.edge_expire_s, items=self.rollups.owned_items,
             touched=self.cache.touched_edges, delete=self.delete,
             removable=lambda key, window: self.sink is not None and self.sink.removable(
                 key, window), busy=lambda: bool(self.app.in_recovery or self.app.rebalancing))
-        self.app.timer(self.sequence.quiet_s / 2, name="unstall")(self._unstall)
         if settings.edge_expire_s > 0:
             self.app.timer(expiry_interval(settings.edge_expire_s), name="expire")(
                 self.expiry.run_once)
@@ -185,10 +154,11 @@ class Pipeline:
         self.duplicates = 0
         self.batches = 0
         self.batch_records = 0
-        self.input_paused = False
-        self.kafka_consumer: Any = None
-        """The worker's aiokafka consumer (set before it starts; paused by _hold_input)."""
-        self.app.agent(self.events, name="aggregate")(self._aggregate)
+        self.replayed = 0
+        """Input records skipped whole: at or below the offset their partition had applied."""
+        self.crashed = False
+        self.app.task(self._aggregate)
+        self.app.on_before_shutdown.connect(self._stopping)
         self.slo = load_config(settings.slo_file)
         self.sink: Sink | None = build_sink(settings, self.rollups, self.slo)
         if self.sink is not None:
@@ -220,55 +190,85 @@ class Pipeline:
         self.metrics_server.stop()
 
     async def _recovered(self) -> None:
-        self.ready.recovered(self.app.consumer.assignment())
-        self.sequence.forget()
-        self.cache.relax()
-        gone = drop_unowned(self.state.data, (p for p in range(self.settings.partitions)
-                                              if p in self.ready))  # agents/expiry.py
-        if gone and self.sink is not None:
-            self.sink.forget(gone)
-
-    async def _giving_up(self) -> None:
-        """A rebalance or a stop began: write out what the cache holds, and every batch from
-        now on, so that the records behind them are acknowledged before Faust waits for
-        that (and commits)."""
-        await self.cache.write_out_all()
-
-    async def _write_out_due(self) -> None:
-        await self.cache.write_out_due()
-
-    async def _unstall(self) -> None:
-        """A record lost on its way with none behind it: seek back (agents/sequence.py)."""
-        if not (self.kafka_consumer is None or self.input_paused or self.app.rebalancing
-                or self.app.in_recovery):
-            await self.sequence.unstall(input_positions(self.kafka_consumer, self.settings.topic))
-
-    def _release(self, records: list[Any], writes: list[Any]) -> None:
-        self.acks.release_when(records, writes)
+        """The table is recovered: forget what other workers own now, then start reading
+        each owned input partition at the first offset its state has not applied."""
+        try:
+            owned = sorted(tp.partition for tp in self.app.assignor.assigned_actives()
+                           if tp.topic == self.settings.topic)
+            gone = drop_unowned(self.state.data, owned)  # agents/expiry.py
+            if gone and self.sink is not None:
+                self.sink.forget(gone)
+            data = self.state.data
+            targets = {p: getattr(data.get(partition_id(p)), "offset", -1) + 1 for p in owned}
+            await self.producer.start()
+            self.checkpoint.started(await self.intake.start(targets))
+        except Exception as exc:  # noqa: BLE001 - Faust does not raise what its callbacks do
+            log.critical("worker: cannot start reading the input (%s: %s); stopping",
+                         type(exc).__name__, exc)
+            await self._stop(exc)
 
     async def _revoked(self, sender: Any, revoked: Any, **_: Any) -> None:
-        self.ready.revoked()
-        self.sequence.forget()
+        """A rebalance: apply nothing more, commit what was applied, forget the assignment."""
+        self.intake.stop_all()
+        await self.checkpoint.commit()
+        self.checkpoint.forget()
         if self.metrics_server is not None:  # counters keep what leaves (export/edges.py)
             self.exposition.edges.retire(
                 tp.partition for tp in revoked if tp.topic == self.settings.topic)
 
-    def _setup_consumer(self, consumer: Any) -> None:
-        """The worker's aiokafka consumer, before it starts (agents/consumer.py)."""
-        set_fetch_wait(consumer, self.settings.worker_fetch_wait_ms)
-        positions_readable(consumer)
-        self.kafka_consumer = consumer
-        gate_acks(self.app.consumer, self.settings.topic)  # only what we applied (acks.py)
-        blind_read_offsets(self.app.consumer, self.settings.topic)  # our order (sequence.py)
-        follow_seeks(self.app.consumer, self.settings.topic, self.sequence)
+    async def _stopping(self, sender: Any, **_: Any) -> None:
+        """The worker stops (its fetcher already has): commit what was applied."""
+        self.intake.stop_all()
+        if not self.crashed:
+            await self.checkpoint.commit()
+        await self.producer.stop()
 
     async def _stop(self, exc: BaseException) -> None:
-        """Stop the worker (exit 1): its restart reads every unacknowledged record again."""
+        """Stop the worker (exit 1): its restart reads every uncommitted record again."""
+        self.crashed = True
         await self.app.crash(exc)
 
     def lag(self) -> dict[int, int]:
-        """Kafka's consumer lag of each owned input partition (agents/consumer.py)."""
-        return consumer_lag(self.app, self.settings.topic)
+        """Kafka's consumer lag of each started input partition, as ``kafka-consumer-groups
+        --describe`` reports it: the end offset of the latest fetch minus the group's
+        committed offset (0 before any commit)."""
+        out: dict[int, int] = {}
+        for partition in self.intake.started():
+            high = self.intake.highwater(partition)
+            if high is not None:
+                committed = max(self.checkpoint.committed.get(partition, 0), 0)
+                out[partition] = max(high - committed, 0)
+        return out
+
+    # What the exporter reads (pipeline.export.collectors.WorkerStatus):
+
+    @property
+    def unwritten(self) -> int:
+        return self.cache.unwritten()
+
+    @property
+    def write_outs(self) -> int:
+        return self.cache.write_outs
+
+    @property
+    def dropped(self) -> int:
+        return self.intake.dropped
+
+    @property
+    def commits(self) -> int:
+        return self.checkpoint.commits
+
+    @property
+    def commit_refusals(self) -> int:
+        return self.checkpoint.refused
+
+    @property
+    def edges_expired(self) -> int:
+        return self.expiry.expired
+
+    @property
+    def dead_letter_counts(self) -> dict[str, int]:
+        return dict(self.dead_letters.counts)
 
     def state_keys(self) -> dict[str, int]:
         """Keys held in this worker's table, by kind (what its memory grows with)."""
@@ -290,33 +290,9 @@ class Pipeline:
         if self.app.in_recovery or self.app.rebalancing:
             return  # the table may be partly restored: wait for the whole of it
         await self.delete(await self.sink.flush())
-        await self._hold_input(self.sink.holding())
-
-    async def _hold_input(self, hold: bool) -> None:
-        """Back-pressure from the sink (pipeline/sink/backlog.py): while a database is away
-        and the backlog is past COMMPIPE_SINK_MAX_BACKLOG, read no more input records (they
-        wait in Kafka), so the table stops growing; read again once it has drained.
-
-        The pause is aiokafka's, in the consumer's own thread: it fetches nothing more for
-        those partitions and throws away what it had fetched without moving its position,
-        so reading resumes at the first record the worker has not applied. (Faust's
-        ``pause_partitions`` instead drops fetched records after aiokafka has moved past
-        them, which is only right followed by a seek to the committed offsets; the
-        records in between were never applied: measured, a paused worker resumed 366
-        events short.) Re-applied every round while holding: a rebalance unpauses."""
-        if not hold and not self.input_paused:
-            return
-        kafka = self.kafka_consumer
-        if kafka is None:
-            return
-        topic = self.settings.topic
-
-        async def apply() -> None:
-            tps = [tp for tp in kafka.assignment() if tp.topic == topic]
-            (kafka.pause if hold else kafka.resume)(*tps)
-
-        await self.app.consumer._thread.call_thread(apply)  # noqa: SLF001 - its own loop
-        self.input_paused = hold
+        # Back-pressure (pipeline/sink/backlog.py): while a database is away and the
+        # backlog is past COMMPIPE_SINK_MAX_BACKLOG, fetches leave the input out.
+        self.intake.hold = self.sink.holding()
 
     async def _close_sink(self, sender: Any, **_: Any) -> None:
         if self.sink is not None:
@@ -325,98 +301,87 @@ class Pipeline:
     async def delete(self, keys: list[str]) -> None:
         """Delete table keys (tombstones in their partition's changelog)."""
         data = self.state.data
-        gone: dict[int, list[tuple[str, Any]]] = defaultdict(list)
+        gone: dict[int, list[tuple[bytes, None]]] = defaultdict(list)
         for key in keys:
             if key in data:
                 del data[key]
-                gone[parse_id(key)[1]].append((key, None))
+                gone[parse_id(key)[1]].append((key.encode(), None))
         for partition, tombstones in gone.items():
-            await self.cache.send(partition, tombstones)
+            # (stopped: after the last commit; the keys come back from the changelog at the
+            # next start, and the sink finds them stored and deletes them again)
+            if self.producer.started:
+                await self.producer.write(self._changelog, partition, tombstones)
         if self.sink is not None:
             self.sink.forget(keys)
 
-    def _put(self, changes: list[tuple[str, Any]]) -> None:
-        """Set ``changes`` in the table's data (their changelog records are :meth:`_send`'s)."""
-        self.state.data.update(changes)
-
-    async def _send(self, partition: int, changes: list[tuple[str, Any]]) -> list[Any]:
-        """Hand ``changes`` to the changelog's partition ``partition`` (the source
-        partition's, whatever partitioner the records' producer used, so a restart recovers
-        them on the worker that owns them), in order (``None``: a tombstone); returns their
-        delivery futures. Straight to the producer, not through Faust's producer buffer:
-        past 100 queued messages it makes every incoming record wait for 100 sends, and a
-        write-out is often more than 100."""
-        send = self.app.producer.send
-        topic = self._changelog
-        return [await send(topic, key.encode(), None if value is None else encode_state(value),
-                           partition, None, None)
-                for key, value in changes]
-
-    async def _aggregate(self, stream: Any) -> None:
-        settings = self.settings
-        async for batch in stream.take_events(settings.worker_batch_records,
-                                              within=settings.worker_batch_within_s):
-            try:
-                self.sequence.applying()  # no seek back of a quiet partition meanwhile
-                batch = await self.sequence.admit(batch)
-                self.acks.hold(batch)  # acknowledged once its writes are delivered (acks.py)
-                await self._batch(batch)
-                self.sequence.applied()
-            except Exception as exc:  # noqa: BLE001 - bad input never gets here
-                # A restarted agent would go on past this batch, and its records would
-                # never be applied: stop the worker; restarted, it reads them again.
+    async def _aggregate(self) -> None:
+        """Apply each fetch's batches, one fetch at a time (a Faust task: an exception
+        stops the worker, whose restart reads the uncommitted records again)."""
+        intake, checkpoint = self.intake, self.checkpoint
+        every_fetch = self.settings.worker_cache_interval_s == 0
+        await self.producer.start()
+        while True:
+            fetched = await intake.next()
+            failed: Exception | None = None
+            async with checkpoint.lock:
+                try:
+                    for batch in intake.take(fetched):  # under the lock: see _revoked
+                        await self._apply(batch)
+                    if every_fetch or checkpoint.due():
+                        await checkpoint.commit_held()
+                except Exception as exc:  # noqa: BLE001 - bad input never gets here
+                    failed = checkpoint.failed = exc  # nothing more is committed
+            if failed is not None:
                 log.critical("worker: a batch failed (%s: %s); stopping, so that a restart "
-                             "reads it again", type(exc).__name__, exc, exc_info=exc)
-                await self._stop(exc)
+                             "reads it again", type(failed).__name__, failed, exc_info=failed)
+                await self._stop(failed)
                 await asyncio.Event().wait()  # never take another batch in this process
 
-    async def _batch(self, batch: list[Any]) -> None:
+    async def _apply(self, batch: InputBatch) -> None:
         self.batches += 1
-        self.batch_records += len(batch)
-        by_partition: dict[int, list[Any]] = defaultdict(list)
-        for event in batch:
-            by_partition[event.message.partition].append(event)
-        for partition, records in by_partition.items():
-            await self._apply(partition, records)
-
-    async def _apply(self, partition: int, records: list[Any]) -> None:
-        if partition not in self.ready:
-            raise RuntimeError(f"records of partition {partition} reached the stream before "
-                               "its table was recovered")
+        records = batch.records
+        self.batch_records += len(records)
+        partition = batch.partition
         work = self.cache.open(partition)
         try:
-            if partition in self.ready.unchecked:
-                self.ready.unchecked.discard(partition)
-                committed = self.app.consumer._committed_offset.get(  # noqa: SLF001 - Faust's
-                    records[0].message.tp)
-                check_recovered(partition, work.meta.offset, committed)
             await self._apply_records(work, records)
         except BaseException:
             self.cache.abandon(partition)
             raise
-        await self.cache.add(partition, records, self.dead_letters.take_pending())
+        self.cache.add(partition, len(records), records[-1].offset + 1,
+                       self.dead_letters.take_pending())
 
     async def _apply_records(self, work: PartitionBatch, records: list[Any]) -> None:
         now = time.time()
+        letters = self.dead_letters
+        meta, apply, decode = work.meta, work.apply, decode_record
         for record in records:
-            message = record.message
+            offset = record.offset
+            if offset <= meta.offset:  # applied before (read again after a restart)
+                self.replayed += 1
+                continue
             try:
-                decoded = decode_record(message.value)
+                decoded = decode(record.value)
             except EventValidationError as e:
-                await self.dead_letters.send(message, message.value, e.reason, field=e.field)
-                work.meta.offset = max(work.meta.offset, message.offset)  # seen, settled
+                await letters.send(record, record.value, e.reason, field=e.field)
+                meta.offset = offset  # seen, settled
                 continue
             if decoded.errors:
-                await self.dead_letters.send_events(message, decoded.errors)
+                await letters.send_events(record, decoded.errors)
+            events = decoded.events
             copies = work.duplicates
-            refused = work.apply(message.offset, decoded.events, record_ts=message.timestamp,
-                                 now=now, producer=producer_of(message.headers))
+            stamp = record.timestamp  # ms; -1 without one
+            refused = apply(offset, events, now=now, producer=producer_of(record.headers),
+                            record_ts=stamp / 1000.0 if stamp and stamp > 0 else None)
             for event, reason in refused:
-                await self.dead_letters.send_refused(message, event, reason)
+                await letters.send_refused(record, event, reason)
             copied = work.duplicates - copies
             self.duplicates += copied
-            self.events_in += len(decoded.events) - len(refused) - copied
+            self.events_in += len(events) - len(refused) - copied
 
+
+INTAKE_MAX_BYTES = 64 << 20
+"""Most bytes of record values handed over and not yet applied (back-pressure)."""
 
 
 def _credentials(settings: Settings) -> Any:

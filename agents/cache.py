@@ -1,146 +1,120 @@
-"""The worker's record cache: a changed key is written at most once per interval.
+"""The worker's record cache: each changed key is written once per commit, not once per event.
 
-Writing every changed key to the table and its changelog once per batch made the
-changelog the worker's main cost when records are small (a fleet's shims send 1-3
-events per record): one Kafka record per window, edge and partition meta per batch of
-a few hundred records. As Kafka Streams' record cache does, each input partition's
-changes now gather in one :class:`~pipeline.core.batch.PartitionBatch` that lives across
-batches, and are written out (each key once, the partition meta last) when it is
-``interval_s`` old, when it holds ``max_records`` records, or at once while the worker
-is giving its partitions up (a rebalance or a stop).
+As Kafka Streams' record cache does, each input partition's changes gather in one
+:class:`~pipeline.core.batch.PartitionBatch` that lives across fetches. A write-out
+(:meth:`RecordCache.write_out`, the first step of every commit: agents/checkpoint.py) puts
+every open batch's changes in the table at once, each changed key once, and hands them to
+the changelog in bulk, one write per partition in the order windows, edges, kept events,
+partition meta. The sink and ``/metrics`` read the table, so they see changes once written
+out (at most a commit interval later).
 
-Nothing about exactness changes: the records behind the changes stay unacknowledged
-until the write-out is delivered (:mod:`agents.acks`), so a crash loses only changes
-whose records are read again; the state's per-key offsets skip what had been written.
-The sink and ``/metrics`` read the table, so they see changes once written (at most
-``interval_s`` later).
+A partition's records are never applied twice into one open batch, and a batch that fails
+halfway is dropped unwritten (:meth:`RecordCache.abandon`): a record applied in part would
+count twice on replay.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from pipeline.core.batch import PartitionBatch
+from pipeline.core.store import State, encode_state
 from pipeline.core.window import WindowConfig
 
-__all__ = ["RecordCache"]
+__all__ = ["Changelog", "RecordCache", "WriteOut"]
+
+
+class Changelog(Protocol):
+    """Where a write-out's records go: one partition's records, in order, as few batches."""
+
+    async def write(self, topic: str, partition: int,
+                    records: list[tuple[bytes, bytes | None]]) -> list[asyncio.Future[Any]]: ...
 
 
 @dataclass
 class _Open:
     work: PartitionBatch
-    since: float
-    records: list[Any] = field(default_factory=list)
+    records: int = 0
+    next_offset: int = -1
     letters: list[Any] = field(default_factory=list)
 
 
+@dataclass
+class WriteOut:
+    """What one write-out handed to Kafka."""
+
+    next_offsets: dict[int, int]
+    """Per partition, the offset after the last record the written changes cover."""
+    deliveries: list[asyncio.Future[Any]]
+    """The changelog batches' delivery futures."""
+    records: int = 0
+    """Input records whose changes these are."""
+
+
 class RecordCache:
-    """Open partition batches, and when each is written out (see the module docstring).
+    """Open partition batches over ``table`` (the table's data: a dict-like keyed as
+    :mod:`pipeline.core.store` describes), written out to ``changelog``'s ``topic``."""
 
-    ``put(changes)`` sets changes in the table; ``send(partition, changes)`` hands them
-    to the changelog's producer, returning their delivery futures; ``settle(letters)`` waits
-    for dead letters to be delivered, and comes first: a replay skips what the changelog
-    says was applied, so it would never send them again; ``release(records, writes)``
-    acknowledges the records once the writes are
-    delivered. A write-out puts its changes in the table at once, before it may wait:
-    the next batch of the partition opens on the table, and must see them. Sends run one
-    at a time (:meth:`send`, also for the sink's tombstones), so that the changelog gets
-    each partition's writes in the order they were made (its partition meta after the
-    values it covers).
-    """
-
-    def __init__(self, config: WindowConfig, store: Mapping[str, Any], *, interval_s: float,
-                 max_records: int,
-                 put: Callable[[list[tuple[str, Any]]], None],
-                 send: Callable[[int, list[tuple[str, Any]]], Awaitable[list[Any]]],
-                 settle: Callable[[list[Any]], Awaitable[None]],
-                 release: Callable[[list[Any], list[Any]], None],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: WindowConfig, table: MutableMapping[str, Any],
+                 changelog: Changelog, topic: str, *, max_records: int) -> None:
         self.config = config
-        self._store = store
-        self.interval_s = interval_s
+        self._table = table
+        self._changelog = changelog
+        self._topic = topic
         self.max_records = max_records
-        self._put = put
-        self._send = send
-        self._settle = settle
-        self._release = release
-        self._clock = clock
+        """Most records of one partition an open batch takes before it must be written out
+        (:data:`pipeline.settings.MAX_UNWRITTEN_RECORDS`)."""
         self._open: dict[int, _Open] = {}
-        self._busy: set[int] = set()
-        self._writing = asyncio.Lock()
-        self.urgent = False
-        """Write out after every batch (while the worker gives its partitions up)."""
         self.write_outs = 0
         self.records_written = 0
 
     def open(self, partition: int) -> PartitionBatch:
-        """The partition's open batch, for the caller to apply records to; the partition is
-        busy (never written out under it) until :meth:`add`."""
+        """The partition's open batch, for the caller to apply records to."""
         entry = self._open.get(partition)
         if entry is None:
             entry = self._open[partition] = _Open(
-                PartitionBatch(partition, self.config, self._store), self._clock())
-        self._busy.add(partition)
+                PartitionBatch(partition, self.config, self._table))
         return entry.work
 
-    async def add(self, partition: int, records: list[Any], letters: list[Any]) -> None:
-        """``records`` (and their dead letters) were applied to the open batch; write it out
-        if it is due."""
+    def add(self, partition: int, records: int, next_offset: int, letters: list[Any]) -> None:
+        """``records`` records up to ``next_offset`` - 1 were applied to the open batch, with
+        these dead letters (delivered before the changes are written: checkpoint.py)."""
         entry = self._open[partition]
-        entry.records.extend(records)
+        entry.records += records
+        entry.next_offset = next_offset
         entry.letters.extend(letters)
-        self._busy.discard(partition)
-        if self.urgent or len(entry.records) >= self.max_records or \
-                self._clock() - entry.since >= self.interval_s:
-            await self.write_out(partition)
+
+    def full(self) -> bool:
+        """True when some open batch must be written out before it takes more records."""
+        return any(e.records >= self.max_records for e in self._open.values())
 
     def abandon(self, partition: int) -> None:
-        """The caller failed halfway through applying (the worker stops): the open batch is
-        dropped unwritten, since a record applied in part would count twice on replay; its
-        records stay unacknowledged, so a restart reads them all again."""
-        self._busy.discard(partition)
+        """Drop the partition's open batch unwritten (applying to it failed halfway)."""
         self._open.pop(partition, None)
 
-    async def write_out(self, partition: int) -> None:
-        entry = self._open.pop(partition, None)
-        if entry is None:
-            return
-        self.write_outs += 1
-        self.records_written += len(entry.records)
-        changes = entry.work.changes()
-        self._put(changes)  # before any wait: a batch opened meanwhile builds on them
-        async with self._writing:
-            await self._settle(entry.letters)
-            writes = await self._send(partition, changes)
-        self._release(entry.records, writes)
+    def letters(self) -> list[Any]:
+        """The dead letters of every open batch (to deliver before :meth:`write_out`)."""
+        return [letter for entry in self._open.values() for letter in entry.letters]
 
-    async def send(self, partition: int, changes: list[tuple[str, Any]]) -> list[Any]:
-        """Hand ``changes`` to the changelog after every send begun before (in order)."""
-        async with self._writing:
-            return await self._send(partition, changes)
-
-    async def write_out_due(self) -> None:
-        """Write out every open batch that is due and not being applied to (a timer)."""
-        now = self._clock()
-        for partition, entry in list(self._open.items()):
-            if partition not in self._busy and (self.urgent or
-                                                now - entry.since >= self.interval_s):
-                await self.write_out(partition)
-
-    async def write_out_all(self) -> None:
-        """Write out everything not being applied to now, and from now on every batch at
-        once (the busy ones are written when their batch ends), until :meth:`relax`."""
-        self.urgent = True
-        for partition in [p for p in self._open if p not in self._busy]:
-            await self.write_out(partition)
-
-    def relax(self) -> None:
-        """Cache again (partitions are assigned and recovered)."""
-        self.urgent = False
+    async def write_out(self) -> WriteOut:
+        """Put every open batch's changes in the table, hand them to the changelog, and
+        forget the batches (the next fetch opens on the table)."""
+        out = WriteOut({}, [])
+        opened, self._open = self._open, {}
+        for partition, entry in opened.items():
+            changes = entry.work.changes()
+            self._table.update(changes)  # before any wait: what opens next builds on them
+            out.deliveries += await self._changelog.write(
+                self._topic, partition, _encoded(changes))
+            out.next_offsets[partition] = entry.next_offset
+            out.records += entry.records
+        if opened:
+            self.write_outs += 1
+            self.records_written += out.records
+        return out
 
     def touched_edges(self) -> set[str]:
         """Keys of the edges whose changes wait in an open batch (not in the table yet)."""
@@ -148,4 +122,9 @@ class RecordCache:
 
     def unwritten(self) -> int:
         """Records whose changes are not written out yet."""
-        return sum(len(e.records) for e in self._open.values())
+        return sum(e.records for e in self._open.values())
+
+
+def _encoded(changes: list[tuple[str, State | None]]) -> list[tuple[bytes, bytes | None]]:
+    return [(key.encode(), None if value is None else encode_state(value))
+            for key, value in changes]

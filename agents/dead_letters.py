@@ -13,10 +13,11 @@ original size: the worker's own producer could not send it whole, and a dead
 letter must never stop the worker. A dead letter the broker refuses for good
 is logged and counted under ``unsendable``.
 
-A record is acknowledged only once its dead letters are delivered (the worker
-awaits :meth:`DeadLetters.settle` on what :meth:`DeadLetters.take_pending`
-returned for its batch), so none is lost to a crash. A record read again after a
-crash sends its dead letters again: ``commpipe-dlq-id``
+A record's offset is committed only once its dead letters are delivered (each commit
+first awaits :meth:`DeadLetters.settle` on what :meth:`DeadLetters.take_pending`
+returned since the last: agents/checkpoint.py), so none is lost to a crash. A record
+read again after a crash, past what its partition had applied, sends its dead letters
+again: ``commpipe-dlq-id``
 (``topic/partition/offset`` of the source record, ``/index`` for one event of a
 batch) is the same on every copy, so a consumer can drop the copies.
 """
@@ -29,17 +30,29 @@ from collections import Counter
 from typing import Any
 
 import orjson
-from faust.exceptions import ProducerSendError
+from aiokafka.errors import KafkaError
 
 from pipeline.errors import EventValidationError
 from pipeline.wire.events import Event
 
-__all__ = ["DeadLetters"]
+__all__ = ["DeadLetters", "ProducerTopic"]
 
 log = logging.getLogger("commpipe.worker")
 
 MAX_VALUE_BYTES = 64 * 1024
 """Most bytes of the original kept in one dead letter."""
+
+
+class ProducerTopic:
+    """A topic to send to through ``producer`` (aiokafka's, or :class:`~agents.producer.
+    WorkerProducer`): what :class:`DeadLetters` sends with."""
+
+    def __init__(self, producer: Any, name: str) -> None:
+        self._producer = producer
+        self.name = name
+
+    async def send(self, *, key: bytes | None, value: bytes, headers: list[Any]) -> Any:
+        return await self._producer.send(self.name, value=value, key=key, headers=headers)
 
 
 class DeadLetters:
@@ -69,7 +82,7 @@ class DeadLetters:
             value = value[:MAX_VALUE_BYTES]
         try:
             delivery = await self._topic.send(key=message.key, value=value, headers=headers)
-        except ProducerSendError as e:
+        except KafkaError as e:
             self._unsendable(dlq_id, e)
         else:
             self._pending.append((dlq_id, delivery))

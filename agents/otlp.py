@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 import orjson
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from agents.dead_letters import DeadLetters
+from agents.dead_letters import DeadLetters, ProducerTopic
 from pipeline.core.dedup import MAX_GAPS
 from pipeline.errors import EventValidationError
 from pipeline.settings import Settings
@@ -117,17 +117,6 @@ def rounds(batch: dict[Any, list[Any]]) -> Iterator[dict[Any, list[Any]]]:
         yield this
 
 
-class _Topic:
-    """What :class:`DeadLetters` sends through: a topic of the bridge's own producer."""
-
-    def __init__(self, producer: Any, name: str) -> None:
-        self._producer = producer
-        self._name = name
-
-    async def send(self, *, key: bytes | None, value: bytes, headers: list[Any]) -> Any:
-        return await self._producer.send(self._name, value=value, key=key, headers=headers)
-
-
 class OtlpBridge:
     """Reads ``settings.otlp_topic``, publishes to ``settings.topic`` (module docstring)."""
 
@@ -197,7 +186,7 @@ class OtlpBridge:
         await producer.start()
         try:
             await consumer.start()
-            letters = DeadLetters(_Topic(producer, self.settings.dlq_topic))
+            letters = DeadLetters(ProducerTopic(producer, self.settings.dlq_topic))
             letters.counts = self.dead_letter_counts  # counted across sessions
             while True:
                 batch = await consumer.getmany(timeout_ms=1000, max_records=FETCH_RECORDS)

@@ -77,7 +77,8 @@ SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 LOG_LEVELS = ("critical", "error", "warn", "warning", "info", "debug")
 OTHER_VARIABLES = frozenset(PREFIX + name for name in (
     "SQL_DIR", "KAFKA_VERSION", "TEST_SERVICES", "TEST_BROKER", "TEST_WORKER_LOGLEVEL",
-    "SOAK_S", "CHAOS_KILLS", "KEEP_SCREENSHOT"))  # read outside Settings (migrations, tests)
+    "TEST_FAULT", "TEST_FAULT_FILE", "SOAK_S", "CHAOS_KILLS", "KEEP_SCREENSHOT"))
+"""Read outside Settings (migrations, tests)."""
 _TOPIC = re.compile(r"[a-zA-Z0-9._-]{1,200}")
 _MOST = {"partitions": 10_000, "shim_buffer_size": 100_000_000,
          "worker_fetch_wait_ms": 60_000, "worker_producer_batch_bytes": 64 << 20,
@@ -165,18 +166,15 @@ class Settings:
     breaker_recovery_timeout_s: float = 1.0
     breaker_half_open_probes: int = 1
     worker_batch_records: int = 500
-    """Most records the worker takes per batch (each record carries many events; at most
-    :data:`MAX_WORKER_BATCH_RECORDS`)."""
-    worker_batch_within_s: float = 0.1
-    """Longest a batch waits to fill up."""
+    """Most records one fetch hands the worker, over all its partitions (each record
+    carries one event or many; at most :data:`MAX_WORKER_BATCH_RECORDS`)."""
     worker_cache_interval_s: float = 0.25
-    """How long a partition's changes gather in the worker before they are written to its
-    table and changelog, each changed key once (Kafka Streams' record cache); the records
-    behind them are acknowledged once written. 0 writes after every batch."""
+    """How often the worker commits: the changes gathered since the last commit are
+    written to its table and changelog, each changed key once (Kafka Streams' record
+    cache), and once delivered the input offsets are committed. 0: after every fetch."""
     worker_fetch_wait_ms: int = 100
-    """How long the worker's fetch waits for data when its partitions have none. Faust
-    fixes 1,500 ms, and aiokafka sends no other fetch meanwhile: a worker catching up
-    on a backlog stalled up to 1.5 s at a time (bench: 54k -> 94k events/s at 100 ms)."""
+    """How long the worker's fetch waits for data when its partitions have none (Faust fixes
+    1,500 ms, and aiokafka sends no other fetch meanwhile: a worker catching up stalled)."""
     edge_expire_s: float = 86_400.0
     """How long an edge must be silent (no record, by the worker's clock) before its state
     leaves the worker's memory, with its stored windows (agents/expiry.py); 0: never."""
@@ -195,11 +193,13 @@ class Settings:
     otlp_auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     """Where the OTLP bridge starts reading a partition it has never committed: ``earliest``
     (every span the topic still holds) or ``latest`` (only spans written from now on)."""
-    worker_producer_batch_bytes: int = 16_384
-    """The worker producer's batch size (changelog, dead letters). On the embedded Tansu
-    broker set 1: Tansu reports a partition's end offset as the last batch's *first*
-    offset + 1, so Faust's changelog recovery stops early unless every batch holds one
-    record (the embedded-broker commands and the tests do this)."""
+    worker_producer_batch_bytes: int = 1_000_000
+    """Largest batch of the worker's producer (changelog, dead letters); keep it under the
+    broker's ``message.max.bytes`` (1 MiB by default)."""
+    worker_changelog_last_alone: bool = False
+    """Send each changelog write's last record in a batch of its own, for a broker that
+    reports a partition's end as its last batch's *first* offset + 1 (the embedded Tansu
+    broker; the dev commands and tests set it there). Apache Kafka needs nothing of it."""
 
     # PostgreSQL / DuckDB
     postgres_dsn: Secret = field(default_factory=lambda: Secret(""))
@@ -325,7 +325,7 @@ class Settings:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be > 0, got {getattr(self, name)}")
         for name in ("shim_linger_ms", "shim_close_timeout_s", "grace_s", "max_future_s",
                      "sink_max_backlog", "idle_close_s", "breaker_recovery_timeout_s",
-                     "worker_batch_within_s", "worker_cache_interval_s", "worker_fetch_wait_ms",
+                     "worker_cache_interval_s", "worker_fetch_wait_ms",
                      "retain_without_sink_s", "broker_wait_s", "edge_expire_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be >= 0, got {getattr(self, name)}")

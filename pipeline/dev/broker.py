@@ -64,10 +64,11 @@ class EmbeddedBroker(BrokerProcess):
 
     SERVICE = "embedded Kafka broker"
     ENGINE = "tansu"
-    WORKER_ENV = {"COMMPIPE_WORKER_PRODUCER_BATCH_BYTES": "1"}
-    """Settings a commpipe worker needs on Tansu: one record per producer batch. Tansu reports
-    a partition's end offset as its last batch's *first* offset + 1, which would end Faust's
-    changelog recovery early; Apache Kafka needs nothing of the kind."""
+    WORKER_ENV = {"COMMPIPE_WORKER_CHANGELOG_LAST_ALONE": "true"}
+    """Settings a commpipe worker needs on Tansu: each changelog write's last record in a
+    batch of its own. Tansu reports a partition's end offset as its last batch's *first*
+    offset + 1, which would end the changelog's recovery early; Apache Kafka needs nothing
+    of the kind."""
     ATEXIT_STOP_TIMEOUT = 2.0
 
     def __init__(

@@ -8,7 +8,7 @@ per database. Per-edge metrics are :mod:`pipeline.export.edges`'.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from prometheus_client.core import (
@@ -19,6 +19,38 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 
+class WorkerStatus(Protocol):
+    """What the worker collector reads of the worker (:class:`agents.app.Pipeline`)."""
+
+    @property
+    def events_in(self) -> int: ...
+    @property
+    def duplicates(self) -> int: ...
+    @property
+    def batches(self) -> int: ...
+    @property
+    def batch_records(self) -> int: ...
+    @property
+    def replayed(self) -> int: ...
+    @property
+    def unwritten(self) -> int: ...
+    @property
+    def write_outs(self) -> int: ...
+    @property
+    def dropped(self) -> int: ...
+    @property
+    def commits(self) -> int: ...
+    @property
+    def commit_refusals(self) -> int: ...
+    @property
+    def edges_expired(self) -> int: ...
+    @property
+    def dead_letter_counts(self) -> Mapping[str, int]: ...
+
+    def lag(self) -> dict[int, int]: ...
+    def state_keys(self) -> dict[str, int]: ...
+
+
 class SinkStatus(Protocol):
     """What the worker collector reads of the sink (:class:`pipeline.sink.writer.Sink`):
     one status per database, with ``target.name``, ``flushes``, ``failures``, ``rows``
@@ -26,7 +58,7 @@ class SinkStatus(Protocol):
 
     status: Sequence[Any]
 
-__all__ = ["WorkerCollector", "check_namespace"]
+__all__ = ["SinkStatus", "WorkerCollector", "WorkerStatus", "check_namespace"]
 
 EDGE_LABELS = ["source_service", "target_service", "protocol"]
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
@@ -44,54 +76,54 @@ def check_namespace(namespace: str) -> str:
 class WorkerCollector(Collector):
     """The worker's own health, from counters the worker keeps anyway."""
 
-    def __init__(self, pipeline: Any, *, namespace: str = "commpipe",
+    def __init__(self, worker: WorkerStatus, *, namespace: str = "commpipe",
                  sink: SinkStatus | None = None) -> None:
-        self.pipeline = pipeline
+        self.worker = worker
         self.ns = check_namespace(namespace)
         self.sink = sink
 
     def collect(self) -> Iterator[Metric]:
-        ns, pl = self.ns, self.pipeline
+        ns, w = self.ns, self.worker
         yield CounterMetricFamily(f"{ns}_events_consumed_total", "Valid events applied or "
-                                  "counted late", value=pl.events_in)
+                                  "counted late", value=w.events_in)
         yield CounterMetricFamily(f"{ns}_duplicate_events_total", "Events of records skipped "
-                                  "as a producer's second copy", value=pl.duplicates)
-        yield CounterMetricFamily(f"{ns}_worker_batches_total", "Batches taken from Kafka",
-                                  value=pl.batches)
+                                  "as a producer's second copy", value=w.duplicates)
+        yield CounterMetricFamily(f"{ns}_worker_batches_total", "Batches taken from Kafka "
+                                  "(one per partition per fetch)", value=w.batches)
         yield CounterMetricFamily(f"{ns}_worker_batch_records_total", "Records in those batches",
-                                  value=pl.batch_records)
+                                  value=w.batch_records)
+        yield CounterMetricFamily(f"{ns}_worker_replayed_records_total", "Input records read "
+                                  "again after a restart and skipped whole (their partition "
+                                  "had applied them)", value=w.replayed)
+        yield CounterMetricFamily(f"{ns}_worker_dropped_records_total", "Input records fetched "
+                                  "before their partition was (re)started, dropped unapplied "
+                                  "and read again", value=w.dropped)
         yield GaugeMetricFamily(f"{ns}_worker_unwritten_records", "Records applied whose "
-                                "changes wait in the worker's cache, not yet written (nor "
-                                "acknowledged)", value=pl.cache.unwritten())
-        yield CounterMetricFamily(f"{ns}_worker_write_outs_total", "Times the cache wrote a "
-                                  "partition's changes out (each changed key once)",
-                                  value=pl.cache.write_outs)
-        seq = pl.sequence
-        yield CounterMetricFamily(f"{ns}_worker_input_reseeks_total", "Times an input "
-                                  "partition was sought back to a record that had not reached "
-                                  "the worker", value=seq.reseeks)
-        yield CounterMetricFamily(f"{ns}_worker_input_repeats_total", "Input records dropped "
-                                  "unapplied: delivered twice, or before a seek back",
-                                  value=seq.repeats)
-        yield CounterMetricFamily(f"{ns}_worker_input_absent_offsets_total", "Input offsets "
-                                  "found not to be in Kafka (transaction markers, retention)",
-                                  value=seq.absent)
+                                "changes wait in the worker's cache for the next commit",
+                                value=w.unwritten)
+        yield CounterMetricFamily(f"{ns}_worker_write_outs_total", "Commits that wrote "
+                                  "changes out (each changed key once)", value=w.write_outs)
+        yield CounterMetricFamily(f"{ns}_worker_commits_total", "Input offset commits",
+                                  value=w.commits)
+        yield CounterMetricFamily(f"{ns}_worker_commit_refusals_total", "Input offset commits "
+                                  "the group refused (a rebalance, the broker away); their "
+                                  "records are read again and skipped", value=w.commit_refusals)
         yield CounterMetricFamily(f"{ns}_worker_edges_expired_total", "Edges deleted from the "
                                   "table after COMMPIPE_EDGE_EXPIRE_S of silence",
-                                  value=pl.expiry.expired)
+                                  value=w.edges_expired)
         dead = CounterMetricFamily(f"{ns}_dead_letters_total", "Records and events sent to the "
                                    "dead-letter topic", labels=["reason"])
-        for reason, n in sorted(pl.dead_letters.counts.items()):
+        for reason, n in sorted(w.dead_letter_counts.items()):
             dead.add_metric([reason], n)
         yield dead
         lag = GaugeMetricFamily(f"{ns}_consumer_lag", "Records behind the partition's end",
                                 labels=["partition"])
-        for partition, behind in sorted(pl.lag().items()):
+        for partition, behind in sorted(w.lag().items()):
             lag.add_metric([str(partition)], behind)
         yield lag
         keys = GaugeMetricFamily(f"{ns}_state_keys", "Keys in the worker's table (all its "
                                  "partitions): window, edge, detail, partition", labels=["kind"])
-        for kind, n in sorted(pl.state_keys().items()):
+        for kind, n in sorted(w.state_keys().items()):
             keys.add_metric([kind], n)
         yield keys
         if self.sink is None:

@@ -39,12 +39,15 @@ import time
 import traceback
 from collections.abc import Iterable, Iterator
 from itertools import chain
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from isal import isal_zlib
 
 from pipeline.export import split
 from pipeline.export.edges import EdgeExporter, Outcome
+
+if TYPE_CHECKING:
+    from pipeline.export.collectors import WorkerStatus
 
 __all__ = ["CONTENT_TYPE", "Exposition", "RenderFailed", "worker_exposition"]
 
@@ -260,7 +263,7 @@ def _parse(frame: bytes) -> tuple[Outcome, bytes, float]:
     return outcome, frame[:end - size], cpu
 
 
-def worker_exposition(worker: Any, settings: Any, rollups: Any, slo: Any,
+def worker_exposition(worker: WorkerStatus, settings: Any, rollups: Any, slo: Any,
                       sink: Any) -> Exposition:
     """A worker's ``/metrics``: its edges from ``rollups``, and its own series."""
     from prometheus_client import CollectorRegistry

@@ -120,7 +120,7 @@ def test_the_worker_waits_for_a_broker_that_is_not_up_yet(tmp_path: Path) -> Non
     env = {**os.environ, "COMMPIPE_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}",
            "COMMPIPE_METRICS_PORT": str(metrics), "COMMPIPE_WORKER_DATADIR": str(tmp_path),
            "COMMPIPE_APP_ID": "waits", "COMMPIPE_DUCKDB_PATH": "", "COMMPIPE_POSTGRES_DSN": "",
-           "COMMPIPE_WORKER_PRODUCER_BATCH_BYTES": "1", "COMMPIPE_BROKER_WAIT_S": "60",
+           "COMMPIPE_WORKER_CHANGELOG_LAST_ALONE": "true", "COMMPIPE_BROKER_WAIT_S": "60",
            "COMMPIPE_BROKER_SESSION_TIMEOUT_S": "6", "COMMPIPE_BROKER_HEARTBEAT_INTERVAL_S": "1",
            "COLUMNS": "300"}
     log = tmp_path / "worker.log"

@@ -78,17 +78,20 @@ def worker_starter(env: dict[str, str], tmp_path: Path
 
 
 class WorkerProcess:
-    """One ``commpipe worker`` subprocess; always killed at the end of the test."""
+    """One ``commpipe worker`` subprocess; always killed at the end of the test.
+    ``module``: what runs it (``tests.integration.faulty_worker``: one with a fault)."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, *,
+                 module: str = "pipeline.cli") -> None:
         self.env = env
         self.log_path = log_path
+        self.module = module
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "worker"], env={**os.environ, **self.env},
+            [sys.executable, "-m", self.module, "worker"], env={**os.environ, **self.env},
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         return self

@@ -36,7 +36,7 @@ def test_unknown_broker_is_a_config_error(bad: str) -> None:
 
 
 def test_only_tansu_needs_a_worker_workaround() -> None:
-    assert EmbeddedBroker.WORKER_ENV == {"COMMPIPE_WORKER_PRODUCER_BATCH_BYTES": "1"}
+    assert EmbeddedBroker.WORKER_ENV == {"COMMPIPE_WORKER_CHANGELOG_LAST_ALONE": "true"}
     assert KafkaBroker.WORKER_ENV == {} and ContainerBroker.WORKER_ENV == {}
 
 

@@ -308,22 +308,23 @@ def test_worker_metrics() -> None:
     recorder = Recorder("duckdb")
     sink = Sink(Rollups(store, CFG, idle_close_s=1e9), [recorder])
     asyncio.run(sink.flush())
-    pipeline = SimpleNamespace(events_in=7, duplicates=4, batches=2, batch_records=5,
-                               dead_letters=SimpleNamespace(counts=Counter(invalid_json=3)),
-                               lag=lambda: {0: 4, 2: 0},
-                               state_keys=lambda: {"window": 3, "edge": 1},
-                               cache=SimpleNamespace(unwritten=lambda: 6, write_outs=9),
-                               sequence=SimpleNamespace(reseeks=2, repeats=11, absent=1),
-                               expiry=SimpleNamespace(expired=12))
-    got = scrape(WorkerCollector(pipeline, namespace="w", sink=sink))
+    worker = SimpleNamespace(events_in=7, duplicates=4, batches=2, batch_records=5,
+                             replayed=13, dropped=11, unwritten=6, write_outs=9, commits=8,
+                             commit_refusals=1, edges_expired=12,
+                             dead_letter_counts=Counter(invalid_json=3),
+                             lag=lambda: {0: 4, 2: 0},
+                             state_keys=lambda: {"window": 3, "edge": 1})
+    got = scrape(WorkerCollector(worker, namespace="w", sink=sink))
     assert got[("w_events_consumed_total", ())] == 7
     assert got[("w_duplicate_events_total", ())] == 4
     assert got[("w_worker_batch_records_total", ())] == 5
     assert got[("w_worker_unwritten_records", ())] == 6
     assert got[("w_worker_write_outs_total", ())] == 9
-    assert got[("w_worker_input_reseeks_total", ())] == 2
-    assert got[("w_worker_input_repeats_total", ())] == 11
-    assert got[("w_worker_input_absent_offsets_total", ())] == 1
+    assert got[("w_worker_batches_total", ())] == 2
+    assert got[("w_worker_replayed_records_total", ())] == 13
+    assert got[("w_worker_dropped_records_total", ())] == 11
+    assert got[("w_worker_commits_total", ())] == 8
+    assert got[("w_worker_commit_refusals_total", ())] == 1
     assert got[("w_worker_edges_expired_total", ())] == 12
     assert got[("w_dead_letters_total", (("reason", "invalid_json"),))] == 3
     assert got[("w_consumer_lag", (("partition", "0"),))] == 4
