@@ -22,8 +22,8 @@ from typing import Any
 
 from bench.common import BROKERS, Context, Row
 
-CASES = ("shim", "stream", "fleet", "freshness", "sink", "catchup", "growth", "scaleout",
-         "otlp", "metrics")
+CASES = ("shim", "stream", "fleet", "ordinary", "freshness", "sink", "catchup", "growth",
+         "scaleout", "otlp", "metrics")
 NO_BROKER = {"sink"}  # writes the databases directly: run once, whatever --broker says
 
 

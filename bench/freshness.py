@@ -66,7 +66,8 @@ def _transport_floor(bootstrap: str, topic: str, seen: dict[str, float],
     asyncio.run(main())
 
 
-def _metrics_count(port: int) -> int:
+def probe_count(port: int) -> int:
+    """The probe edge's request count on the worker's ``/metrics`` (0 while unreachable)."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:  # noqa: S310
             found = _REQUESTS.search(r.read().decode())
@@ -123,7 +124,7 @@ def _probe(ctx: Context, bootstrap: str, topic: str, port: int, dsn: str, duckdb
                     emitter.request(source_service=PROBE[0], target_service=PROBE[1],
                                     correlation_id=f"p{len(emitted)}", ts=now)
                     emitted.append(now)
-                count = _metrics_count(port)
+                count = probe_count(port)
                 seen_at = time.time()
                 for i in range(min(count, probes)):
                     to_metrics.setdefault(i, seen_at)

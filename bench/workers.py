@@ -8,6 +8,9 @@ the worker for the benchmark's polling.
 
 - ``commpipe``: the real worker, :func:`agents.app.create_app` as ``commpipe worker``
   runs it (creates the topics, then a Faust worker); the page adds nothing to its path.
+- ``bare``: a bare aiokafka consumer of every input partition, ``orjson.loads`` of each
+  record and nothing else: what reading the records costs at all (the floor of a live
+  case's CPU per event).
 - ``naive``: the baseline a first attempt would write: a Faust agent reading the same
   batch records, ``orjson.loads`` and nothing else to decode (no validation), and one
   read-modify-write of a windowed table per event (a changelog record per event).
@@ -122,9 +125,50 @@ def run_naive(settings: Settings) -> None:
     _run(app, settings)
 
 
+def run_bare(settings: Settings) -> None:
+    import asyncio
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import orjson
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    counted = {"events": 0, "records": 0}
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            body = json.dumps({**counted, "partitions": list(range(settings.partitions))})
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer((settings.metrics_host, settings.metrics_port), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    async def main() -> None:
+        consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
+                                    enable_auto_commit=False, auto_offset_reset="earliest",
+                                    fetch_max_wait_ms=settings.worker_fetch_wait_ms)
+        await consumer.start()
+        consumer.assign([TopicPartition(settings.topic, p) for p in range(settings.partitions)])
+        while True:
+            for records in (await consumer.getmany(timeout_ms=1000)).values():
+                for record in records:
+                    value = orjson.loads(record.value)
+                    counted["events"] += len(value) if type(value) is list else 1
+                counted["records"] += len(records)
+
+    asyncio.run(main())
+
+
 if __name__ == "__main__":
     kind = sys.argv[1] if len(sys.argv) > 1 else ""
-    runners = {"commpipe": run_commpipe, "naive": run_naive}
+    runners = {"commpipe": run_commpipe, "naive": run_naive, "bare": run_bare}
     if kind not in runners:
         sys.exit(f"usage: python -m bench.workers {'|'.join(runners)}")
     runners[kind](Settings.from_env())
