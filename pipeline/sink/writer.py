@@ -60,7 +60,9 @@ class TargetStatus:
     target: Target
     stored: dict[str, int] = field(default_factory=dict)
     """Window key -> source offset of the version stored."""
-    stored_details: set[str] = field(default_factory=set)
+    stored_details: dict[str, int] = field(default_factory=dict)
+    """Detail key -> events of the version stored (a replay can put a key again with more
+    events: that version is stored too; the events table keeps each event once)."""
     flushes: int = 0
     failures: int = 0
     consecutive_failures: int = 0
@@ -77,8 +79,8 @@ class TargetStatus:
     def has(self, key: str, offset: int) -> bool:
         return self.stored.get(key) == offset or key in self.abandoned
 
-    def has_detail(self, key: str) -> bool:
-        return key in self.stored_details or key in self.abandoned
+    def has_detail(self, key: str, batch: DetailBatch) -> bool:
+        return self.stored_details.get(key) == len(batch.events) or key in self.abandoned
 
 
 class Sink:
@@ -144,7 +146,10 @@ class Sink:
                     final.append((k, off))
         self._bound(windows, final, details)
         done = [k for k, off in final if all(s.has(k, off) for s in self.status)]
-        done += [k for k, _ in details if all(s.has_detail(k) for s in self.status)]
+        for k, _ in details:  # the version in the table now, as for windows above
+            value = store.get(k)
+            if value is not None and all(s.has_detail(k, value) for s in self.status):
+                done.append(k)
         scanned += time.perf_counter() - began
         if scanned > SCAN_LONG_S:
             self._rest_until = time.monotonic() + SCAN_REST * scanned
@@ -168,7 +173,7 @@ class Sink:
         for s in self.status:
             for key in keys:
                 s.stored.pop(key, None)
-                s.stored_details.discard(key)
+                s.stored_details.pop(key, None)
                 s.abandoned.discard(key)
 
     def _bound(self, windows: list[Closed], final: list[tuple[str, int]],
@@ -180,7 +185,7 @@ class Sink:
             return
         lacking_w = {k for k, _, _, off in windows if not all(s.has(k, off) for s in self.status)}
         lacking_d = sum(len(d.events) for k, d in details
-                        if not all(s.has_detail(k) for s in self.status))
+                        if not all(s.has_detail(k, d) for s in self.status))
         self.backlog.update(len(lacking_w), lacking_d)
         limit = self.backlog.limit
         if limit.policy != "drop" or not limit.max_items:
@@ -189,7 +194,7 @@ class Sink:
             if not s.consecutive_failures:
                 continue  # up and catching up: it will store them
             mine_w = [(k, off) for k, off in final if not s.has(k, off)]
-            mine_d = [(k, d) for k, d in details if not s.has_detail(k)]
+            mine_d = [(k, d) for k, d in details if not s.has_detail(k, d)]
             excess = len(mine_w) + sum(len(d.events) for _, d in mine_d) - limit.max_items
             if excess <= 0:
                 continue
@@ -223,13 +228,13 @@ class Sink:
             except Exception as e:  # noqa: BLE001 - still away: keep everything, retry later
                 lacking = sum(1 for k, _, _, off in windows if not status.has(k, off))
                 self._failed(status, e, lacking,
-                             sum(1 for k, _ in details if not status.has_detail(k)))
+                             sum(1 for k, d in details if not status.has_detail(k, d)))
                 return
         present = {k for k, _, _, _ in windows}
         status.stored = {k: v for k, v in status.stored.items() if k in present}
         todo_w = sorted(_row(k, p, w, off) for k, p, w, off in windows
                         if not status.has(k, off))
-        todo_d = [(k, d) for k, d in details if not status.has_detail(k)]
+        todo_d = [(k, d) for k, d in details if not status.has_detail(k, d)]
         for chunk_d, chunk_w in _chunks(todo_d, [(k, (r, off)) for _, k, r, off in todo_w],
                                         self.batch_rows):
             events = [e for _, d in chunk_d for e in d.events]
@@ -243,7 +248,7 @@ class Sink:
             status.last_duration_s = time.perf_counter() - started
             for k, (_, off) in chunk_w:
                 status.stored[k] = off
-            status.stored_details.update(k for k, _ in chunk_d)
+            status.stored_details.update((k, len(d.events)) for k, d in chunk_d)
             status.flushes += 1
             status.rows += len(chunk_w)
             status.events += len(events)

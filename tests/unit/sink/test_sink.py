@@ -254,3 +254,65 @@ def test_a_window_changed_during_the_write_does_not_leave_the_table() -> None:
     blocking[0] = False
     assert wid(T0) in asyncio.run(sink.flush())
     assert slow.batches[1][0][0] == (0, T0, 2)
+
+
+def test_a_detail_key_put_again_with_more_events_is_stored_again_before_it_leaves() -> None:
+    """A replay after a crash can put a detail key again holding more events than the
+    version a database stored (the replay's open batch reaches further). The grown version
+    must be stored too (the events table keeps each event once), and the key may leave
+    the table only once the version in the table is the one every database has."""
+    store, sink, (rec,), _ = make("duck")
+    key = detail_id(0, 10)
+    first = PartitionBatch(0, CFG, store)
+    first.apply(10, [ev("error", T0 + 1, n, error_type="e") for n in (1, 2, 3)],
+                record_ts=1e12, now=1e12)
+    (detail,) = [(k, v) for k, v in first.changes() if k.startswith("d")]
+    assert detail[0] == key
+    store[key] = detail[1]
+    assert asyncio.run(sink.flush()) == [key]  # stored, and may leave
+    replay = PartitionBatch(0, CFG, {})
+    replay.apply(10, [ev("error", T0 + 1, n, error_type="e") for n in (1, 2, 3, 4, 5)],
+                 record_ts=1e12, now=1e12)
+    store[key] = next(v for k, v in replay.changes() if k == key)  # the same key, grown
+    assert asyncio.run(sink.flush()) == [key]
+    assert [ids for _, ids in rec.batches] == [["id1", "id2", "id3"],
+                                               ["id1", "id2", "id3", "id4", "id5"]]
+
+
+def test_a_detail_key_that_grows_during_the_write_does_not_leave_the_table() -> None:
+    store: dict[str, Any] = {}
+    gate = asyncio.Event()
+    key = detail_id(0, 10)
+
+    class Slow(Recorder):
+        def write(self, windows: Sequence[WindowRow], events: Sequence[dict[str, Any]], *,
+                  lookback_s: float) -> int:
+            n = super().write(windows, events, lookback_s=lookback_s)
+            asyncio.run_coroutine_threadsafe(gate.wait(), loop).result(5)
+            return n
+
+    slow = Slow("slow")
+    sink = Sink(Rollups(store, CFG, idle_close_s=1e9, clock=lambda: 1e12), [slow],
+                backoff_max_s=4.0, clock=Clock())
+    batch = PartitionBatch(0, CFG, store)
+    batch.apply(10, [ev("error", T0 + 1, n, error_type="e") for n in (1, 2)],
+                record_ts=1e12, now=1e12)
+    store.update(batch.changes())
+
+    async def scenario() -> list[str]:
+        flushing = asyncio.create_task(sink.flush())
+        while not slow.batches:
+            await asyncio.sleep(0.001)
+        grown = PartitionBatch(0, CFG, {})
+        grown.apply(10, [ev("error", T0 + 1, n, error_type="e") for n in (1, 2, 3)],
+                    record_ts=1e12, now=1e12)
+        store[key] = next(v for k, v in grown.changes() if k == key)
+        gate.set()
+        return await flushing
+
+    loop = asyncio.new_event_loop()
+    try:
+        done = loop.run_until_complete(scenario())
+    finally:
+        loop.close()
+    assert key not in done
